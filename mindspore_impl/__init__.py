@@ -1,0 +1,1 @@
+"""MindSpore backend: cells mirroring torch_impl/ file for file, class for class."""

@@ -1,0 +1,168 @@
+"""The Chinese GPT in MindSpore (design.md §2.1), mirrored by torch_impl/gpt.py.
+
+Pre-LN decoder, learned absolute positions, GELU MLP, output projection tied to the
+token embedding. Attribute paths equal the PyTorch module's, so canonical weight names
+differ only in leaves (gamma/beta, embedding_table), mapped in taichu/weights.py.
+Uses mindspore.nn/ops rather than mint: mint has no CPU kernels for these layers.
+"""
+from __future__ import annotations
+
+import math
+
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from taichu.families.gpt import GPTConfig, check_inputs
+
+ACTIVATIONS = {"gelu": lambda: nn.GELU(approximate=False),
+               "gelu_new": lambda: nn.GELU(approximate=True),
+               "relu": nn.ReLU}
+
+
+class Attention(nn.Cell):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        m = config.model
+        self.num_heads = m.num_heads
+        self.head_dim = m.head_dim
+        self.scale = 1.0 / math.sqrt(m.head_dim)
+        self.q_proj = nn.Dense(m.hidden_size, m.hidden_size, has_bias=m.bias)
+        self.k_proj = nn.Dense(m.hidden_size, m.hidden_size, has_bias=m.bias)
+        self.v_proj = nn.Dense(m.hidden_size, m.hidden_size, has_bias=m.bias)
+        self.out_proj = nn.Dense(m.hidden_size, m.hidden_size, has_bias=m.bias)
+        self.attn_dropout = nn.Dropout(p=m.attention_dropout)
+        self.resid_dropout = nn.Dropout(p=m.dropout)
+
+    def construct(self, x, attention_bias, past_key_value=None):
+        batch, length, hidden = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        if past_key_value is not None:
+            k = ops.cat((past_key_value[0], k), axis=2)
+            v = ops.cat((past_key_value[1], v), axis=2)
+        scores = ops.matmul(q, k.swapaxes(-2, -1)) * self.scale + attention_bias
+        probs = self.attn_dropout(ops.softmax(scores, axis=-1))
+        out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(batch, length, hidden)
+        return self.resid_dropout(self.out_proj(out)), (k, v)
+
+
+class MLP(nn.Cell):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        m = config.model
+        self.fc_in = nn.Dense(m.hidden_size, m.ffn_size, has_bias=m.bias)
+        self.act = ACTIVATIONS[m.activation]()
+        self.fc_out = nn.Dense(m.ffn_size, m.hidden_size, has_bias=m.bias)
+        self.dropout = nn.Dropout(p=m.dropout)
+
+    def construct(self, x):
+        return self.dropout(self.fc_out(self.act(self.fc_in(x))))
+
+
+class Block(nn.Cell):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        m = config.model
+        self.ln_1 = nn.LayerNorm((m.hidden_size,), epsilon=m.layer_norm_eps)
+        self.attn = Attention(config)
+        self.ln_2 = nn.LayerNorm((m.hidden_size,), epsilon=m.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def construct(self, x, attention_bias, past_key_value=None):
+        attn_out, present = self.attn(self.ln_1(x), attention_bias, past_key_value)
+        x = x + attn_out
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+class GPT(nn.Cell):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        m = config.model
+        self.config = config
+        self.embed_tokens = nn.Embedding(m.vocab_size, m.hidden_size)
+        self.embed_positions = nn.Embedding(m.max_position_embeddings, m.hidden_size)
+        self.dropout = nn.Dropout(p=m.dropout)
+        self.layers = nn.CellList([Block(config) for _ in range(m.num_layers)])
+        self.ln_f = nn.LayerNorm((m.hidden_size,), epsilon=m.layer_norm_eps)
+        self._init_weights()
+
+    def _init_weights(self):
+        m = self.config.model
+        # GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers)
+        # so the residual stream's variance does not grow with depth.
+        residual_std = m.initializer_range / math.sqrt(2 * m.num_layers)
+        for name, cell in self.cells_and_names():
+            if isinstance(cell, (nn.Dense, nn.Embedding)):
+                std = residual_std if name.endswith(("out_proj", "fc_out")) else m.initializer_range
+                weight = cell.weight if isinstance(cell, nn.Dense) else cell.embedding_table
+                weight.set_data(initializer(Normal(sigma=std), weight.shape, weight.dtype))
+            if isinstance(cell, nn.Dense) and cell.bias is not None:
+                cell.bias.set_data(initializer("zeros", cell.bias.shape, cell.bias.dtype))
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                 use_cache=False):
+        # Value checks run here, outside construct: graph mode cannot raise on tensor values.
+        ids = input_ids.asnumpy()
+        past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        check_inputs(self.config, tuple(ids.shape), int(ids.min()), int(ids.max()), past_length,
+                     None if attention_mask is None else tuple(attention_mask.shape))
+        return super().__call__(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+
+    def construct(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                  use_cache=False):
+        """Logits [batch, length, vocab]; with use_cache also the per-layer (key, value).
+
+        attention_mask: [batch, past + length], 1 for real tokens, 0 for padding.
+        position_ids default to the count of real tokens before each one, so a left-padded
+        row gets the same positions (and logits) as the unpadded sequence.
+        """
+        past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        batch, length = input_ids.shape
+        if position_ids is None:
+            position_ids = _default_position_ids(attention_mask, batch, length, past_length)
+        x = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
+        attention_bias = _attention_bias(attention_mask, batch, length, past_length, x.dtype)
+        presents = ()
+        for i in range(len(self.layers)):
+            past = None if past_key_values is None else past_key_values[i]
+            x, present = self.layers[i](x, attention_bias, past)
+            presents = presents + (present,)
+        logits = ops.matmul(self.ln_f(x), self.embed_tokens.embedding_table.T)
+        if use_cache:
+            return logits, presents
+        return logits
+
+
+def _default_position_ids(attention_mask, batch, length, past_length):
+    if attention_mask is None:
+        positions = ops.arange(past_length, past_length + length, dtype=ms.int32)
+        return ops.broadcast_to(positions.expand_dims(0), (batch, length))
+    positions = ops.cumsum(attention_mask.astype(ms.int32), axis=1) - 1
+    return ops.maximum(positions, 0)[:, past_length:]
+
+
+def _attention_bias(attention_mask, batch, length, past_length, dtype):
+    """[batch, 1, length, past + length]: 0 where a query may attend, dtype-min elsewhere.
+
+    The most negative finite value rather than -inf keeps fully masked rows (padding
+    queries) finite instead of NaN.
+    """
+    total = past_length + length
+    query_pos = ops.arange(past_length, total, dtype=ms.int32).expand_dims(1)
+    key_pos = ops.arange(0, total, dtype=ms.int32).expand_dims(0)
+    allowed = (key_pos <= query_pos).view(1, 1, length, total)
+    if attention_mask is not None:
+        allowed = ops.logical_and(allowed, attention_mask.astype(ms.bool_).view(batch, 1, 1, total))
+    zero = ops.zeros((), dtype)
+    return ops.where(allowed, zero, ops.full((), _dtype_min(dtype), dtype=dtype))
+
+
+def _dtype_min(dtype):
+    if dtype == ms.float16:
+        return -65504.0
+    if dtype == ms.bfloat16:
+        return -3.3895313892515355e38
+    return -3.4028234663852886e38

@@ -1,0 +1,5 @@
+import sys
+
+from taichu.cli import main
+
+sys.exit(main())

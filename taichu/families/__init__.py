@@ -1,0 +1,59 @@
+"""Registry of model families: config schema, tensor specs and backend class per family.
+
+Backend modules are found by name (``torch_impl.<module>``, ``mindspore_impl.<module>``)
+and imported only when a model is built, so ``taichu`` never imports a framework.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    # Layer kind that owns the tensor ("linear", "embedding", "layer_norm", ...): the
+    # MindSpore leaf names are derived from it (taichu.weights.MINDSPORE_LEAF_RENAMES).
+    kind: str
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    module: str          # file name in torch_impl/ and mindspore_impl/
+    class_name: str      # top-level model class in both files
+    config_class: type
+    tensor_specs: Callable[[Any], dict[str, TensorSpec]]   # full config -> canonical specs
+    describe: Callable[[Any], dict[str, Any]]               # full config -> sizes for `taichu info`
+
+
+_FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt"}
+BACKENDS = ("mindspore", "torch")
+
+
+def family_names() -> list[str]:
+    return sorted(_FAMILIES)
+
+
+def get_family(name: str) -> Family:
+    if name not in _FAMILIES:
+        raise KeyError(f"unknown family '{name}' (known: {', '.join(family_names())})")
+    return importlib.import_module(_FAMILIES[name]).FAMILY
+
+
+def backend_module(family: Family, backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    return importlib.import_module(f"{backend}_impl.{family.module}")
+
+
+def num_parameters(config) -> int:
+    """Parameter count of a config, from its tensor specs, without building a model."""
+    total = 0
+    for spec in get_family(config.family).tensor_specs(config).values():
+        count = 1
+        for dim in spec.shape:
+            count *= dim
+        total += count
+    return total

@@ -1,0 +1,139 @@
+"""The Chinese GPT (design.md §2.1): config schema and canonical tensor names/shapes.
+
+Canonical names are the state_dict names of ``torch_impl.gpt.GPT``; the output
+projection is tied to ``embed_tokens.weight`` and has no tensor of its own.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, StrictBool, StrictInt, model_validator
+
+from taichu.config import DataConfig, Section, TokenizerConfig
+from taichu.families import Family, TensorSpec
+
+ACTIVATIONS = ("gelu", "gelu_new", "relu")
+
+
+class GPTModelConfig(Section):
+    vocab_size: StrictInt = Field(gt=0)
+    hidden_size: StrictInt = Field(gt=0)
+    num_layers: StrictInt = Field(gt=0)
+    num_heads: StrictInt = Field(gt=0)
+    # Width of the MLP; null means 4 * hidden_size.
+    intermediate_size: StrictInt | None = Field(None, gt=0)
+    max_position_embeddings: StrictInt = Field(gt=0)
+    # Explicit on purpose: frameworks disagree on defaults (MindSpore's GELU is tanh,
+    # its LayerNorm eps is 1e-7). gelu = exact erf GELU, gelu_new = tanh approximation.
+    activation: Literal["gelu", "gelu_new", "relu"]
+    layer_norm_eps: float = Field(gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: StrictBool = True
+    initializer_range: float = Field(0.02, gt=0.0)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or 4 * self.hidden_size
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> "GPTModelConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class GPTConfig(Section):
+    family: Literal["gpt"]
+    model: GPTModelConfig
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: DataConfig = DataConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GPTConfig":
+        needed = self.tokenizer.required_vocab()
+        if self.model.vocab_size < needed:
+            raise ValueError(
+                f"model.vocab_size {self.model.vocab_size} is smaller than the 4 special tokens"
+                f"{' + 256 byte-fallback pieces' if self.tokenizer.byte_fallback else ''} ({needed})")
+        special = self.tokenizer.special_tokens
+        for name in ("pad_id", "unk_id", "bos_id", "eos_id"):
+            if getattr(special, name) >= self.model.vocab_size:
+                raise ValueError(f"tokenizer.special_tokens.{name} {getattr(special, name)} "
+                                 f">= model.vocab_size {self.model.vocab_size}")
+        if self.data.seq_len > self.model.max_position_embeddings:
+            raise ValueError(f"data.seq_len {self.data.seq_len} exceeds "
+                             f"model.max_position_embeddings {self.model.max_position_embeddings}")
+        return self
+
+
+def tensor_specs(config: GPTConfig) -> dict[str, TensorSpec]:
+    m = config.model
+    hidden, ffn = m.hidden_size, m.ffn_size
+    specs = {
+        "embed_tokens.weight": TensorSpec((m.vocab_size, hidden), "embedding"),
+        "embed_positions.weight": TensorSpec((m.max_position_embeddings, hidden), "embedding"),
+    }
+
+    def linear(prefix: str, n_in: int, n_out: int) -> None:
+        specs[f"{prefix}.weight"] = TensorSpec((n_out, n_in), "linear")
+        if m.bias:
+            specs[f"{prefix}.bias"] = TensorSpec((n_out,), "linear")
+
+    def layer_norm(prefix: str) -> None:
+        specs[f"{prefix}.weight"] = TensorSpec((hidden,), "layer_norm")
+        specs[f"{prefix}.bias"] = TensorSpec((hidden,), "layer_norm")
+
+    for i in range(m.num_layers):
+        p = f"layers.{i}"
+        layer_norm(f"{p}.ln_1")
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            linear(f"{p}.attn.{proj}", hidden, hidden)
+        layer_norm(f"{p}.ln_2")
+        linear(f"{p}.mlp.fc_in", hidden, ffn)
+        linear(f"{p}.mlp.fc_out", ffn, hidden)
+    layer_norm("ln_f")
+    return specs
+
+
+def describe(config: GPTConfig) -> dict:
+    m = config.model
+    return {
+        "layers": m.num_layers, "hidden": m.hidden_size, "heads": m.num_heads,
+        "head_dim": m.head_dim, "ffn": m.ffn_size, "vocab": m.vocab_size,
+        "context": m.max_position_embeddings, "activation": m.activation,
+    }
+
+
+FAMILY = Family(name="gpt", module="gpt", class_name="GPT", config_class=GPTConfig,
+                tensor_specs=tensor_specs, describe=describe)
+
+
+def check_inputs(config: GPTConfig, shape: tuple[int, ...], min_id: int, max_id: int,
+                 past_length: int = 0, mask_shape: tuple[int, ...] | None = None) -> None:
+    """The checks both backends run before a forward pass, with one wording.
+
+    Done outside the compiled graph: an out-of-range id would otherwise read past the
+    embedding table (silently on some devices) and a long sequence past the positions.
+    """
+    m = config.model
+    if len(shape) != 2:
+        raise ValueError(f"input_ids must be [batch, sequence], got shape {tuple(shape)}")
+    if shape[1] == 0:
+        raise ValueError("input_ids has an empty sequence axis")
+    if min_id < 0 or max_id >= m.vocab_size:
+        bad = min_id if min_id < 0 else max_id
+        raise ValueError(f"token id {bad} is out of range for vocab_size {m.vocab_size} "
+                         f"(valid ids: 0..{m.vocab_size - 1})")
+    total = past_length + shape[1]
+    if total > m.max_position_embeddings:
+        raise ValueError(f"sequence length {total} (past {past_length} + new {shape[1]}) exceeds "
+                         f"max_position_embeddings {m.max_position_embeddings}")
+    if mask_shape is not None and tuple(mask_shape) != (shape[0], total):
+        raise ValueError(f"attention_mask must be [batch, past + sequence] = {(shape[0], total)}, "
+                         f"got {tuple(mask_shape)}")

@@ -1,0 +1,36 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from taichu.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+@pytest.fixture
+def tiny_config():
+    return load_config(CONFIGS / "gpt" / "gpt-tiny.yaml")
+
+
+@pytest.fixture(params=["pynative", "graph"])
+def ms_mode(request):
+    """Run a test in MindSpore PyNative and in graph mode, restoring PyNative after."""
+    import mindspore as ms
+
+    ms.set_context(mode=ms.GRAPH_MODE if request.param == "graph" else ms.PYNATIVE_MODE)
+    yield request.param
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+
+
+def padded_batch(rng, vocab_size, lengths, pad_id=0, left=True):
+    """Token ids and attention mask for rows of the given real lengths."""
+    width = max(lengths)
+    ids = np.full((len(lengths), width), pad_id, np.int64)
+    mask = np.zeros((len(lengths), width), np.int64)
+    for row, n in enumerate(lengths):
+        span = slice(width - n, width) if left else slice(0, n)
+        ids[row, span] = rng.integers(4, vocab_size, n)
+        mask[row, span] = 1
+    return ids, mask

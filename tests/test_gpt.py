@@ -1,0 +1,153 @@
+"""The GPT in both backends: same weights give the same logits; cache equals full pass."""
+import numpy as np
+import pytest
+
+import taichu
+from taichu.families import get_family, num_parameters
+from conftest import CONFIGS, padded_batch
+
+
+def run_torch(model, ids, mask=None):
+    import torch
+
+    with torch.no_grad():
+        return model(torch.from_numpy(ids), None if mask is None else torch.from_numpy(mask)).numpy()
+
+
+def run_ms(model, ids, mask=None):
+    import mindspore as ms
+
+    return model(ms.Tensor(ids.astype(np.int32)),
+                 None if mask is None else ms.Tensor(mask.astype(np.int32))).asnumpy()
+
+
+@pytest.mark.parametrize("source", ["torch", "mindspore"])
+def test_same_weights_same_logits_through_model_directory(tiny_config, tmp_path, ms_mode, source):
+    """Random init in one backend, saved, loaded in both: logits equal with padding."""
+    import mindspore as ms
+    import torch
+
+    torch.manual_seed(1)
+    ms.set_seed(1)
+    model = taichu.build_model(tiny_config, source)
+    taichu.save_model(model, tmp_path / "model")
+    torch_model = taichu.load_model(tmp_path / "model", backend="torch")
+    ms_model = taichu.load_model(tmp_path / "model", backend="mindspore")
+
+    rng = np.random.default_rng(0)
+    left_ids, left_mask = padded_batch(rng, 1024, [23, 9, 16], left=True)
+    right_ids, right_mask = padded_batch(rng, 1024, [5, 23, 12], left=False)
+    for ids, mask in ((left_ids, left_mask), (right_ids, right_mask)):
+        torch_logits = run_torch(torch_model, ids, mask)
+        ms_logits = run_ms(ms_model, ids, mask)
+        assert np.isfinite(ms_logits).all()
+        diff = np.abs(torch_logits - ms_logits).max()
+        assert diff <= 1e-5, f"max |torch - mindspore| = {diff}"
+        # The model saved is the model loaded: its own logits survive the round trip.
+        own = run_torch(model, ids, mask) if source == "torch" else run_ms(model, ids, mask)
+        assert np.abs(own - torch_logits).max() <= 1e-5
+    # Padding is invisible: a padded row's real positions equal the sequence run alone.
+    row_ids = left_ids[1:2, -9:]
+    alone = run_torch(torch_model, row_ids)
+    assert np.abs(alone[0] - run_torch(torch_model, left_ids, left_mask)[1, -9:]).max() <= 1e-5
+    assert np.abs(run_ms(ms_model, row_ids)[0] - alone[0]).max() <= 1e-5
+
+
+def test_mindspore_and_torch_logits_differ_for_different_weights(tiny_config):
+    """Guards the parity test: independently initialised models must not agree."""
+    ids = np.random.default_rng(0).integers(0, 1024, (2, 8))
+    torch_model = taichu.build_model(tiny_config, "torch").eval()
+    ms_model = taichu.build_model(tiny_config, "mindspore")
+    ms_model.set_train(False)
+    assert np.abs(run_torch(torch_model, ids) - run_ms(ms_model, ids)).max() > 1e-3
+
+
+def _decode_with_cache_torch(model, ids, mask, prefill):
+    import torch
+
+    with torch.no_grad():
+        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+        logits, past = model(ids_t[:, :prefill], mask_t[:, :prefill], use_cache=True)
+        steps = [logits.numpy()]
+        for t in range(prefill, ids.shape[1]):
+            logits, past = model(ids_t[:, t:t + 1], mask_t[:, :t + 1], past_key_values=past,
+                                 use_cache=True)
+            steps.append(logits.numpy())
+    return np.concatenate(steps, axis=1)
+
+
+def _decode_with_cache_ms(model, ids, mask, prefill):
+    import mindspore as ms
+
+    ids_t, mask_t = ms.Tensor(ids.astype(np.int32)), ms.Tensor(mask.astype(np.int32))
+    logits, past = model(ids_t[:, :prefill], mask_t[:, :prefill], use_cache=True)
+    steps = [logits.asnumpy()]
+    for t in range(prefill, ids.shape[1]):
+        logits, past = model(ids_t[:, t:t + 1], mask_t[:, :t + 1], past_key_values=past,
+                             use_cache=True)
+        steps.append(logits.asnumpy())
+    return np.concatenate(steps, axis=1)
+
+
+def test_kv_cache_decoding_equals_full_forward(tiny_config, tmp_path):
+    taichu.save_model(taichu.build_model(tiny_config, "torch"), tmp_path / "m")
+    torch_model = taichu.load_model(tmp_path / "m", backend="torch")
+    ms_model = taichu.load_model(tmp_path / "m", backend="mindspore")
+    ids, mask = padded_batch(np.random.default_rng(3), 1024, [14, 8, 11], left=True)
+    full = run_torch(torch_model, ids, mask)
+    real = mask.astype(bool)
+    cached_torch = _decode_with_cache_torch(torch_model, ids, mask, prefill=6)
+    cached_ms = _decode_with_cache_ms(ms_model, ids, mask, prefill=6)
+    assert np.abs(cached_torch - full)[real].max() <= 1e-5
+    assert np.abs(cached_ms - full)[real].max() <= 1e-5
+    # The cache is really used: decoding one token without it sees no context.
+    no_context = run_torch(torch_model, ids[:, -1:], mask[:, -1:])
+    assert np.abs(no_context[:, 0] - full[:, -1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["gpt-tiny", "gpt-small"])
+def test_parameter_count_from_config_equals_built_models(name):
+    config = taichu.load_config(CONFIGS / "gpt" / f"{name}.yaml")
+    specs = get_family("gpt").tensor_specs(config)
+    for backend in ("torch", "mindspore"):
+        arrays = taichu.state_dict(taichu.build_model(config, backend))
+        assert {k: v.shape for k, v in arrays.items()} == {k: s.shape for k, s in specs.items()}
+        assert sum(a.size for a in arrays.values()) == num_parameters(config)
+    import torch
+
+    torch_model = taichu.build_model(config, "torch")
+    # Tied output projection: no parameter is counted twice or left out.
+    assert sum(p.numel() for p in torch_model.parameters()) == num_parameters(config)
+
+
+def test_released_size_is_about_3b2():
+    config = taichu.load_config(CONFIGS / "gpt" / "taichu-text-3b2.yaml")
+    assert (config.model.num_layers, config.model.hidden_size, config.model.num_heads) == (40, 2560, 32)
+    assert 3.1e9 <= num_parameters(config) <= 3.3e9
+
+
+@pytest.mark.parametrize("backend", ["torch", "mindspore"])
+def test_bad_inputs_are_clear_errors(tiny_config, backend):
+    model = taichu.build_model(tiny_config, backend)
+    run = run_torch if backend == "torch" else run_ms
+    with pytest.raises(ValueError, match="token id 1024 is out of range for vocab_size 1024"):
+        run(model, np.array([[5, 1024, 7]]))
+    with pytest.raises(ValueError, match="token id -1 is out of range"):
+        run(model, np.array([[5, -1, 7]]))
+    with pytest.raises(ValueError, match="sequence length 129 .* exceeds max_position_embeddings 128"):
+        run(model, np.zeros((1, 129), np.int64))
+    with pytest.raises(ValueError, match=r"attention_mask must be \[batch, past \+ sequence\]"):
+        run(model, np.zeros((2, 4), np.int64), np.ones((2, 5), np.int64))
+    # The longest allowed sequence still runs.
+    assert run(model, np.zeros((1, 128), np.int64)).shape == (1, 128, 1024)
+
+
+def test_cache_past_the_position_table_is_an_error(tiny_config):
+    import torch
+
+    model = taichu.build_model(tiny_config, "torch").eval()
+    with torch.no_grad():
+        _, past = model(torch.zeros((1, 127), dtype=torch.long), use_cache=True)
+        model(torch.zeros((1, 1), dtype=torch.long), past_key_values=past, use_cache=True)
+        with pytest.raises(ValueError, match=r"sequence length 129 \(past 127 \+ new 2\)"):
+            model(torch.zeros((1, 2), dtype=torch.long), past_key_values=past, use_cache=True)

@@ -1,0 +1,155 @@
+"""The Chinese GPT in PyTorch (design.md §2.1), mirrored by mindspore_impl/gpt.py.
+
+Pre-LN decoder, learned absolute positions, GELU MLP, output projection tied to the
+token embedding. With activation gelu_new and eps 1e-5 this is GPT-2's architecture.
+State_dict names here are the project's canonical weight names.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from taichu.families.gpt import GPTConfig, check_inputs
+
+ACTIVATIONS = {"gelu": lambda: nn.GELU(approximate="none"),
+               "gelu_new": lambda: nn.GELU(approximate="tanh"),
+               "relu": nn.ReLU}
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        m = config.model
+        self.num_heads = m.num_heads
+        self.head_dim = m.head_dim
+        self.scale = 1.0 / math.sqrt(m.head_dim)
+        self.q_proj = nn.Linear(m.hidden_size, m.hidden_size, bias=m.bias)
+        self.k_proj = nn.Linear(m.hidden_size, m.hidden_size, bias=m.bias)
+        self.v_proj = nn.Linear(m.hidden_size, m.hidden_size, bias=m.bias)
+        self.out_proj = nn.Linear(m.hidden_size, m.hidden_size, bias=m.bias)
+        self.attn_dropout = nn.Dropout(m.attention_dropout)
+        self.resid_dropout = nn.Dropout(m.dropout)
+
+    def forward(self, x, attention_bias, past_key_value=None):
+        batch, length, hidden = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        if past_key_value is not None:
+            k = torch.cat((past_key_value[0], k), dim=2)
+            v = torch.cat((past_key_value[1], v), dim=2)
+        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale + attention_bias
+        probs = self.attn_dropout(F.softmax(scores, dim=-1))
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(batch, length, hidden)
+        return self.resid_dropout(self.out_proj(out)), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        m = config.model
+        self.fc_in = nn.Linear(m.hidden_size, m.ffn_size, bias=m.bias)
+        self.act = ACTIVATIONS[m.activation]()
+        self.fc_out = nn.Linear(m.ffn_size, m.hidden_size, bias=m.bias)
+        self.dropout = nn.Dropout(m.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.fc_out(self.act(self.fc_in(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        m = config.model
+        self.ln_1 = nn.LayerNorm(m.hidden_size, eps=m.layer_norm_eps)
+        self.attn = Attention(config)
+        self.ln_2 = nn.LayerNorm(m.hidden_size, eps=m.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attention_bias, past_key_value=None):
+        attn_out, present = self.attn(self.ln_1(x), attention_bias, past_key_value)
+        x = x + attn_out
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        m = config.model
+        self.config = config
+        self.embed_tokens = nn.Embedding(m.vocab_size, m.hidden_size)
+        self.embed_positions = nn.Embedding(m.max_position_embeddings, m.hidden_size)
+        self.dropout = nn.Dropout(m.dropout)
+        self.layers = nn.ModuleList([Block(config) for _ in range(m.num_layers)])
+        self.ln_f = nn.LayerNorm(m.hidden_size, eps=m.layer_norm_eps)
+        self._init_weights()
+
+    def _init_weights(self):
+        m = self.config.model
+        # GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers)
+        # so the residual stream's variance does not grow with depth.
+        residual_std = m.initializer_range / math.sqrt(2 * m.num_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                std = residual_std if name.endswith(("out_proj", "fc_out")) else m.initializer_range
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache=False):
+        """Logits [batch, length, vocab]; with use_cache also the per-layer (key, value).
+
+        attention_mask: [batch, past + length], 1 for real tokens, 0 for padding.
+        position_ids default to the count of real tokens before each one, so a left-padded
+        row gets the same positions (and logits) as the unpadded sequence.
+        """
+        past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            check_inputs(self.config, tuple(input_ids.shape), int(input_ids.min()),
+                         int(input_ids.max()), past_length,
+                         None if attention_mask is None else tuple(attention_mask.shape))
+        batch, length = input_ids.shape
+        if position_ids is None:
+            position_ids = _default_position_ids(attention_mask, batch, length, past_length,
+                                                 input_ids.device)
+        x = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
+        attention_bias = _attention_bias(attention_mask, batch, length, past_length, x.dtype,
+                                         x.device)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            past = None if past_key_values is None else past_key_values[i]
+            x, present = layer(x, attention_bias, past)
+            presents.append(present)
+        logits = F.linear(self.ln_f(x), self.embed_tokens.weight)
+        if use_cache:
+            return logits, tuple(presents)
+        return logits
+
+
+def _default_position_ids(attention_mask, batch, length, past_length, device):
+    if attention_mask is None:
+        positions = torch.arange(past_length, past_length + length, device=device)
+        return positions.unsqueeze(0).expand(batch, length)
+    positions = torch.cumsum(attention_mask.long(), dim=1) - 1
+    return positions.clamp(min=0)[:, past_length:]
+
+
+def _attention_bias(attention_mask, batch, length, past_length, dtype, device):
+    """[batch, 1, length, past + length]: 0 where a query may attend, dtype-min elsewhere.
+
+    The most negative finite value rather than -inf keeps fully masked rows (padding
+    queries) finite instead of NaN.
+    """
+    total = past_length + length
+    query_pos = torch.arange(past_length, total, device=device).unsqueeze(1)
+    key_pos = torch.arange(total, device=device).unsqueeze(0)
+    allowed = (key_pos <= query_pos).view(1, 1, length, total)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool().view(batch, 1, 1, total)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
