@@ -99,7 +99,8 @@ def cmd_parity(args) -> int:
     from taichu.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(tokenizer_path)
-    texts = args.text or load_corpus(config.data).validation[: args.batch]
+    # Held-out paragraphs long enough to exercise many positions (headlines are short).
+    texts = args.text or [t for t in load_corpus(config.data).validation if len(t) >= 40][: args.batch]
     length = min(args.max_length, config.model.max_position_embeddings)
     encoded = [tokenizer.encode(t, add_bos=True)[:length] for t in texts]
     width = max(len(ids) for ids in encoded)

@@ -55,7 +55,9 @@ class TokenizerConfig(Section):
     # Byte fallback: a character outside the learned pieces becomes UTF-8 byte
     # tokens, so no Chinese character or emoji is ever <unk>.
     byte_fallback: StrictBool = True
-    character_coverage: float = Field(0.9995, gt=0.0, le=1.0)
+    # Share of characters covered by learned pieces (the rest go to byte fallback);
+    # SentencePiece refuses values below 0.98.
+    character_coverage: float = Field(0.9995, ge=0.98, le=1.0)
     # Sentences sampled from the corpus for training (SentencePiece's input_sentence_size).
     max_training_sentences: StrictInt = Field(300_000, gt=0)
     special_tokens: SpecialTokens = SpecialTokens()

@@ -13,6 +13,7 @@ def atomic_write(path: str | Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), 0o644)  # mkstemp's 0600 would hide the file from others
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())

@@ -34,3 +34,16 @@ def padded_batch(rng, vocab_size, lengths, pad_id=0, left=True):
         ids[row, span] = rng.integers(4, vocab_size, n)
         mask[row, span] = 1
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    """The tiny config's tokenizer, trained once per session by the real CLI command."""
+    import subprocess
+    import sys
+
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.model"
+    subprocess.run([sys.executable, "-m", "taichu", "tokenizer", "train",
+                    str(CONFIGS / "gpt" / "gpt-tiny.yaml"), "--out", str(path)],
+                   check=True, capture_output=True, text=True)
+    return path

@@ -35,8 +35,8 @@ def test_same_weights_same_logits_through_model_directory(tiny_config, tmp_path,
     ms_model = taichu.load_model(tmp_path / "model", backend="mindspore")
 
     rng = np.random.default_rng(0)
-    left_ids, left_mask = padded_batch(rng, 1024, [23, 9, 16], left=True)
-    right_ids, right_mask = padded_batch(rng, 1024, [5, 23, 12], left=False)
+    left_ids, left_mask = padded_batch(rng, 4096, [23, 9, 16], left=True)
+    right_ids, right_mask = padded_batch(rng, 4096, [5, 23, 12], left=False)
     for ids, mask in ((left_ids, left_mask), (right_ids, right_mask)):
         torch_logits = run_torch(torch_model, ids, mask)
         ms_logits = run_ms(ms_model, ids, mask)
@@ -55,7 +55,7 @@ def test_same_weights_same_logits_through_model_directory(tiny_config, tmp_path,
 
 def test_mindspore_and_torch_logits_differ_for_different_weights(tiny_config):
     """Guards the parity test: independently initialised models must not agree."""
-    ids = np.random.default_rng(0).integers(0, 1024, (2, 8))
+    ids = np.random.default_rng(0).integers(0, 4096, (2, 8))
     torch_model = taichu.build_model(tiny_config, "torch").eval()
     ms_model = taichu.build_model(tiny_config, "mindspore")
     ms_model.set_train(False)
@@ -93,7 +93,7 @@ def test_kv_cache_decoding_equals_full_forward(tiny_config, tmp_path):
     taichu.save_model(taichu.build_model(tiny_config, "torch"), tmp_path / "m")
     torch_model = taichu.load_model(tmp_path / "m", backend="torch")
     ms_model = taichu.load_model(tmp_path / "m", backend="mindspore")
-    ids, mask = padded_batch(np.random.default_rng(3), 1024, [14, 8, 11], left=True)
+    ids, mask = padded_batch(np.random.default_rng(3), 4096, [14, 8, 11], left=True)
     full = run_torch(torch_model, ids, mask)
     real = mask.astype(bool)
     cached_torch = _decode_with_cache_torch(torch_model, ids, mask, prefill=6)
@@ -130,8 +130,8 @@ def test_released_size_is_about_3b2():
 def test_bad_inputs_are_clear_errors(tiny_config, backend):
     model = taichu.build_model(tiny_config, backend)
     run = run_torch if backend == "torch" else run_ms
-    with pytest.raises(ValueError, match="token id 1024 is out of range for vocab_size 1024"):
-        run(model, np.array([[5, 1024, 7]]))
+    with pytest.raises(ValueError, match="token id 4096 is out of range for vocab_size 4096"):
+        run(model, np.array([[5, 4096, 7]]))
     with pytest.raises(ValueError, match="token id -1 is out of range"):
         run(model, np.array([[5, -1, 7]]))
     with pytest.raises(ValueError, match="sequence length 129 .* exceeds max_position_embeddings 128"):
@@ -139,7 +139,7 @@ def test_bad_inputs_are_clear_errors(tiny_config, backend):
     with pytest.raises(ValueError, match=r"attention_mask must be \[batch, past \+ sequence\]"):
         run(model, np.zeros((2, 4), np.int64), np.ones((2, 5), np.int64))
     # The longest allowed sequence still runs.
-    assert run(model, np.zeros((1, 128), np.int64)).shape == (1, 128, 1024)
+    assert run(model, np.zeros((1, 128), np.int64)).shape == (1, 128, 4096)
 
 
 def test_cache_past_the_position_table_is_an_error(tiny_config):
