@@ -132,6 +132,46 @@ def cmd_parity(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from taichu.parallel import format_command, launch_command
+
+    config = load_config(args.config, args.overrides)
+    if args.print_launch:
+        extra = ["--out", args.out] + [f"--set={o}" for o in args.overrides
+                                       if not o.startswith("parallel.data_parallel=")]
+        extra.append(f"--set=parallel.data_parallel={args.print_launch}")
+        if args.init:
+            extra += ["--init", args.init]
+        if args.resume:
+            extra.append("--resume")
+        log_dir = str(Path(args.out) / "msrun_logs")
+        print(format_command(launch_command(args.config, args.backend, args.print_launch, extra,
+                                            log_dir=log_dir)))
+        return 0
+    from taichu.train import TrainingDiverged, run_training
+
+    try:
+        result = run_training(config, args.backend, args.out, init_dir=args.init, resume=args.resume,
+                              progress=not args.no_progress)
+    except TrainingDiverged as err:
+        print(f"taichu train: {err}", file=sys.stderr)
+        return 3
+    summary = f"trained {result.steps} steps; final model in {result.final_dir}"
+    if result.val_loss is not None:
+        import math
+
+        summary += f"; validation loss {result.val_loss:.4f} (perplexity {math.exp(result.val_loss):.1f})"
+    print(summary)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from taichu.train import plot_runs
+
+    print(f"wrote {plot_runs(args.runs, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taichu", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -154,6 +194,22 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--out", required=True)
     init.set_defaults(func=cmd_init)
+
+    train = commands.add_parser("train", help="train a model (single process, msrun or torchrun)")
+    _add_config_args(train)
+    train.add_argument("--backend", choices=("mindspore", "torch"), default="mindspore")
+    train.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final/)")
+    train.add_argument("--init", help="start from the weights of this model directory")
+    train.add_argument("--resume", action="store_true", help="continue from the last good checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--print-launch", type=int, metavar="N",
+                       help="print the msrun/torchrun command for N devices and exit")
+    train.set_defaults(func=cmd_train)
+
+    plot = commands.add_parser("plot", help="draw the loss curves of runs to a PNG")
+    plot.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
+    plot.add_argument("--out", default="loss.png")
+    plot.set_defaults(func=cmd_plot)
 
     parity = commands.add_parser("parity", help="compare MindSpore and PyTorch logits of a model")
     parity.add_argument("model", help="model directory")

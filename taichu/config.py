@@ -78,6 +78,49 @@ class DataConfig(Section):
     cache_dir: str | None = None
 
 
+class TrainConfig(Section):
+    """Optimisation, schedule, precision and bookkeeping of ``taichu train``."""
+
+    # Sequences per optimizer step, all data-parallel workers and micro-batches together.
+    batch_size: StrictInt = Field(16, gt=0)
+    grad_accum_steps: StrictInt = Field(1, gt=0)
+    max_steps: StrictInt = Field(1000, gt=0)
+    # AdamW. Decay applies to linear weights only: not to biases, norms or embeddings.
+    learning_rate: float = Field(3e-4, gt=0.0)
+    min_learning_rate: float = Field(3e-5, ge=0.0)
+    warmup_steps: StrictInt = Field(100, ge=0)
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    eps: float = Field(1e-8, gt=0.0)
+    # Clip the global gradient norm to this; 0 turns clipping off.
+    max_grad_norm: float = Field(1.0, ge=0.0)
+    # fp32 is the CPU default; fp16 uses dynamic loss scaling starting at initial_loss_scale.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    initial_loss_scale: float = Field(65536.0, gt=0.0)
+    seed: StrictInt = 0
+    log_interval: StrictInt = Field(10, gt=0)
+    eval_interval: StrictInt = Field(200, gt=0)
+    # Validation blocks per evaluation = eval_batches * batch_size (fewer if the split is small).
+    eval_batches: StrictInt = Field(8, gt=0)
+    checkpoint_interval: StrictInt = Field(200, gt=0)
+    keep_checkpoints: StrictInt = Field(3, gt=0)
+    # MindSpore: compile the training step with mindspore.jit (graph mode).
+    graph_mode: StrictBool = True
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by "
+                             f"grad_accum_steps {self.grad_accum_steps}")
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError(f"min_learning_rate {self.min_learning_rate} exceeds "
+                             f"learning_rate {self.learning_rate}")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps {self.warmup_steps} exceeds max_steps {self.max_steps}")
+        return self
+
+
 def _format_loc(loc: Iterable[Any]) -> str:
     return ".".join(str(part) for part in loc) or "<top level>"
 

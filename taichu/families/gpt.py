@@ -9,7 +9,8 @@ from typing import Literal
 
 from pydantic import Field, StrictBool, StrictInt, model_validator
 
-from taichu.config import DataConfig, Section, TokenizerConfig
+from taichu.config import DataConfig, Section, TokenizerConfig, TrainConfig
+from taichu.parallel import ParallelConfig
 from taichu.families import Family, TensorSpec
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu")
@@ -53,6 +54,8 @@ class GPTConfig(Section):
     model: GPTModelConfig
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    parallel: ParallelConfig = ParallelConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "GPTConfig":

@@ -1,0 +1,223 @@
+"""One optimizer step of a MindSpore model, driven by taichu/train.py.
+
+Mirrors torch_impl/train.py: same functions, same Trainer methods, same math
+(mindspore.experimental.optim.AdamW has torch's AdamW semantics, clip coefficient
+max_norm / (norm + 1e-6), loss = mean token cross-entropy averaged over micro-batches
+and data-parallel ranks). The step runs in graph mode through mindspore.jit unless
+train.graph_mode is false.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.experimental.optim import AdamW
+
+from mindspore_impl.weights import canonical_parameters
+from taichu.parallel import validate_batch, validate_parallel
+
+PRECISIONS = {"fp32": None, "bf16": ms.bfloat16, "fp16": ms.float16}
+RNG_STATE_DTYPE = np.uint8
+
+
+def _launched_by_msrun() -> bool:
+    return os.environ.get("MS_ROLE") == "MS_WORKER" and int(os.environ.get("MS_WORKER_NUM", "1")) > 1
+
+
+def distributed_init(config) -> tuple[int, int]:
+    """Join the msrun cluster (data parallel works on CPU); (rank, world)."""
+    world = int(os.environ.get("MS_WORKER_NUM", "1")) if _launched_by_msrun() else 1
+    device_target = ms.get_context("device_target")
+    validate_parallel(config.parallel, config.model, world, "mindspore", device_target)
+    validate_batch(config.parallel, config.train.batch_size, config.train.grad_accum_steps)
+    if world == 1:
+        return 0, 1
+    from mindspore.communication import get_group_size, get_rank, init
+
+    from mindspore_impl.parallel import configure_auto_parallel
+
+    init()
+    configure_auto_parallel(config.parallel, device_target)
+    return get_rank(), get_group_size()
+
+
+def distributed_barrier(world: int) -> None:
+    if world > 1:
+        from mindspore.communication import release
+
+        # An all-reduce every rank joins works as a barrier on every device target.
+        ops.AllReduce()(ms.Tensor(np.zeros(1, np.float32)))
+        release()
+
+
+def seed_everything(seed: int) -> None:
+    ms.set_seed(seed)
+
+
+class Trainer:
+    def __init__(self, model, config, decay_names: set[str], rank: int, world: int):
+        train = config.train
+        self.config, self.train = config, train
+        self.rank, self.world = rank, world
+        self.model = model
+        self.model.set_train(True)
+        self.names = {param.name: name for name, (param, _) in canonical_parameters(model).items()}
+        if config.parallel.mode == "semi_auto_parallel":
+            from mindspore_impl.parallel import apply_shard_strategies
+
+            apply_shard_strategies(model, config.parallel)
+        params = model.trainable_params()
+        decay = [p for p in params if self.names[p.name] in decay_names]
+        no_decay = [p for p in params if self.names[p.name] not in decay_names]
+        self.optimizer = AdamW(
+            [{"params": decay, "weight_decay": train.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=train.learning_rate, betas=(train.beta1, train.beta2), eps=train.eps)
+        self.compute_dtype = PRECISIONS[train.precision]
+        if self.compute_dtype is not None:
+            ms.amp.auto_mixed_precision(self.model, "O2", dtype=self.compute_dtype)
+        self.loss_scale = train.initial_loss_scale if train.precision == "fp16" else 1.0
+        self.good_steps = 0
+        self.vocab_size = config.model.vocab_size
+        self.grad_reducer = (nn.DistributedGradReducer(self.optimizer.parameters, mean=True,
+                                                       degree=world) if world > 1 else None)
+        self.all_reduce = ops.AllReduce() if world > 1 else None
+
+        self._grad_fn = ms.value_and_grad(self._scaled_loss, None, self.optimizer.parameters,
+                                          has_aux=True)
+        jit = ms.jit if train.graph_mode else (lambda fn: fn)
+        self._forward_backward = jit(self._forward_backward_impl)
+        self._accumulate = jit(self._accumulate_impl)
+        self._apply = jit(self._apply_impl)
+        self._fused_step = jit(self._fused_step_impl)
+        self._eval = jit(self._loss)
+
+    def _loss(self, inputs, targets):
+        logits = self.model(inputs)
+        return ops.cross_entropy(logits.view(-1, self.vocab_size).astype(ms.float32),
+                                 targets.view(-1))
+
+    def _scaled_loss(self, inputs, targets, scale):
+        loss = self._loss(inputs, targets)
+        return loss * scale, loss
+
+    def _forward_backward_impl(self, inputs, targets, scale):
+        (_, loss), grads = self._grad_fn(inputs, targets, scale)
+        return loss, grads
+
+    def _accumulate_impl(self, total, grads):
+        return tuple(a + g for a, g in zip(total, grads))
+
+    def _apply_impl(self, grads, unscale, max_norm, lr):
+        # The learning rate is assigned inside the graph: a set_data on the optimizer's lr
+        # Parameter from outside is not seen by a compiled step (it keeps the first value).
+        for group_lr in self.optimizer.lrs:
+            ops.assign(group_lr, lr)
+        if self.grad_reducer is not None:
+            grads = self.grad_reducer(grads)
+        grads = tuple(g * unscale for g in grads)
+        norm = ops.sqrt(sum(ops.square(g.astype(ms.float32)).sum() for g in grads))
+        finite = ops.isfinite(norm)
+        coef = ops.minimum(max_norm / (norm + 1e-6), 1.0)
+        grads = tuple(g * coef.astype(g.dtype) for g in grads)
+        # A step with overflowed (fp16) gradients is skipped, as torch's GradScaler does.
+        if finite:
+            self.optimizer(grads)
+        return norm
+
+    def _fused_step_impl(self, inputs, targets, scale, unscale, max_norm, lr):
+        # Without accumulation one graph does it all: gradients never leave the graph.
+        (_, loss), grads = self._grad_fn(inputs, targets, scale)
+        return loss, self._apply_impl(grads, unscale, max_norm, lr)
+
+    def train_step(self, micro_batches: list[np.ndarray], lr: float) -> tuple[float, float]:
+        """Forward/backward over the micro-batches, then clip and step; (loss, grad norm)."""
+        lr = ms.Tensor(lr, ms.float32)
+        count = len(micro_batches)
+        scale = ms.Tensor(self.loss_scale / count, ms.float32)
+        unscale = ms.Tensor(1.0 / self.loss_scale, ms.float32)
+        max_norm = ms.Tensor(self.train.max_grad_norm or float("inf"), ms.float32)
+        batches = [ms.Tensor(batch.astype(np.int32)) for batch in micro_batches]
+        if count == 1:
+            loss, grad_norm = self._fused_step(batches[0][:, :-1], batches[0][:, 1:], scale,
+                                               unscale, max_norm, lr)
+            loss, grad_norm = float(loss), float(grad_norm)
+        else:
+            losses, total_grads = [], None
+            for batch in batches:
+                loss, grads = self._forward_backward(batch[:, :-1], batch[:, 1:], scale)
+                # mutable: a tuple of tensors passed to a jitted function is otherwise a
+                # compile-time constant, and every step would recompile.
+                grads = ms.mutable(grads)
+                total_grads = grads if total_grads is None else ms.mutable(
+                    self._accumulate(total_grads, grads))
+                losses.append(loss)
+            grad_norm = float(self._apply(total_grads, unscale, max_norm, lr))
+            loss = sum(float(x) for x in losses) / count
+        if self.all_reduce is not None:
+            loss = float(self.all_reduce(ms.Tensor(np.array([loss], np.float32)))[0]) / self.world
+        self._update_loss_scale(np.isfinite(grad_norm))
+        return loss, grad_norm
+
+    def _update_loss_scale(self, finite: bool) -> None:
+        """Dynamic loss scaling for fp16, with GradScaler's defaults (x0.5 / x2 per 2000)."""
+        if self.train.precision != "fp16":
+            return
+        if not finite:
+            self.loss_scale, self.good_steps = self.loss_scale * 0.5, 0
+        else:
+            self.good_steps += 1
+            if self.good_steps == 2000:
+                self.loss_scale, self.good_steps = self.loss_scale * 2.0, 0
+
+    def eval_loss(self, batch: np.ndarray) -> float:
+        self.model.set_train(False)
+        try:
+            batch = ms.Tensor(batch.astype(np.int32))
+            return float(self._eval(batch[:, :-1], batch[:, 1:]))
+        finally:
+            self.model.set_train(True)
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """AdamW moments under canonical names (exp_avg/NAME, exp_avg_sq/NAME) and the step."""
+        arrays = {}
+        kinds = {param.name: kind for param, kind in canonical_parameters(self.model).values()}
+        from taichu.weights import from_mindspore_array
+
+        for key, moments in (("exp_avg", self.optimizer.exp_avg),
+                             ("exp_avg_sq", self.optimizer.exp_avg_sq)):
+            for param, moment in zip(self.optimizer.parameters, moments):
+                arrays[f"{key}/{self.names[param.name]}"] = from_mindspore_array(
+                    moment.asnumpy(), kinds[param.name]).copy()
+        arrays["step"] = np.array([int(self.optimizer.state_step.asnumpy())], np.int64)
+        return arrays
+
+    def load_optimizer_state(self, arrays: dict[str, np.ndarray]) -> None:
+        from taichu.weights import to_mindspore_array
+
+        kinds = {param.name: kind for param, kind in canonical_parameters(self.model).values()}
+        staged = []
+        for key, moments in (("exp_avg", self.optimizer.exp_avg),
+                             ("exp_avg_sq", self.optimizer.exp_avg_sq)):
+            for param, moment in zip(self.optimizer.parameters, moments):
+                array = to_mindspore_array(arrays[f"{key}/{self.names[param.name]}"], kinds[param.name])
+                staged.append((moment, ms.Tensor(np.ascontiguousarray(array), moment.dtype)))
+        for moment, value in staged:
+            moment.set_data(value)
+        self.optimizer.state_step.set_data(ms.Tensor(int(arrays["step"][0]), ms.int32))
+
+    def extra_state(self) -> dict:
+        """JSON-able state beside the weights: the fp16 loss scale.
+
+        MindSpore's CPU dropout kernels keep their random streams internally, and
+        mindspore.get_rng_state does not capture them: a resumed run with dropout > 0
+        draws different masks from the uninterrupted one (fp32 losses then differ).
+        """
+        return {"loss_scale": self.loss_scale, "good_steps": self.good_steps,
+                "rng": ms.get_rng_state().asnumpy().tolist()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.loss_scale, self.good_steps = state["loss_scale"], state["good_steps"]
+        ms.set_rng_state(ms.Tensor(np.array(state["rng"], dtype=RNG_STATE_DTYPE)))

@@ -1,0 +1,402 @@
+"""``taichu train``: the loop both backends share.
+
+Schedule, data order, evaluation, logging, checkpoints and resume live here, in numpy;
+a backend contributes only a ``Trainer`` (``torch_impl/train.py``,
+``mindspore_impl/train.py``) that runs one optimizer step on numpy batches and exposes
+its optimizer state under canonical names. Because the data order and the schedule are
+computed here, the two backends see the same batches and learning rates step for step.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from taichu.config import dump_config
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the run stopped without writing a checkpoint."""
+
+
+def learning_rate(step: int, train) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``min_learning_rate``."""
+    if step < train.warmup_steps:
+        return train.learning_rate * (step + 1) / train.warmup_steps
+    span = max(1, train.max_steps - train.warmup_steps)
+    progress = min(1.0, (step - train.warmup_steps) / span)
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return train.min_learning_rate + (train.learning_rate - train.min_learning_rate) * cosine
+
+
+def decay_names(config) -> set[str]:
+    """Canonical names that get weight decay: linear weights, not biases, norms or embeddings."""
+    from taichu.families import get_family
+
+    specs = get_family(config.family).tensor_specs(config)
+    return {name for name, spec in specs.items() if spec.kind == "linear" and name.endswith(".weight")}
+
+
+class SampleOrder:
+    """Which blocks make up global step ``s``: a fresh permutation per epoch, from the seed.
+
+    A pure function of (seed, step), so resuming needs only the step, and every
+    data-parallel rank computes the same global batch and takes its own slice.
+    """
+
+    def __init__(self, num_blocks: int, seed: int):
+        self.num_blocks, self.seed = num_blocks, seed
+        self._epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
+        return self._perm
+
+    def global_batch(self, step: int, batch_size: int) -> np.ndarray:
+        positions = step * batch_size + np.arange(batch_size)
+        out = np.empty(batch_size, np.int64)
+        for i, position in enumerate(positions):
+            epoch, offset = divmod(int(position), self.num_blocks)
+            out[i] = self._permutation(epoch)[offset]
+        return out
+
+
+def micro_batches(indices: np.ndarray, rank: int, world: int, accum: int) -> list[np.ndarray]:
+    """This rank's share of a global batch, cut into ``accum`` equal micro-batches."""
+    share = np.array_split(indices, world)[rank]
+    return np.array_split(share, accum)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_checkpoint(out_dir: Path, step: int, model, trainer, state: dict, tokenizer_path,
+                     keep: int) -> Path:
+    """A model directory plus optimizer and trainer state, published by one rename.
+
+    Files go to a hidden temp directory; the manifest (size and sha256 of every file) is
+    written last, then the directory is renamed into place. A crash at any point leaves
+    the previous checkpoints untouched and at worst a temp directory that is ignored.
+    """
+    from taichu.api import save_model
+
+    root = out_dir / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_model(model, tmp, tokenizer=tokenizer_path)
+    optimizer_arrays = trainer.optimizer_state()
+    _save_arrays(optimizer_arrays, tmp / OPTIMIZER_FILE)
+    (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    manifest = {"step": step, "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                                        for p in files}}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    for p in tmp.iterdir():
+        with open(p, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def _save_arrays(arrays: dict, path: Path) -> None:
+    from safetensors.numpy import save
+
+    from taichu.fileio import atomic_write_bytes
+
+    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None if every file matches the manifest, else what is wrong."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (the checkpoint was not finished)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as err:
+        return f"unreadable manifest ({err})"
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != entry["bytes"]:
+            return f"{name} has {file.stat().st_size} bytes, the manifest says {entry['bytes']}"
+        if _sha256(file) != entry["sha256"]:
+            return f"{name} does not match its sha256 in the manifest"
+    return None
+
+
+def latest_good_checkpoint(out_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies; damaged newer ones are skipped with a warning."""
+    for path in sorted((out_dir / CHECKPOINTS).glob("step-*"), reverse=True):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        warnings.warn(f"checkpoint {path} is damaged ({problem}); falling back to an older one",
+                      stacklevel=2)
+    return None
+
+
+# ----------------------------------------------------------------------------- metrics
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON record per logged step, appended and flushed at once."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        if resume_step is None:
+            path.unlink(missing_ok=True)
+        elif path.exists():
+            # Records after the checkpoint belong to the interrupted attempt: drop them so
+            # the log reads as one run.
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+            handle.flush()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclass
+class TrainResult:
+    final_dir: Path
+    steps: int
+    last_loss: float
+    val_loss: float | None
+
+
+def _tokenizer_for(config, init_dir: Path | None, rank: int):
+    """The init model's tokenizer, else the config's, trained once and cached by content."""
+    from taichu.corpus import load_corpus
+    from taichu.data import default_cache_dir
+    from taichu.tokenizer import Tokenizer, check_tokenizer, ensure_tokenizer
+
+    if init_dir is not None and (init_dir / "tokenizer.model").is_file():
+        tokenizer = Tokenizer(init_dir / "tokenizer.model")
+        check_tokenizer(tokenizer, config.tokenizer, config.model.vocab_size)
+        return tokenizer
+    corpus = load_corpus(config.data)
+    key = hashlib.sha256(json.dumps([corpus.fingerprint, config.tokenizer.model_dump(mode="json"),
+                                     config.model.vocab_size]).encode()).hexdigest()[:16]
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
+    path = cache_dir.parent / "tokenizers" / f"{corpus.name}-{config.model.vocab_size}-{key}.model"
+    if rank != 0:
+        # Rank 0 trains it; the file appears whole (atomic rename) when it is done.
+        deadline = time.time() + 3600
+        while not path.exists() and time.time() < deadline:
+            time.sleep(1)
+    return ensure_tokenizer(config, path)
+
+
+def _evaluate(trainer, blocks, train) -> float:
+    count = min(len(blocks), train.eval_batches * train.batch_size)
+    size = max(1, train.batch_size // train.grad_accum_steps)
+    total, tokens = 0.0, 0
+    for start in range(0, count, size):
+        batch = blocks.batch(np.arange(start, min(count, start + size)))
+        total += trainer.eval_loss(batch) * batch.shape[0]
+        tokens += batch.shape[0]
+    return total / tokens
+
+
+def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = False,
+                 progress: bool = True) -> TrainResult:
+    """Train ``config`` in ``backend``; returns where the final model directory is."""
+    from taichu.api import build_model, load_state_dict, save_model
+    from taichu.config import load_config
+    from taichu.data import load_blocks
+    from taichu.weights import load_safetensors
+
+    out_dir = Path(out_dir)
+    init_dir = Path(init_dir) if init_dir else None
+    train = config.train
+    trainer_module = __import__(f"{backend}_impl.train", fromlist=["Trainer"])
+    rank, world = trainer_module.distributed_init(config)
+    is_main = rank == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = _tokenizer_for(config, init_dir, rank)
+    train_blocks = load_blocks(config, tokenizer, "train")
+    val_blocks = load_blocks(config, tokenizer, "validation")
+
+    trainer_module.seed_everything(train.seed)
+    model = build_model(config, backend)
+    if init_dir is not None:
+        # The run's config decides the model (dropout may differ from the init's); the
+        # weights must fit it exactly, name for name and shape for shape.
+        load_state_dict(model, load_safetensors(init_dir), str(init_dir))
+        init_model = load_config(init_dir).model
+        changed = {k: (v, getattr(config.model, k)) for k, v in init_model.model_dump().items()
+                   if getattr(config.model, k) != v}
+        if changed and is_main:
+            print(f"--init {init_dir}: model fields differ from its config.yaml "
+                  f"(init -> this run): {changed}")
+    trainer = trainer_module.Trainer(model, config, decay_names(config), rank, world)
+
+    start_step, resume_from = 0, None
+    if resume:
+        resume_from = latest_good_checkpoint(out_dir)
+        if resume_from is None:
+            if is_main:
+                print(f"--resume: no checkpoint in {out_dir / CHECKPOINTS}; starting from step 0")
+        else:
+            state = json.loads((resume_from / TRAINER_STATE).read_text())
+            load_state_dict(model, load_safetensors(resume_from), str(resume_from))
+            trainer.load_optimizer_state(load_safetensors(resume_from / OPTIMIZER_FILE))
+            trainer.load_extra_state(state["trainer"])
+            start_step = state["step"]
+            if is_main:
+                print(f"resuming from {resume_from} at step {start_step}")
+
+    metrics = MetricsLog(out_dir / "metrics.jsonl", start_step if resume_from else None) if is_main else None
+    if is_main and not resume_from:
+        dump_config(config, out_dir / "config.yaml")
+    if is_main and start_step == 0:
+        # The starting point of the validation curve, before any update.
+        val_loss = _evaluate(trainer, val_blocks, train)
+        metrics.write({"step": 0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+    order = SampleOrder(len(train_blocks), train.seed)
+    tokens_per_step = train.batch_size * config.data.seq_len
+    bar = _progress_bar(start_step, train.max_steps, progress and is_main)
+    last_good = resume_from
+    loss, val_loss = float("nan"), None
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in range(start_step, train.max_steps):
+        lr = learning_rate(step, train)
+        indices = order.global_batch(step, train.batch_size)
+        batches = [train_blocks.batch(part) for part in micro_batches(indices, rank, world,
+                                                                       train.grad_accum_steps)]
+        loss, grad_norm = trainer.train_step(batches, lr)
+        done = step + 1
+        if not math.isfinite(loss):
+            bar.close()
+            raise TrainingDiverged(
+                f"loss is {loss} at step {done}: training stopped. The last good checkpoint is "
+                f"{last_good or 'none (no checkpoint was written yet)'}; lower "
+                f"train.learning_rate or check the data, then --resume")
+        window_tokens += tokens_per_step
+        record = None
+        if done % train.log_interval == 0 or done == train.max_steps:
+            elapsed = time.perf_counter() - window_start
+            record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
+            window_start, window_tokens = time.perf_counter(), 0
+        if done % train.eval_interval == 0 or done == train.max_steps:
+            if is_main:
+                val_loss = _evaluate(trainer, val_blocks, train)
+                record = record or {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+                record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+        if record is not None and is_main:
+            metrics.write(record)
+            bar.set_postfix_str(_postfix(record), refresh=False)
+        bar.update(1)
+        if is_main and (done % train.checkpoint_interval == 0 or done == train.max_steps):
+            state = {"step": done, "trainer": trainer.extra_state(), "backend": backend,
+                     "world_size": world}
+            last_good = write_checkpoint(out_dir, done, model, trainer, state, tokenizer.path,
+                                         train.keep_checkpoints)
+    bar.close()
+    final_dir = out_dir / "final"
+    if is_main:
+        save_model(model, final_dir, tokenizer=tokenizer.path)
+    trainer_module.distributed_barrier(world)
+    return TrainResult(final_dir, train.max_steps, loss, val_loss)
+
+
+def _postfix(record: dict) -> str:
+    text = f"loss {record['loss']:.4f} lr {record['lr']:.2e}"
+    if "tokens_per_s" in record:
+        text += f" {record['tokens_per_s']:,.0f} tok/s"
+    if "val_loss" in record:
+        text += f" val {record['val_loss']:.4f} ppl {record['val_ppl']:.1f}"
+    return text
+
+
+def _progress_bar(start: int, total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
+                desc="train")
+
+
+# ----------------------------------------------------------------------------- plot
+
+def plot_runs(run_dirs, out_path) -> Path:
+    """Training and validation loss of one or more runs against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for run in run_dirs:
+        records = read_metrics(run)
+        label = Path(run).name
+        steps = [r for r in records if "loss" in r]
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label=f"{label} train")
+        evals = [r for r in records if "val_loss" in r]
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o--",
+                    label=f"{label} validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,165 @@
+"""One optimizer step of a PyTorch model, driven by taichu/train.py.
+
+Mirrored by mindspore_impl/train.py: same functions, same Trainer methods, same math
+(AdamW with torch's semantics, clip coefficient max_norm / (norm + 1e-6), loss = mean
+token cross-entropy averaged over micro-batches and data-parallel ranks).
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn import functional as F
+
+from taichu.parallel import validate_batch, validate_parallel
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def distributed_init(config) -> tuple[int, int]:
+    """Join the process group torchrun set up (gloo on CPU, nccl on GPU); (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = _device()
+    validate_parallel(config.parallel, config.model, world, "torch",
+                      "GPU" if device.type == "cuda" else "CPU")
+    validate_batch(config.parallel, config.train.batch_size, config.train.grad_accum_steps)
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def distributed_barrier(world: int) -> None:
+    if world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, model, config, decay_names: set[str], rank: int, world: int):
+        train = config.train
+        self.config, self.train = config, train
+        self.rank, self.world = rank, world
+        self.device = _device()
+        self.model = model.to(self.device)
+        self.model.train()
+        self.names = [name for name, _ in self.model.named_parameters()]
+        self.module = self.model
+        if world > 1:
+            if config.parallel.fsdp:
+                from torch.distributed.fsdp import FullyShardedDataParallel
+
+                self.module = FullyShardedDataParallel(self.model, use_orig_params=True)
+            else:
+                from torch.nn.parallel import DistributedDataParallel
+
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                self.module = DistributedDataParallel(self.model, device_ids=ids)
+        params = dict(self.model.named_parameters())
+        decay = [p for name, p in params.items() if name in decay_names]
+        no_decay = [p for name, p in params.items() if name not in decay_names]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": train.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=train.learning_rate, betas=(train.beta1, train.beta2), eps=train.eps)
+        self.autocast_dtype = PRECISIONS[train.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, init_scale=train.initial_loss_scale,
+                                           enabled=train.precision == "fp16")
+        self.vocab_size = config.model.vocab_size
+
+    def _loss(self, module, batch: np.ndarray):
+        tokens = torch.from_numpy(batch).to(self.device)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            logits = module(tokens[:, :-1])
+        return F.cross_entropy(logits.float().reshape(-1, self.vocab_size), tokens[:, 1:].reshape(-1))
+
+    def train_step(self, micro_batches: list[np.ndarray], lr: float) -> tuple[float, float]:
+        """Forward/backward over the micro-batches, then clip and step; (loss, grad norm)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        count = len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            # Gradients are all-reduced once, on the last micro-batch.
+            last = i == count - 1
+            sync = contextlib.nullcontext() if self.world == 1 or last else self.module.no_sync()
+            with sync:
+                loss = self._loss(self.module, batch)
+                self.scaler.scale(loss / count).backward()
+            total += loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = self.train.max_grad_norm or float("inf")
+        if isinstance(self.module, torch.nn.parallel.DistributedDataParallel) or self.world == 1:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        else:
+            grad_norm = self.module.clip_grad_norm_(max_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        loss = total / count
+        if self.world > 1:
+            dist.all_reduce(loss)
+            loss = loss / self.world
+        return float(loss), float(grad_norm)
+
+    @torch.no_grad()
+    def eval_loss(self, batch: np.ndarray) -> float:
+        self.model.eval()
+        try:
+            return float(self._loss(self.model, batch))
+        finally:
+            self.model.train()
+
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """AdamW moments under canonical names (exp_avg/NAME, exp_avg_sq/NAME) and the step."""
+        arrays, step = {}, 0
+        for name, param in self.model.named_parameters():
+            state = self.optimizer.state.get(param, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                value = state.get(key)
+                arrays[f"{key}/{name}"] = (np.zeros(param.shape, np.float32) if value is None
+                                           else value.detach().cpu().numpy())
+            step = int(state["step"]) if "step" in state else step
+        arrays["step"] = np.array([step], np.int64)
+        return arrays
+
+    def load_optimizer_state(self, arrays: dict[str, np.ndarray]) -> None:
+        step = int(arrays["step"][0])
+        for name, param in self.model.named_parameters():
+            self.optimizer.state[param] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": torch.from_numpy(arrays[f"exp_avg/{name}"].copy()).to(self.device),
+                "exp_avg_sq": torch.from_numpy(arrays[f"exp_avg_sq/{name}"].copy()).to(self.device),
+            }
+
+    def extra_state(self) -> dict:
+        """JSON-able state beside the weights: RNG (dropout) and the fp16 loss scaler."""
+        state = {"rng": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+        if self.scaler.is_enabled():
+            state["scaler"] = {k: float(v) if isinstance(v, (int, float)) else v
+                               for k, v in self.scaler.state_dict().items()}
+        return state
+
+    def load_extra_state(self, state: dict) -> None:
+        rng = np.frombuffer(base64.b64decode(state["rng"]), dtype=np.uint8).copy()
+        torch.set_rng_state(torch.from_numpy(rng))
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
