@@ -28,6 +28,13 @@ def _launched_by_msrun() -> bool:
 
 def distributed_init(config) -> tuple[int, int]:
     """Join the msrun cluster (data parallel works on CPU); (rank, world)."""
+    if os.environ.get("MS_ROLE") == "MS_SCHED":
+        # msrun runs this script once more as its scheduler: it only hosts the cluster's
+        # rendezvous, which init() does until the workers are done, and must not train.
+        from mindspore.communication import init
+
+        init()
+        raise SystemExit(0)
     world = int(os.environ.get("MS_WORKER_NUM", "1")) if _launched_by_msrun() else 1
     device_target = ms.get_context("device_target")
     validate_parallel(config.parallel, config.model, world, "mindspore", device_target)
@@ -45,11 +52,9 @@ def distributed_init(config) -> tuple[int, int]:
 
 def distributed_barrier(world: int) -> None:
     if world > 1:
-        from mindspore.communication import release
-
-        # An all-reduce every rank joins works as a barrier on every device target.
+        # An all-reduce every rank joins works as a barrier on every device target; the
+        # cluster itself is finalised by MindSpore when the process exits.
         ops.AllReduce()(ms.Tensor(np.zeros(1, np.float32)))
-        release()
 
 
 def seed_everything(seed: int) -> None:
