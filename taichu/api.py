@@ -49,15 +49,21 @@ def load_state_dict(model, arrays: dict, source: str = "state dict") -> None:
     _weights_module(backend_of(model)).load_canonical_state_dict(model, arrays)
 
 
-def load_model(path: str | Path, backend: str = "torch"):
+def load_model(path: str | Path, backend: str = "torch", config=None, allow_pickle: bool = False):
     """Rebuild a model from a model directory; checks every tensor before loading any.
+
+    Other formats work too (a Hugging Face GPT-2 directory, a MindSpore .ckpt or a PyTorch
+    state dict with ``config``); see taichu.convert.
 
     The returned model is in evaluation mode, and remembers its directory so that
     ``save_model`` can carry the tokenizer along.
     """
     path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: not a model directory")
+    if not (path / "config.yaml").is_file():
+        # Another format (Hugging Face directory, .ckpt, state dict): convert in memory.
+        from taichu.convert import load_model as load_any
+
+        return load_any(path, backend=backend, config=config, allow_pickle=allow_pickle)
     config = load_config(path / "config.yaml")
     specs = get_family(config.family).tensor_specs(config)
     check_tensors(read_safetensors_shapes(path), {k: s.shape for k, s in specs.items()}, str(path))
@@ -82,21 +88,26 @@ def save_model(model, path: str | Path, tokenizer: str | Path | None = None,
     The tokenizer is ``tokenizer`` if given, else the one of the directory the model was
     loaded from, if any.
     """
+    return save_arrays(model.config, state_dict(model), path, tokenizer or _source_tokenizer(model),
+                       max_shard_bytes)
+
+
+def save_arrays(config, arrays: dict, path: str | Path, tokenizer: str | Path | None = None,
+                max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write canonical ``arrays`` of ``config`` as a model directory (no model needed)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    arrays = state_dict(model)
-    specs = get_family(model.config.family).tensor_specs(model.config)
+    specs = get_family(config.family).tensor_specs(config)
     check_tensors({k: v.shape for k, v in arrays.items()}, {k: s.shape for k, s in specs.items()},
-                  f"{type(model).__name__} being saved")
+                  f"weights being saved to {path}")
     stale = list(path.glob("model*.safetensors")) + list(path.glob("model.safetensors.index.json"))
     written = save_safetensors(arrays, path, max_shard_bytes)
     for old in stale:
         if old not in written:
             old.unlink()
-    dump_config(model.config, path / "config.yaml")
-    source = tokenizer or _source_tokenizer(model)
-    if source is not None:
-        source = Path(source)
+    dump_config(config, path / "config.yaml")
+    if tokenizer is not None:
+        source = Path(tokenizer)
         if not source.is_file():
             raise FileNotFoundError(f"{source}: tokenizer model not found")
         if source.resolve() != (path / TOKENIZER_FILE).resolve():
@@ -111,5 +122,5 @@ def _source_tokenizer(model):
     return None
 
 
-__all__ = ["build_model", "load_model", "save_model", "state_dict", "load_state_dict",
+__all__ = ["build_model", "load_model", "save_model", "save_arrays", "state_dict", "load_state_dict",
            "CheckpointError"]

@@ -156,13 +156,44 @@ def cmd_train(args) -> int:
     except TrainingDiverged as err:
         print(f"taichu train: {err}", file=sys.stderr)
         return 3
-    summary = f"trained {result.steps} steps; final model in {result.final_dir}"
-    if result.val_loss is not None:
-        import math
+    import math
 
-        summary += f"; validation loss {result.val_loss:.4f} (perplexity {math.exp(result.val_loss):.1f})"
-    print(summary)
+    print(f"trained to step {result.steps}: {result.tokens:,} tokens in {result.seconds / 60:.1f} min "
+          f"({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s, {args.backend}), "
+          f"last training loss {result.last_loss:.4f}")
+    if result.val_loss is not None:
+        start = (f"{math.exp(result.start_val_loss):,.1f} at step 0 -> "
+                 if result.start_val_loss is not None else "")
+        print(f"held-out validation perplexity: {start}{math.exp(result.val_loss):,.1f} "
+              f"(loss {result.val_loss:.4f})")
+    print(f"final model: {result.final_dir}; metrics: {Path(args.out) / 'metrics.jsonl'} "
+          f"(taichu plot {args.out})")
     return 0
+
+
+def cmd_generate(args) -> int:
+    from taichu.api import load_model
+    from taichu.generate import SamplingConfig, generate_text
+    from taichu.tokenizer import Tokenizer
+
+    path = Path(args.model)
+    if not (path / "tokenizer.model").is_file():
+        raise ConfigError(f"{path}: generate needs a tokenizer.model in the model directory")
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p,
+                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+    model = load_model(path, backend=args.backend)
+    prompts = [p for p in args.prompt for _ in range(args.num_return)]
+    outputs = generate_text(model, Tokenizer(path / "tokenizer.model"), prompts, sampling)
+    for prompt, output in zip(prompts, outputs):
+        print(f"{prompt}{output}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from taichu.convert import cli_convert
+
+    return cli_convert(args)
 
 
 def cmd_plot(args) -> int:
@@ -206,6 +237,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the msrun/torchrun command for N devices and exit")
     train.set_defaults(func=cmd_train)
 
+    generate = commands.add_parser("generate", help="continue Chinese prompts with a model")
+    generate.add_argument("model", help="model directory")
+    generate.add_argument("--backend", choices=("mindspore", "torch"), default="torch")
+    generate.add_argument("--prompt", action="append", required=True, help="repeatable: a batch")
+    generate.add_argument("--max-new-tokens", type=int, default=50)
+    generate.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--repetition-penalty", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--num-return", type=int, default=1, help="samples per prompt")
+    generate.set_defaults(func=cmd_generate)
+
+    convert = commands.add_parser("convert", help="convert weights between taichu, MindSpore, "
+                                                  "PyTorch and Hugging Face formats")
+    convert.add_argument("src", help="model directory, .ckpt, .safetensors, HF directory (.pt/.bin "
+                                     "with --allow-pickle)")
+    convert.add_argument("dst")
+    convert.add_argument("--to", choices=("taichu", "mindspore", "torch", "hf"),
+                         help="output format (default: from DST's extension, else taichu)")
+    convert.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="cast floating tensors")
+    convert.add_argument("--config", help="config for sources that carry none (.ckpt, state dicts)")
+    convert.add_argument("--allow-pickle", action="store_true",
+                         help="read .pt/.bin pickles (torch.load with weights_only=True)")
+    convert.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    convert.set_defaults(func=cmd_convert)
+
     plot = commands.add_parser("plot", help="draw the loss curves of runs to a PNG")
     plot.add_argument("runs", nargs="+", help="run directories (with metrics.jsonl)")
     plot.add_argument("--out", default="loss.png")
@@ -226,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ValueError, FileNotFoundError, NotImplementedError) as err:
         print(f"taichu {args.command}: error: {err}", file=sys.stderr)
         return 2
 

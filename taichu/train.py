@@ -100,15 +100,15 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(out_dir: Path, step: int, model, trainer, state: dict, tokenizer_path,
-                     keep: int) -> Path:
+def write_checkpoint(out_dir: Path, step: int, config, model_arrays: dict, optimizer_arrays: dict,
+                     state: dict, tokenizer_path, keep: int) -> Path:
     """A model directory plus optimizer and trainer state, published by one rename.
 
     Files go to a hidden temp directory; the manifest (size and sha256 of every file) is
     written last, then the directory is renamed into place. A crash at any point leaves
     the previous checkpoints untouched and at worst a temp directory that is ignored.
     """
-    from taichu.api import save_model
+    from taichu.api import save_arrays
 
     root = out_dir / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
@@ -116,8 +116,7 @@ def write_checkpoint(out_dir: Path, step: int, model, trainer, state: dict, toke
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_model(model, tmp, tokenizer=tokenizer_path)
-    optimizer_arrays = trainer.optimizer_state()
+    save_arrays(config, model_arrays, tmp, tokenizer=tokenizer_path)
     _save_arrays(optimizer_arrays, tmp / OPTIMIZER_FILE)
     (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
     files = sorted(p for p in tmp.iterdir() if p.is_file())
@@ -214,6 +213,9 @@ class TrainResult:
     steps: int
     last_loss: float
     val_loss: float | None
+    start_val_loss: float | None = None  # at step 0 of a fresh run
+    tokens: int = 0                      # trained in this invocation
+    seconds: float = 0.0
 
 
 def _tokenizer_for(config, init_dir: Path | None, rank: int):
@@ -253,7 +255,7 @@ def _evaluate(trainer, blocks, train) -> float:
 def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = False,
                  progress: bool = True) -> TrainResult:
     """Train ``config`` in ``backend``; returns where the final model directory is."""
-    from taichu.api import build_model, load_state_dict, save_model
+    from taichu.api import build_model, load_state_dict, save_arrays
     from taichu.config import load_config
     from taichu.data import load_blocks
     from taichu.weights import load_safetensors
@@ -283,8 +285,6 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
         if changed and is_main:
             print(f"--init {init_dir}: model fields differ from its config.yaml "
                   f"(init -> this run): {changed}")
-    trainer = trainer_module.Trainer(model, config, decay_names(config), rank, world)
-
     start_step, resume_from = 0, None
     if resume:
         resume_from = latest_good_checkpoint(out_dir)
@@ -292,21 +292,27 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
             if is_main:
                 print(f"--resume: no checkpoint in {out_dir / CHECKPOINTS}; starting from step 0")
         else:
-            state = json.loads((resume_from / TRAINER_STATE).read_text())
+            # Weights go in before the trainer wraps (and under FSDP shards) the model.
             load_state_dict(model, load_safetensors(resume_from), str(resume_from))
-            trainer.load_optimizer_state(load_safetensors(resume_from / OPTIMIZER_FILE))
-            trainer.load_extra_state(state["trainer"])
-            start_step = state["step"]
-            if is_main:
-                print(f"resuming from {resume_from} at step {start_step}")
+    trainer = trainer_module.Trainer(model, config, decay_names(config), rank, world)
+    if resume_from is not None:
+        state = json.loads((resume_from / TRAINER_STATE).read_text())
+        trainer.load_optimizer_state(load_safetensors(resume_from / OPTIMIZER_FILE))
+        trainer.load_extra_state(state["trainer"])
+        start_step = state["step"]
+        if is_main:
+            print(f"resuming from {resume_from} at step {start_step}")
 
     metrics = MetricsLog(out_dir / "metrics.jsonl", start_step if resume_from else None) if is_main else None
     if is_main and not resume_from:
         dump_config(config, out_dir / "config.yaml")
-    if is_main and start_step == 0:
-        # The starting point of the validation curve, before any update.
-        val_loss = _evaluate(trainer, val_blocks, train)
-        metrics.write({"step": 0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
+    run_start, start_val_loss = time.perf_counter(), None
+    if start_step == 0:
+        # The starting point of the validation curve, before any update. Every rank
+        # evaluates (under FSDP a forward pass is collective); rank 0 records.
+        val_loss = start_val_loss = _evaluate(trainer, val_blocks, train)
+        if is_main:
+            metrics.write({"step": 0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
     order = SampleOrder(len(train_blocks), train.seed)
     tokens_per_step = train.batch_size * config.data.seq_len
     bar = _progress_bar(start_step, train.max_steps, progress and is_main)
@@ -334,25 +340,28 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
                       "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
             window_start, window_tokens = time.perf_counter(), 0
         if done % train.eval_interval == 0 or done == train.max_steps:
-            if is_main:
-                val_loss = _evaluate(trainer, val_blocks, train)
-                record = record or {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-                record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+            val_loss = _evaluate(trainer, val_blocks, train)
+            record = record or {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+            record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
         if record is not None and is_main:
             metrics.write(record)
             bar.set_postfix_str(_postfix(record), refresh=False)
         bar.update(1)
-        if is_main and (done % train.checkpoint_interval == 0 or done == train.max_steps):
-            state = {"step": done, "trainer": trainer.extra_state(), "backend": backend,
-                     "world_size": world}
-            last_good = write_checkpoint(out_dir, done, model, trainer, state, tokenizer.path,
-                                         train.keep_checkpoints)
+        if done % train.checkpoint_interval == 0 or done == train.max_steps:
+            model_arrays, optimizer_arrays = trainer.full_state()  # collective under FSDP
+            if is_main:
+                state = {"step": done, "trainer": trainer.extra_state(), "backend": backend,
+                         "world_size": world}
+                last_good = write_checkpoint(out_dir, done, config, model_arrays, optimizer_arrays,
+                                             state, tokenizer.path, train.keep_checkpoints)
     bar.close()
     final_dir = out_dir / "final"
+    model_arrays, _ = trainer.full_state()
     if is_main:
-        save_model(model, final_dir, tokenizer=tokenizer.path)
+        save_arrays(config, model_arrays, final_dir, tokenizer=tokenizer.path)
     trainer_module.distributed_barrier(world)
-    return TrainResult(final_dir, train.max_steps, loss, val_loss)
+    return TrainResult(final_dir, train.max_steps, loss, val_loss, start_val_loss,
+                       (train.max_steps - start_step) * tokens_per_step, time.perf_counter() - run_start)
 
 
 def _postfix(record: dict) -> str:

@@ -169,3 +169,17 @@ def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         except SafetensorError as err:
             raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({err})") from None
     return tensors
+
+
+def load(path, config=None, allow_pickle: bool = False, dtype=None):
+    """(config, canonical arrays) from any supported format (see taichu.convert)."""
+    from taichu.convert import load as load_any
+
+    return load_any(path, config=config, allow_pickle=allow_pickle, dtype=dtype)
+
+
+def save(config, arrays, path, format: str = "taichu", dtype=None, **kwargs):
+    """Write canonical arrays as ``format``: taichu | mindspore | torch | hf."""
+    from taichu.convert import save as save_any
+
+    return save_any(config, arrays, path, format=format, dtype=dtype, **kwargs)

@@ -1,6 +1,7 @@
 """Data parallel on the real launchers (msrun, torchrun), 2 CPU processes: the same losses
 as one process on the same global batch."""
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,8 +25,9 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend, accum", [("mindspore", 1), ("torch", 2)])
-def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_tokenizer, backend, accum):
+@pytest.mark.parametrize("backend, accum, fsdp", [("mindspore", 1, False), ("torch", 2, False),
+                                                   ("torch", 1, True)])
+def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_tokenizer, backend, accum, fsdp):
     import torch
 
     torch.manual_seed(0)
@@ -39,14 +41,23 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_tokenizer,
     run_training(taichu.load_config(TINY, overrides), backend, single, init_dir=init, progress=False)
 
     parallel = tmp_path / "parallel"
+    parallel_sets = ["parallel.data_parallel=2", "train.checkpoint_interval=4"] + (["parallel.fsdp=true"] if fsdp else [])
     extra = ["--out", str(parallel), "--init", str(init), "--no-progress",
-             *[f"--set={o}" for o in overrides + ["parallel.data_parallel=2"]]]
+             *[f"--set={o}" for o in overrides + parallel_sets]]
     command = launch_command(str(TINY), backend, 2, extra, master_port=free_port(),
                              log_dir=str(parallel / "msrun_logs"))
     # msrun starts workers with the `python` found on PATH: the venv's must come first.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    if fsdp:
+        # Resume under FSDP: from the step-4 checkpoint, steps 5-8 must come out the same.
+        shutil.rmtree(parallel / "checkpoints" / "step-00000008")
+        shutil.rmtree(parallel / "final")
+        command = launch_command(str(TINY), backend, 2, extra + ["--resume"], master_port=free_port())
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+        assert "resuming from" in done.stdout and "step-00000004" in done.stdout
 
     one = {r["step"]: r["loss"] for r in read_metrics(single) if "loss" in r}
     two = {r["step"]: r["loss"] for r in read_metrics(parallel) if "loss" in r}

@@ -41,9 +41,13 @@ class Attention(nn.Module):
         if past_key_value is not None:
             k = torch.cat((past_key_value[0], k), dim=2)
             v = torch.cat((past_key_value[1], v), dim=2)
-        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale + attention_bias
-        probs = self.attn_dropout(F.softmax(scores, dim=-1))
-        out = torch.matmul(probs, v).transpose(1, 2).reshape(batch, length, hidden)
+        # softmax(q k^T * scale + bias) v, fused: same math as mindspore_impl's explicit
+        # matmul/softmax/matmul, but the [length, total] scores and probabilities are never
+        # stored for backward (bench/train_gpt.py: faster training step on CPU).
+        dropout = self.attn_dropout.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, dropout_p=dropout,
+                                             scale=self.scale)
+        out = out.transpose(1, 2).reshape(batch, length, hidden)
         return self.resid_dropout(self.out_proj(out)), (k, v)
 
 

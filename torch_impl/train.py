@@ -62,11 +62,16 @@ class Trainer:
         self.model.train()
         self.names = [name for name, _ in self.model.named_parameters()]
         self.module = self.model
+        self.fsdp = world > 1 and config.parallel.fsdp
         if world > 1:
-            if config.parallel.fsdp:
-                from torch.distributed.fsdp import FullyShardedDataParallel
+            if self.fsdp:
+                # FSDP2 (fully_shard): one shard group per Block plus the root (embeddings,
+                # final norm). Unlike FSDP1 it also runs on CPU with gloo.
+                from torch.distributed.fsdp import fully_shard
 
-                self.module = FullyShardedDataParallel(self.model, use_orig_params=True)
+                for block in self.model.layers:
+                    fully_shard(block)
+                fully_shard(self.model)
             else:
                 from torch.nn.parallel import DistributedDataParallel
 
@@ -101,17 +106,18 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             # Gradients are all-reduced once, on the last micro-batch.
             last = i == count - 1
-            sync = contextlib.nullcontext() if self.world == 1 or last else self.module.no_sync()
-            with sync:
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(last)
+            plain = self.world == 1 or last or self.fsdp
+            with contextlib.nullcontext() if plain else self.module.no_sync():
                 loss = self._loss(self.module, batch)
                 self.scaler.scale(loss / count).backward()
             total += loss.detach()
         self.scaler.unscale_(self.optimizer)
         max_norm = self.train.max_grad_norm or float("inf")
-        if isinstance(self.module, torch.nn.parallel.DistributedDataParallel) or self.world == 1:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        else:
-            grad_norm = self.module.clip_grad_norm_(max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+            grad_norm = grad_norm.full_tensor()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         loss = total / count
@@ -128,6 +134,30 @@ class Trainer:
         finally:
             self.model.train()
 
+    def full_state(self) -> tuple[dict | None, dict | None]:
+        """(model arrays, optimizer arrays), canonical, gathered on rank 0 (None elsewhere).
+
+        Every rank must call it: under FSDP the shards are gathered collectively.
+        """
+        if not self.fsdp:
+            if self.rank != 0:
+                return None, None
+            from torch_impl.weights import canonical_state_dict
+
+            return canonical_state_dict(self.model), self.optimizer_state()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None, None
+        arrays = {}
+        for name, state in optim_sd["state"].items():
+            arrays[f"exp_avg/{name}"] = state["exp_avg"].numpy()
+            arrays[f"exp_avg_sq/{name}"] = state["exp_avg_sq"].numpy()
+            arrays["step"] = np.array([int(state["step"])], np.int64)
+        return {k: v.numpy() for k, v in model_sd.items()}, arrays
+
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """AdamW moments under canonical names (exp_avg/NAME, exp_avg_sq/NAME) and the step."""
         arrays, step = {}, 0
@@ -143,6 +173,22 @@ class Trainer:
 
     def load_optimizer_state(self, arrays: dict[str, np.ndarray]) -> None:
         step = int(arrays["step"][0])
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 set_optimizer_state_dict)
+
+            names = self.names
+            state = {name: {"step": torch.tensor(float(step)),
+                            "exp_avg": torch.from_numpy(arrays[f"exp_avg/{name}"].copy()),
+                            "exp_avg_sq": torch.from_numpy(arrays[f"exp_avg_sq/{name}"].copy())}
+                     for name in names}
+            groups = [{**{k: v for k, v in g.items() if k != "params"},
+                       "params": [n for n, p in self.model.named_parameters()
+                                  if any(p is q for q in g["params"])]}
+                      for g in self.optimizer.param_groups]
+            set_optimizer_state_dict(self.model, self.optimizer, {"state": state, "param_groups": groups},
+                                     options=StateDictOptions(full_state_dict=True))
+            return
         for name, param in self.model.named_parameters():
             self.optimizer.state[param] = {
                 "step": torch.tensor(float(step)),

@@ -15,6 +15,8 @@ def load_canonical_state_dict(model: torch.nn.Module, arrays: dict[str, np.ndarr
     Everything is converted before anything is copied, so a failure loads nothing.
     """
     current = model.state_dict()
-    tensors = {name: torch.from_numpy(np.ascontiguousarray(array)).to(current[name].dtype)
-               for name, array in arrays.items()}
+    # torch.from_numpy knows no ml_dtypes bfloat16; widening to fp32 is exact.
+    tensors = {name: torch.from_numpy(np.ascontiguousarray(
+                   array.astype(np.float32) if array.dtype.name == "bfloat16" else array)
+               ).to(current[name].dtype) for name, array in arrays.items()}
     model.load_state_dict(tensors, strict=True)
