@@ -32,7 +32,7 @@ from taichu.families import get_family
 from taichu.fileio import atomic_write, atomic_write_bytes
 from taichu.weights import (DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_FILE, SAFETENSORS_INDEX,
                             CheckpointError, check_tensors, from_mindspore_array, to_mindspore_array,
-                            to_mindspore_name)
+                            to_mindspore_name, weight_files)
 
 FORMATS = ("taichu", "mindspore", "torch", "hf")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -152,28 +152,10 @@ def _safetensors_header(file: Path) -> tuple[dict, dict, int]:
     return entries, metadata, 8 + length
 
 
-def _safetensors_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    if (path / SAFETENSORS_INDEX).is_file():
-        try:
-            index = json.loads((path / SAFETENSORS_INDEX).read_text())
-            shards = sorted(set(index["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError, TypeError) as err:
-            raise CheckpointError(f"{path / SAFETENSORS_INDEX}: not a valid index: {err}") from None
-        missing = [s for s in shards if not (path / s).is_file()]
-        if missing:
-            raise CheckpointError(f"{path}: shards named in the index are missing: {missing}")
-        return [path / s for s in shards]
-    if (path / SAFETENSORS_FILE).is_file():
-        return [path / SAFETENSORS_FILE]
-    raise CheckpointError(f"{path}: no {SAFETENSORS_FILE} or {SAFETENSORS_INDEX}")
-
-
 def read_safetensors(path: str | Path) -> tuple[Tensors, dict]:
     """Lazy tensors and metadata of a safetensors file or (sharded) directory; bf16 included."""
     where, shapes, dtypes, metadata = {}, {}, {}, {}
-    for file in _safetensors_files(Path(path)):
+    for file in weight_files(Path(path)):
         entries, meta, start = _safetensors_header(file)
         metadata.update(meta)
         for name, (dtype, shape, begin) in entries.items():
@@ -319,6 +301,9 @@ def _fields(buffer, pos: int, end: int):
 def read_ckpt(path: str | Path) -> tuple[Tensors, dict]:
     """Lazy tensors of a MindSpore .ckpt, and its string entries (append_dict)."""
     path = Path(path)
+    # The map is only walked for the protobuf framing (tags, dims, offsets) and closed
+    # before any tensor is read: pages of tensor data touched through it would stay
+    # resident, and converting would then hold the whole file in memory.
     with open(path, "rb") as handle:
         if path.stat().st_size == 0:
             raise CheckpointError(f"{path}: empty file")
@@ -327,9 +312,11 @@ def read_ckpt(path: str | Path) -> tuple[Tensors, dict]:
     if end >= 17 and data[end - 17:end - 10] == _CRC_MARK:
         end -= 17
         stored = int.from_bytes(data[end + 7:], "big")
-        crc = 0
-        for start in range(0, end, 64 << 20):
-            crc = zlib.crc32(data[start:min(end, start + (64 << 20))], crc)
+        crc, remaining = 0, end
+        with open(path, "rb") as handle:
+            while remaining:
+                block = handle.read(min(remaining, 64 << 20))
+                crc, remaining = zlib.crc32(block, crc), remaining - len(block)
         if crc != stored:
             raise CheckpointError(f"{path}: CRC32 check failed: the checkpoint is corrupt")
     chunks: dict[str, list[tuple[int, int]]] = {}
@@ -381,6 +368,8 @@ def read_ckpt(path: str | Path) -> tuple[Tensors, dict]:
             raise
         raise CheckpointError(f"{path}: not a readable MindSpore checkpoint (truncated, "
                               f"encrypted or not a .ckpt): {err}") from None
+    finally:
+        data.close()
     for tag, parts in chunks.items():
         stored, needed = sum(b - a for a, b in parts), _nbytes(shapes[tag], dtypes[tag])
         if stored != needed:
@@ -388,7 +377,15 @@ def read_ckpt(path: str | Path) -> tuple[Tensors, dict]:
                                   f"{shapes[tag]} needs {needed} (truncated or corrupt)")
 
     def read(name: str) -> np.ndarray:
-        buffer = bytearray(b"".join(data[a:b] for a, b in chunks[name]))
+        # One buffer per tensor, filled in place from the file (no intermediate copies).
+        buffer = bytearray(_nbytes(shapes[name], dtypes[name]))
+        view, filled = memoryview(buffer), 0
+        with open(path, "rb") as handle:
+            for a, b in chunks[name]:
+                handle.seek(a)
+                if handle.readinto(view[filled:filled + b - a]) != b - a:
+                    raise CheckpointError(f"{path}: truncated while reading {name}")
+                filled += b - a
         return _frombuffer(buffer, dtypes[name], shapes[name])
 
     return Tensors(shapes, dtypes, read), strings

@@ -123,14 +123,15 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], directory: str | Path,
     return written + [directory / SAFETENSORS_INDEX]
 
 
-def _weight_files(path: Path) -> list[Path]:
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a file, a single-file directory or a sharded directory."""
     if path.is_file():
         return [path]
     if (path / SAFETENSORS_INDEX).is_file():
         try:
             index = json.loads((path / SAFETENSORS_INDEX).read_text())
             shards = sorted(set(index["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as err:
+        except (ValueError, KeyError, AttributeError, TypeError) as err:
             raise CheckpointError(f"{path / SAFETENSORS_INDEX}: not a valid index: {err}") from None
         missing = [s for s in shards if not (path / s).is_file()]
         if missing:
@@ -146,7 +147,7 @@ def read_safetensors_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     from safetensors import SafetensorError, safe_open
 
     shapes = {}
-    for file in _weight_files(Path(path)):
+    for file in weight_files(Path(path)):
         try:
             with safe_open(file, framework="numpy") as handle:
                 for name in handle.keys():
@@ -161,7 +162,7 @@ def load_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     from safetensors import SafetensorError, safe_open
 
     tensors = {}
-    for file in _weight_files(Path(path)):
+    for file in weight_files(Path(path)):
         try:
             with safe_open(file, framework="numpy") as handle:
                 for name in handle.keys():

@@ -6,8 +6,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import taichu
-from taichu.weights import (CheckpointError, from_mindspore_name, load_safetensors,
-                            save_safetensors, to_mindspore_name)
+from taichu.weights import CheckpointError, from_mindspore_name, load_safetensors, to_mindspore_name
 
 
 @pytest.fixture

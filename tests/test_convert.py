@@ -361,6 +361,7 @@ def test_trained_model_continues_the_same_in_hugging_face(tmp_path, tiny_tokeniz
         f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=60", "train.warmup_steps=5",
         "train.batch_size=16", "train.learning_rate=5e-3", "train.eval_interval=1000",
         "train.eval_batches=1", "model.activation=gelu_new"])
+    torch.manual_seed(0)
     init = taichu.save_model(taichu.build_model(config, "torch"), tmp_path / "init", tokenizer=tiny_tokenizer)
     result = run_training(config, "torch", tmp_path / "run", init_dir=init, progress=False)
     done = subprocess.run([sys.executable, "-m", "taichu", "convert", str(result.final_dir), str(tmp_path / "hf"),

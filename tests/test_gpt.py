@@ -113,8 +113,6 @@ def test_parameter_count_from_config_equals_built_models(name):
         arrays = taichu.state_dict(taichu.build_model(config, backend))
         assert {k: v.shape for k, v in arrays.items()} == {k: s.shape for k, s in specs.items()}
         assert sum(a.size for a in arrays.values()) == num_parameters(config)
-    import torch
-
     torch_model = taichu.build_model(config, "torch")
     # Tied output projection: no parameter is counted twice or left out.
     assert sum(p.numel() for p in torch_model.parameters()) == num_parameters(config)

@@ -1,5 +1,4 @@
 """Training: both backends take the same steps; resume is exact; checkpoints are safe."""
-import json
 import math
 import os
 import shutil
@@ -7,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,7 +188,7 @@ def test_plot_and_print_launch(tmp_path, init_dir):
     config = taichu.load_config(TINY, short_run(tmp_path, "train.max_steps=3", "train.eval_interval=2"))
     run_training(config, "torch", tmp_path / "a", init_dir=init_dir, progress=False)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    out = subprocess.run([sys.executable, "-m", "taichu", "plot", str(tmp_path / "a"), str(tmp_path / "b"),
+    subprocess.run([sys.executable, "-m", "taichu", "plot", str(tmp_path / "a"), str(tmp_path / "b"),
                           "--out", str(tmp_path / "loss.png")], capture_output=True, text=True, check=True)
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for backend, launcher in (("mindspore", "msrun --worker_num=4 --local_worker_num=4"),
