@@ -130,7 +130,9 @@ class GPT(nn.Cell):
             past = None if past_key_values is None else past_key_values[i]
             x, present = self.layers[i](x, attention_bias, past)
             presents = presents + (present,)
-        logits = ops.matmul(self.ln_f(x), self.embed_tokens.embedding_table.T)
+        hidden = self.ln_f(x)
+        # Mixed precision keeps LayerNorm in fp32 while the table may be fp16/bf16.
+        logits = ops.matmul(hidden, self.embed_tokens.embedding_table.T.astype(hidden.dtype))
         if use_cache:
             return logits, presents
         return logits

@@ -85,6 +85,9 @@ class Trainer:
             [{"params": decay, "weight_decay": train.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
             lr=train.learning_rate, betas=(train.beta1, train.beta2), eps=train.eps)
+        if train.precision == "bf16" and ms.get_context("device_target") == "CPU":
+            raise ValueError("train.precision bf16: MindSpore's CPU kernels have no bfloat16 Gather "
+                             "(the embedding lookup); use fp32 or fp16 on CPU, bf16 on Ascend")
         self.compute_dtype = PRECISIONS[train.precision]
         if self.compute_dtype is not None:
             ms.amp.auto_mixed_precision(self.model, "O2", dtype=self.compute_dtype)

@@ -198,3 +198,25 @@ def test_plot_and_print_launch(tmp_path, init_dir):
                                  capture_output=True, text=True, check=True).stdout
         assert printed.startswith(launcher) and "--set=parallel.data_parallel=4" in printed
         assert "--set=train.batch_size=16" in printed and "--out runs/x" in printed
+
+
+@pytest.mark.parametrize("backend, precision", [("torch", "bf16"), ("torch", "fp16"), ("mindspore", "fp16")])
+def test_mixed_precision_steps_learn(tiny_config, backend, precision):
+    from taichu.train import decay_names
+
+    config = taichu.load_config(TINY, ["train.batch_size=8", f"train.precision={precision}"])
+    trainer = __import__(f"{backend}_impl.train", fromlist=["Trainer"]).Trainer(
+        taichu.build_model(config, backend), config, decay_names(config), 0, 1)
+    batch = np.random.default_rng(0).integers(0, 4096, (8, 65))
+    losses = [trainer.train_step([batch], 1e-3)[0] for _ in range(4)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.2
+    assert math.isfinite(trainer.eval_loss(batch))
+
+
+def test_bf16_on_mindspore_cpu_is_a_clear_error(tiny_config):
+    from mindspore_impl.train import Trainer
+    from taichu.train import decay_names
+
+    config = taichu.load_config(TINY, ["train.precision=bf16"])
+    with pytest.raises(ValueError, match="no bfloat16 Gather"):
+        Trainer(taichu.build_model(config, "mindspore"), config, decay_names(config), 0, 1)
