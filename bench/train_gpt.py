@@ -6,12 +6,13 @@ Ours run through the real Trainer classes; Hugging Face's GPT2LMHeadModel (built
 the same architecture) runs in an equivalent torch loop. Reported: tokens/s, the ratio to
 Hugging Face, and achieved FLOP/s as a fraction of this machine's measured fp32 matmul peak.
 
-Each framework runs in its own subprocess (clean thread pools and memory). torch_impl and
-Hugging Face alternate step by step in one process, so background load hits both alike.
-Numbers are compared within one run; nothing here is a test.
+Each framework runs in its own worker process, one after another (clean thread pools;
+a MindSpore graph-mode worker alone holds ~11 GB at gpt-small). torch_impl and Hugging
+Face share one worker and alternate step by step, so load from other processes hits both
+alike. Ratios within one run are the result; nothing here is a test.
 
-    .venv/bin/python bench/train_gpt.py                 # table to stdout and docs/benchmarks.md
-    .venv/bin/python bench/train_gpt.py --breakdown     # + forward/backward/optimizer, top ops
+    .venv/bin/python bench/train_gpt.py                # table to stdout and docs/benchmarks.md
+    .venv/bin/python bench/train_gpt.py --breakdown    # + forward / backward / optimizer, top ops
 """
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ DOC = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Training step (bench/train_gpt.py)"
 BEGIN, END = "<!-- train_gpt:begin -->", "<!-- train_gpt:end -->"
 CORES = os.cpu_count() or 1
+WORKERS = ("torch", "mindspore", "pynative", "parts")
+RSS_LABELS = {"torch": "torch (torch_impl and Hugging Face together)",
+              "mindspore": "mindspore_impl graph", "pynative": "mindspore_impl pynative",
+              "parts": "MindSpore forward + gradient graphs (breakdown)"}
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -86,28 +91,31 @@ def matmul_peak(matmul, make, sizes=(2048, 3072, 4096), repeats=3) -> float:
     return best
 
 
-def timed_steps(steps: dict, warmup: int, count: int) -> dict:
-    """Run each step function warmup + count times, interleaved; per-step seconds."""
-    result = {name: {"first": None, "times": [], "losses": []} for name in steps}
-    for i in range(warmup + count):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            loss = step()
-            elapsed = time.perf_counter() - start
-            entry = result[name]
-            entry["losses"].append(loss)
-            if i == 0:
-                entry["first"] = elapsed
-            if i >= warmup:
-                entry["times"].append(elapsed)
-            print(f"  {name:22s} step {i:2d} {elapsed:7.2f} s  loss {loss:.4f}", file=sys.stderr,
-                  flush=True)
-    return result
+def cpu_ticks() -> tuple[int, int]:
+    """(busy ticks of the whole machine, ticks of this process) from /proc."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    idle = int(fields[3]) + int(fields[4])  # idle + iowait
+    own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[:8]) - idle, int(own[11]) + int(own[12])
+
+
+def others_share(before, after, seconds: float) -> float:
+    """Share of all cores that other processes used between two cpu_ticks() reads."""
+    ticks = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, ticks / (seconds * CORES * os.sysconf("SC_CLK_TCK")))
+
+
+def top_ops(rows, count=10):
+    """[(name, ms per step, share)] of the most expensive op types."""
+    total = sum(ms for _, ms in rows)
+    rows = sorted(rows, key=lambda row: -row[1])[:count]
+    return [(name, ms, ms / total) for name, ms in rows]
 
 
 # ---------------------------------------------------------------- torch worker
 
-def torch_worker(args) -> dict:
+def torch_worker(args):
+    """(info, {name: step function}, finish function) for torch_impl and Hugging Face."""
     import torch
     import transformers
     from torch.nn import functional as F
@@ -117,10 +125,9 @@ def torch_worker(args) -> dict:
     from torch_impl.train import Trainer
 
     torch.set_num_threads(CORES)
-    out = {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
-           "threads": torch.get_num_threads()}
-    out["peak_torch"] = matmul_peak(torch.mm, lambda n: torch.randn(n, n))
-
+    info = {"torch_version": torch.__version__, "transformers_version": transformers.__version__,
+            "threads": torch.get_num_threads(),
+            "peak_torch": matmul_peak(torch.mm, lambda n: torch.randn(n, n))}
     config = load_config(args)
     m, train = config.model, config.train
     block = token_batch(config, args)
@@ -129,23 +136,25 @@ def torch_worker(args) -> dict:
     torch.manual_seed(0)
     ours = Trainer(taichu.build_model(config, "torch"), config, decay_names(config), 0, 1)
 
-    # Hugging Face GPT-2 with our shape; "gelu" in HF is the exact erf GELU, like ours.
+    # Hugging Face GPT-2 with our shape; HF's "gelu" is the exact erf GELU, like ours.
     hf_config = transformers.GPT2Config(
         vocab_size=m.vocab_size, n_positions=m.max_position_embeddings, n_embd=m.hidden_size,
         n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.ffn_size,
-        activation_function={"gelu": "gelu", "gelu_new": "gelu_new", "relu": "relu"}[m.activation],
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=m.layer_norm_eps,
-        use_cache=False)
+        activation_function=m.activation, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        layer_norm_epsilon=m.layer_norm_eps, use_cache=False,
+        bos_token_id=config.tokenizer.special_tokens.bos_id,
+        eos_token_id=config.tokenizer.special_tokens.eos_id)
     hf = transformers.GPT2LMHeadModel(hf_config).train()
-    out["hf_attention"] = hf.config._attn_implementation
-    # Same grouping as ours: decay on matrices (HF Conv1D/Linear weights), not on
-    # biases, norms or embeddings; same betas, eps and clipping.
-    decay = [p for n, p in hf.named_parameters() if p.dim() == 2 and "wte" not in n and "wpe" not in n]
-    no_decay = [p for n, p in hf.named_parameters() if not (p.dim() == 2 and "wte" not in n
-                                                              and "wpe" not in n)]
-    hf_opt = torch.optim.AdamW([{"params": decay, "weight_decay": train.weight_decay},
-                                {"params": no_decay, "weight_decay": 0.0}],
-                               lr=lr, betas=(train.beta1, train.beta2), eps=train.eps)
+    info["hf_attention"] = hf.config._attn_implementation
+    # Our grouping: decay on matrices (HF Conv1D weights), not biases, norms, embeddings.
+    is_decay = {n: p.dim() == 2 and not n.startswith("transformer.wte")
+                and not n.startswith("transformer.wpe") for n, p in hf.named_parameters()}
+    hf_opt = torch.optim.AdamW(
+        [{"params": [p for n, p in hf.named_parameters() if is_decay[n]],
+          "weight_decay": train.weight_decay},
+         {"params": [p for n, p in hf.named_parameters() if not is_decay[n]],
+          "weight_decay": 0.0}],
+        lr=lr, betas=(train.beta1, train.beta2), eps=train.eps)
     tokens = torch.from_numpy(block)
 
     def hf_loss():
@@ -158,12 +167,16 @@ def torch_worker(args) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), train.max_grad_norm or float("inf"))
         hf_opt.step()
-        return float(loss)
+        return float(loss.detach())
 
-    steps = {"torch_impl": lambda: ours.train_step([block], lr)[0], "huggingface": hf_step}
-    out["runs"] = timed_steps(steps, args.warmup_steps, args.steps)
+    def finish():
+        # The peak again, after the steps: the better of two reads is less disturbed by
+        # other processes on the machine.
+        out = {"peak_torch": max(info["peak_torch"],
+                                 matmul_peak(torch.mm, lambda n: torch.randn(n, n)))}
+        if not args.breakdown:
+            return out
 
-    if args.breakdown:
         def ours_backward():
             ours.optimizer.zero_grad(set_to_none=True)
             ours._loss(ours.module, block).backward()
@@ -176,30 +189,32 @@ def torch_worker(args) -> dict:
             with torch.no_grad():
                 hf_loss()
 
-        reps = 2
+        def clip_step(model, optimizer):
+            # After a backward the gradients stay in place: clip and step repeatedly.
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train.max_grad_norm or float("inf"))
+            optimizer.step()
+
         out["parts"] = {
-            "torch_impl": {"forward": best_time(lambda: ours.eval_loss(block), reps),
-                           "forward+backward": best_time(ours_backward, reps)},
-            "huggingface": {"forward": best_time(hf_forward, reps),
-                            "forward+backward": best_time(hf_backward, reps)},
-        }
+            "torch_impl": {"forward": best_time(lambda: ours.eval_loss(block), 2),
+                           "forward+backward": best_time(ours_backward, 2),
+                           "clip+AdamW": best_time(lambda: clip_step(ours.model, ours.optimizer), 2)},
+            "huggingface": {"forward": best_time(hf_forward, 2),
+                            "forward+backward": best_time(hf_backward, 2),
+                            "clip+AdamW": best_time(lambda: clip_step(hf, hf_opt), 2)}}
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             ours.train_step([block], lr)
-        rows = [(e.key, e.self_cpu_time_total / 1e3) for e in prof.key_averages()]
-        out["top_ops"] = {"torch_impl": top_ops(rows)}
-    return out
+        out["top_ops"] = {"torch_impl": top_ops(
+            [(e.key, e.self_cpu_time_total / 1e3) for e in prof.key_averages()])}
+        return out
 
-
-def top_ops(rows, count=10):
-    """[(name, ms per step, share)] of the most expensive op types."""
-    total = sum(ms for _, ms in rows)
-    rows = sorted(rows, key=lambda row: -row[1])[:count]
-    return [(name, ms, ms / total) for name, ms in rows]
+    steps = {"torch_impl": lambda: ours.train_step([block], lr)[0], "huggingface": hf_step}
+    return info, steps, finish
 
 
 # ---------------------------------------------------------------- MindSpore worker
 
-def mindspore_worker(args, graph_mode: bool) -> dict:
+def mindspore_worker(args, mode: str):
+    """mode "graph" | "pynative": (info, {name: step}, finish); "parts": info only."""
     import mindspore as ms
 
     ms.set_device("CPU")
@@ -209,47 +224,65 @@ def mindspore_worker(args, graph_mode: bool) -> dict:
     from taichu.train import decay_names
     from mindspore_impl.train import Trainer
 
-    out = {"mindspore_version": ms.__version__, "threads": CORES}
-    if graph_mode:
+    info = {"mindspore_version": ms.__version__, "threads": CORES}
+    if mode == "graph":
         @ms.jit
         def matmul(a, b):
             return ms.ops.matmul(a, b)
 
-        out["peak_mindspore"] = matmul_peak(
+        info["peak_mindspore"] = matmul_peak(
             lambda a, b: matmul(a, b).asnumpy(),
             lambda n: ms.Tensor(np.random.default_rng(n).standard_normal((n, n), np.float32)),
             sizes=(2048, 3072))
 
-    config = load_config(args, f"train.graph_mode={str(graph_mode).lower()}")
+    config = load_config(args, f"train.graph_mode={str(mode != 'pynative').lower()}")
     block = token_batch(config, args)
     lr = config.train.learning_rate
     ms.set_seed(0)
     trainer = Trainer(taichu.build_model(config, "mindspore"), config, decay_names(config), 0, 1)
-    name = "mindspore_impl graph" if graph_mode else "mindspore_impl pynative"
-    warmup, count = ((args.warmup_steps, args.steps) if graph_mode
-                     else (1, args.pynative_steps))
-    out["runs"] = timed_steps({name: lambda: trainer.train_step([block], lr)[0]}, max(1, warmup),
-                              count)
+    name = "mindspore_impl pynative" if mode == "pynative" else "mindspore_impl graph"
 
-    if args.breakdown and graph_mode:
+    if mode == "parts":
+        # Every compiled graph keeps its own memory (see the RSS notes): these two graphs
+        # get a process of their own.
         batch = ms.Tensor(block.astype(np.int32))
         scale = ms.Tensor(1.0, ms.float32)
 
+        grads = []
+
         def forward_backward():
-            # The Trainer's own compiled gradient graph (the grad-accumulation path).
-            loss, grads = trainer._forward_backward(batch[:, :-1], batch[:, 1:], scale)
+            # The Trainer's own compiled graphs of its grad-accumulation path.
+            loss, grads[:] = trainer._forward_backward(batch[:, :-1], batch[:, 1:], scale)
             return float(loss)
 
+        def clip_step():
+            return float(trainer._apply(ms.mutable(tuple(grads)), scale, max_norm, lr_tensor))
+
+        max_norm = ms.Tensor(config.train.max_grad_norm or float("inf"), ms.float32)
+        lr_tensor = ms.Tensor(lr, ms.float32)
         parts = {}
         for part, fn in (("forward", lambda: trainer.eval_loss(block)),
-                         ("forward+backward", forward_backward)):
+                         ("forward+backward", forward_backward), ("clip+AdamW", clip_step)):
             start = time.perf_counter()
             fn()
             parts[f"{part} compile"] = time.perf_counter() - start
             parts[part] = best_time(fn, 2)
-        out["parts"] = {name: parts}
-        out["top_ops"] = {name: mindspore_top_ops(trainer, block, lr)}
-    return out
+            parts[f"rss after {part}"] = peak_rss()
+        return {**info, "parts": {name: parts}}, {}, dict
+
+    def finish():
+        if args.breakdown and mode == "graph":
+            return {"top_ops": {name: mindspore_top_ops(trainer, block, lr)}}
+        return {}
+
+    return info, {name: lambda: trainer.train_step([block], lr)[0]}, finish
+
+
+def peak_rss() -> float:
+    """This process's peak resident memory in GB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def mindspore_top_ops(trainer, block, lr):
@@ -259,38 +292,68 @@ def mindspore_top_ops(trainer, block, lr):
     import mindspore as ms
     from mindspore.profiler import ProfilerActivity, tensorboard_trace_handler
 
+    rows = {}
     with tempfile.TemporaryDirectory() as folder:
         with ms.profiler.profile(activities=[ProfilerActivity.CPU],
                                  on_trace_ready=tensorboard_trace_handler(folder)) as prof:
             trainer.train_step([block], lr)
             prof.step()
-        rows = {}
         for path in Path(folder).rglob("cpu_op_detail_info_*.csv"):
             with open(path, newline="") as f:
                 for row in csv.DictReader(f):
-                    # Scope tells forward from backward ("Gradients/...") and exposes
-                    # ops that the 3-D x 2-D matmul expands into ("Expand/_MatMulExt/...").
-                    scope = "grad " if row["full_op_name"].startswith("Gradients/") else ""
-                    if "_MatMulExt" in row["full_op_name"]:
-                        scope += "matmul-3d "
-                    key = scope + row["op_type"]
+                    # The scope separates backward ("Gradients/...") and the ops a batched
+                    # 3-D x 2-D ops.matmul expands into ("Expand/_MatMulExt/...").
+                    scope = row["full_op_name"]
+                    key = (("grad " if scope.startswith("Gradients/") else "")
+                           + ("3-D matmul: " if "_MatMulExt" in scope else "") + row["op_type"])
                     rows[key] = rows.get(key, 0.0) + float(row["op_total_time(ms)"])
     return top_ops(list(rows.items()), count=12)
+
+
+def serve(args) -> None:
+    """Worker side: set up, warm up, time the steps, write one JSON line to stdout."""
+    # Libraries print to stdout; keep the real stdout for the result, the rest to stderr.
+    result = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    if args.worker == "torch":
+        info, steps, finish = torch_worker(args)
+    else:
+        info, steps, finish = mindspore_worker(args, {"mindspore": "graph"}.get(args.worker,
+                                                                                args.worker))
+    warmup = max(1, args.warmup_steps)
+    count = args.pynative_steps if args.worker == "pynative" else args.steps
+    runs = {name: {"times": [], "losses": [], "others": [], "threads": info["threads"]}
+            for name in steps}
+    for i in range(warmup + count):
+        # Several implementations in one worker alternate step by step: same load for each.
+        for name, step in steps.items():
+            ticks, start = cpu_ticks(), time.perf_counter()
+            loss = step()
+            elapsed = time.perf_counter() - start
+            others = others_share(ticks, cpu_ticks(), elapsed)
+            run = runs[name]
+            run["losses"].append(loss)
+            if i == 0:
+                run["first"] = elapsed  # includes MindSpore's graph compilation
+            if i >= warmup:
+                run["times"].append(elapsed)
+                run["others"].append(others)
+            print(f"  {name:24s} step {i:2d} {elapsed:6.2f} s  loss {loss:.4f}  other "
+                  f"processes {others:.0%} of the cores", file=sys.stderr, flush=True)
+    info.update(finish())
+    result.write(json.dumps({**info, "runs": runs, "rss": peak_rss()}) + "\n")
+    result.close()
 
 
 # ---------------------------------------------------------------- orchestration
 
 def run_worker(kind: str, args) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as result:
-        cmd = [sys.executable, __file__, "--worker", kind, "--result", result.name, *args.passthrough]
-        print(f"[{kind}]", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        # GLOG_v=3: MindSpore errors only; its warnings print whole tensors.
-        env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=sys.stderr, env=env)
-        out = json.loads(Path(result.name).read_text())
-        out["wall"] = time.perf_counter() - start
-        return out
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, *args.passthrough]
+    # GLOG_v=3: MindSpore errors only; some of its warnings print whole tensors.
+    env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
+    print(f"[{kind}]", file=sys.stderr, flush=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def numpy_peak() -> float:
@@ -299,96 +362,131 @@ def numpy_peak() -> float:
 
 
 def machine() -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines()
-                      if l.startswith("flags")), "")
-        simd = [f for f in ("avx512f", "avx2", "fma") if f" {f}" in flags]
-        model += f" ({', '.join(simd)})" if simd else ""
-    except OSError:
-        pass
-    return f"{CORES} cores, {model}, {platform.system()} {platform.machine()}"
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    lines = text.splitlines()
+    model = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")),
+                 platform.processor() or "unknown CPU")
+    flags = next((l for l in lines if l.startswith("flags")), "").split()
+    simd = [f for f in ("avx512f", "avx2", "fma") if f in flags]
+    mhz = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("cpu MHz")), None)
+    details = ", ".join(simd + ([f"{float(mhz):.0f} MHz"] if mhz else []))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{CORES} cores, {model} ({details}), {ram:.0f} GB RAM, "
+            f"{platform.system()} {platform.machine()}")
 
 
-def report(args, results: dict, extras: dict, wall: float) -> str:
+def wait_until_idle(limit: float, window: float = 5.0, threshold: float = 0.05) -> float:
+    """Wait (at most ``limit`` seconds) until other processes use < 5% of the cores."""
+    start = time.monotonic()
+    while time.monotonic() < start + limit:
+        before = cpu_ticks()
+        time.sleep(window)
+        share = others_share(before, cpu_ticks(), window)
+        if share < threshold:
+            break
+        print(f"  waiting: other processes use {share:.0%} of the cores", file=sys.stderr,
+              flush=True)
+    return time.monotonic() - start
+
+
+def run(args) -> tuple[dict, dict]:
+    """Run the workers one after another; (runs by implementation, everything else)."""
+    extras = {"numpy_peak": numpy_peak(), "rss": {}, "parts": {}, "top_ops": {}, "waited": 0.0}
+    kinds = (["torch", "mindspore"] + (["pynative"] if args.pynative_steps else [])
+             + (["parts"] if args.breakdown else []))
+    runs = {}
+    for kind in kinds:
+        extras["waited"] += wait_until_idle(args.wait_idle) if args.wait_idle else 0.0
+        out = run_worker(kind, args)
+        runs.update(out.pop("runs"))
+        extras["rss"][kind] = out.pop("rss")
+        for key in ("parts", "top_ops"):
+            extras[key].update(out.pop(key, {}))
+        extras.update({k: v for k, v in out.items() if k.endswith("version")
+                       or k.startswith("peak") or k == "hf_attention"})
+    return runs, extras
+
+
+def report(args, runs: dict, extras: dict, wall: float) -> str:
     config = load_config(args)
+    m = config.model
     tokens = args.batch_size * args.seq_len
     per_token, n = flops_per_token(config, args.seq_len)
-    torch_out = results["torch"]
-    peak = torch_out["peak_torch"]
-    rows, runs = [], {}
-    for kind, out in results.items():
-        for name, run in out["runs"].items():
-            runs[name] = (run, out["threads"])
-    hf_median = statistics.median(runs["huggingface"][0]["times"])
-    lines = ["| implementation | threads | first step (s) | median step (s) | step range (s) "
-             "| tokens/s | vs HF | GFLOP/s | MFU |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for name, (run, threads) in runs.items():
-        median = statistics.median(run["times"])
-        flops = tokens * per_token / median
-        lines.append(f"| {name} | {threads} | {run['first']:.1f} | {median:.2f} | "
-                     f"{min(run['times']):.2f}-{max(run['times']):.2f} | {tokens / median:.0f} | "
-                     f"{hf_median / median:.2f}x | {flops / 1e9:.1f} | {flops / 1e9 / peak:.0%} |")
-    ms_out = results.get("mindspore", {})
-    m = config.model
+    peak = extras["peak_torch"]
+    hf = runs["huggingface"]
+    lines = ["| implementation | threads | first step (s) | median step (s) | best step (s) "
+             "| tokens/s (median) | vs HF | GFLOP/s | MFU (median) | MFU (best) | other load |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, run in runs.items():
+        median, best = statistics.median(run["times"]), min(run["times"])
+        flops = tokens * per_token / median / 1e9
+        lines.append(
+            f"| {name} | {run['threads']} | {run['first']:.1f} | {median:.2f} | {best:.2f} | "
+            f"{tokens / median:.0f} | {statistics.median(hf['times']) / median:.2f}x | "
+            f"{flops:.1f} | {flops / peak:.0%} | {tokens * per_token / best / 1e9 / peak:.0%} | "
+            f"{statistics.median(run['others']):.0%} |")
     notes = [
         f"- Shape: `{args.config}` (hidden {m.hidden_size}, {m.num_layers} layers, "
         f"{m.num_heads} heads, vocab {m.vocab_size}, activation {m.activation}), dropout 0, "
         f"batch {args.batch_size} x seq_len {args.seq_len} = {tokens} tokens/step, fp32, "
-        f"AdamW + clip {config.train.max_grad_norm}.",
-        f"- Steps: {args.warmup_steps} warm-up step(s) excluded (the first MindSpore graph step "
-        f"compiles), then {args.steps} timed ({args.pynative_steps} for PyNative); tokens/s = "
-        f"tokens per step / median step time. torch_impl and Hugging Face alternate step by step.",
+        f"AdamW + clip {config.train.max_grad_norm}; the same token batch every step.",
+        f"- Steps: {args.warmup_steps} warm-up step(s) per implementation excluded (\"first "
+        f"step\" includes MindSpore's graph compilation), then {args.steps} timed steps "
+        f"({args.pynative_steps} for PyNative). tokens/s = tokens per step / median step "
+        "time; vs HF = HF median / median. torch_impl and Hugging Face alternate step by step "
+        "in one process; the MindSpore workers run after it, one at a time.",
         f"- FLOPs/token = 6 N + 12 L H T = 6 x {n:,} + 12 x {m.num_layers} x {m.hidden_size} x "
-        f"{args.seq_len} = {per_token / 1e6:.1f} MFLOP (N = parameters without the position "
-        "table; the tied output projection counted once, as a matmul).",
-        f"- Matmul peak (fp32, best square GEMM 2048-4096): torch {peak:.1f} GFLOP/s (MFU "
-        f"denominator), numpy {extras['numpy_peak']:.1f}"
-        + (f", MindSpore {ms_out['peak_mindspore']:.1f}" if "peak_mindspore" in ms_out else "")
+        f"{args.seq_len} = {per_token / 1e6:.1f} MFLOP. N = all parameters except the position "
+        "table (the tied token table counted once, as the output projection's vocab x hidden "
+        "matmul; the embedding lookup costs no FLOPs).",
+        f"- MFU = achieved FLOP/s / measured fp32 matmul peak: torch {peak:.1f} GFLOP/s (best "
+        f"square GEMM 2048-4096, before and after the steps); for context numpy "
+        f"{extras['numpy_peak']:.1f}"
+        + (f", MindSpore {extras['peak_mindspore']:.1f}" if "peak_mindspore" in extras else "")
         + " GFLOP/s.",
-        f"- Threads: torch.set_num_threads({CORES}); MindSpore "
-        f"`device_context.cpu.op_tuning.threads_num({CORES})` (default 25). Hugging Face "
-        f"attention: `{torch_out['hf_attention']}`.",
-        f"- Initial losses (same batch, independent inits): "
-        + ", ".join(f"{name} {run['losses'][0]:.3f}" for name, (run, _) in runs.items())
-        + f". 1-minute load average before/after: {extras['load_before']:.2f} / "
-        f"{extras['load_after']:.2f} (other processes share the cores).",
+        f"- Threads: `torch.set_num_threads({CORES})`; MindSpore "
+        f"`mindspore.device_context.cpu.op_tuning.threads_num({CORES})` (its default is 25). "
+        f"Hugging Face attention implementation: `{extras['hf_attention']}`.",
+        "- First-step losses (same batch, independent random inits): "
+        + ", ".join(f"{name} {run['losses'][0]:.3f}" for name, run in runs.items()) + ".",
+        "- Peak resident memory per worker process: "
+        + ", ".join(f"{RSS_LABELS[kind]} {gb:.1f} GB" for kind, gb in extras["rss"].items()) + ".",
+        "- Other load: median share of the cores used by other processes during the timed "
+        "steps (/proc/stat minus the worker's own ticks). On a shared machine the best step "
+        "is the least disturbed estimate; rows with other load above ~5% are not comparable.",
     ]
-    parts = {}
-    for out in results.values():
-        parts.update(out.get("parts", {}))
     breakdown = []
-    if parts:
-        breakdown += ["", "Breakdown (best of 2, seconds; optimizer = median step - forward+backward):", "",
-                      "| implementation | forward (eval_loss) | forward+backward | clip+AdamW+rest | compile fwd / fwd+bwd |",
-                      "| --- | ---: | ---: | ---: | ---: |"]
-        for name, part in parts.items():
-            rest = statistics.median(runs[name][0]["times"]) - part["forward+backward"]
-            compile_ = (f"{part['forward compile']:.1f} / {part['forward+backward compile']:.1f}"
+    if extras.get("parts"):
+        pieces = ("forward", "forward+backward", "clip+AdamW")
+        breakdown += ["", "Breakdown (seconds, best of 2 calls after a warm one; forward = "
+                      "`eval_loss`; MindSpore: the Trainer's compiled graphs of its "
+                      "grad-accumulation path, each compiled in a fresh process):", "",
+                      "| implementation | forward | forward+backward | clip+AdamW | best full step "
+                      "| compile: forward / forward+backward / clip+AdamW |",
+                      "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, part in extras["parts"].items():
+            compiled = (" / ".join(f"{part[f'{p} compile']:.1f}" for p in pieces)
                         if "forward compile" in part else "-")
-            breakdown.append(f"| {name} | {part['forward']:.2f} | {part['forward+backward']:.2f} "
-                             f"| {rest:.2f} | {compile_} |")
-        for out in results.values():
-            for name, ops in out.get("top_ops", {}).items():
-                breakdown += ["", f"Top ops of one {name} step (self time):", "",
-                              "| op | ms | share |", "| --- | ---: | ---: |"]
-                breakdown += [f"| {op} | {ms:.0f} | {share:.0%} |" for op, ms, share in ops]
-    versions = (f"torch {torch_out['torch_version']}, mindspore {ms_out.get('mindspore_version', '-')}, "
-                f"transformers {torch_out['transformers_version']}, numpy {np.__version__}, "
+            breakdown.append(f"| {name} | " + " | ".join(f"{part[p]:.2f}" for p in pieces)
+                             + f" | {min(runs[name]['times']):.2f} | {compiled} |")
+        for name, ops in extras.get("top_ops", {}).items():
+            breakdown += ["", f"Top op types of one {name} step (profiler self time):", "",
+                          "| op | ms | share |", "| --- | ---: | ---: |"]
+            breakdown += [f"| {op} | {ms:.0f} | {share:.0%} |" for op, ms, share in ops]
+    versions = (f"torch {extras['torch_version']}, mindspore {extras.get('mindspore_version', '-')}, "
+                f"transformers {extras['transformers_version']}, numpy {np.__version__}, "
                 f"Python {platform.python_version()}")
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/train_gpt.py",
                                                 *args.passthrough])
-    header = [f"{datetime.date.today().isoformat()}, {machine()}; {versions}.",
-              f"Command: `{command}` (total {wall:.0f} s).", ""]
+    header = [f"{datetime.date.today().isoformat()}; {machine()}; {versions}.", "",
+              f"Command: `{command}` ({wall - extras['waited']:.0f} s"
+              + (f", plus {extras['waited']:.0f} s waiting for idle cores" if extras["waited"] else "")
+              + ").", ""]
     return "\n".join(header + lines + [""] + notes + breakdown)
 
 
 def write_doc(text: str) -> None:
+    """Replace this benchmark's block in docs/benchmarks.md, keeping everything else."""
     block = f"{BEGIN}\n{text}\n{END}"
     doc = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
     if BEGIN in doc and END in doc:
@@ -404,7 +502,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/gpt/gpt-small.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override (repeatable); dropout is forced to 0")
+                        help="config override (repeatable); dropout is always 0")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
@@ -413,26 +511,21 @@ def main(argv=None) -> None:
                         help="timed MindSpore PyNative steps (0 skips PyNative)")
     parser.add_argument("--breakdown", action="store_true",
                         help="also time forward / forward+backward and list the top ops")
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help="before each worker, wait up to this long for other processes "
+                             "to leave the cores idle")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
-    parser.add_argument("--worker", choices=["torch", "mindspore", "pynative"], help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     os.chdir(ROOT)
     if args.worker:
-        out = (torch_worker(args) if args.worker == "torch"
-               else mindspore_worker(args, graph_mode=args.worker == "mindspore"))
-        Path(args.result).write_text(json.dumps(out))
+        serve(args)
         return
-
-    args.passthrough = [a for a in (argv if argv is not None else sys.argv[1:])
-                        if a not in ("--no-doc",)]
+    args.passthrough = [a for a in argv if a != "--no-doc"]
     start = time.perf_counter()
-    extras = {"load_before": os.getloadavg()[0], "numpy_peak": numpy_peak()}
-    results = {"torch": run_worker("torch", args), "mindspore": run_worker("mindspore", args)}
-    if args.pynative_steps:
-        results["pynative"] = run_worker("pynative", args)
-    extras["load_after"] = os.getloadavg()[0]
-    text = report(args, results, extras, time.perf_counter() - start)
+    runs, extras = run(args)
+    text = report(args, runs, extras, time.perf_counter() - start)
     print(text)
     if not args.no_doc:
         write_doc(text)
