@@ -37,6 +37,8 @@ def distributed_init(config) -> tuple[int, int]:
         raise SystemExit(0)
     world = int(os.environ.get("MS_WORKER_NUM", "1")) if _launched_by_msrun() else 1
     device_target = ms.get_context("device_target")
+    if device_target == "CPU":
+        _set_cpu_threads(max(1, (os.cpu_count() or 1) // world))
     validate_parallel(config.parallel, config.model, world, "mindspore", device_target)
     validate_batch(config.parallel, config.train.batch_size, config.train.grad_accum_steps)
     if world == 1:
@@ -48,6 +50,15 @@ def distributed_init(config) -> tuple[int, int]:
     init()
     configure_auto_parallel(config.parallel, device_target)
     return get_rank(), get_group_size()
+
+
+def _set_cpu_threads(count: int) -> None:
+    """One share of the cores per local worker: MindSpore's default of 25 op threads
+    oversubscribes small machines (gpt-small on 2 cores: 213 -> 291 tokens/s when set)."""
+    try:
+        ms.device_context.cpu.op_tuning.threads_num(count)
+    except RuntimeError:
+        pass  # set once per process already (MindSpore refuses a second setting)
 
 
 def distributed_barrier(world: int) -> None:
