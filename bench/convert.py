@@ -28,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from benchdoc import DOC, machine, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: taichu is the checkout's
-DOC = ROOT / "docs" / "benchmarks.md"
+NAME = "convert"
 SECTION = "## Converting a large checkpoint (bench/convert.py)"
-BEGIN, END = "<!-- convert:begin -->", "<!-- convert:end -->"
 BASE_CONFIG = ROOT / "configs" / "gpt" / "taichu-text-3b2.yaml"
 MB = 1e6
 
@@ -232,13 +233,6 @@ def run(args) -> tuple[dict, dict, list]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def machine() -> str:
-    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
-    cpu = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")),
-               platform.processor() or "unknown CPU")
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores, {cpu}, {ram:.0f} GB RAM, {platform.system()} {platform.machine()}"
-
 
 def report(args, model: dict, rows: dict, checks: list, wall: float) -> str:
     m, base = model["config"].model, rows["baseline"]["peak"]
@@ -307,18 +301,6 @@ def interpretation(model: dict, rows: dict, shard_mb: int) -> list[str]:
     return [text]
 
 
-def write_doc(text: str) -> None:
-    """Replace this benchmark's block in docs/benchmarks.md (read fresh), keeping everything else."""
-    block = f"{BEGIN}\n{text}\n{END}"
-    doc = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + block + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(doc, encoding="utf-8")
-
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -345,7 +327,7 @@ def main(argv=None) -> None:
     text = report(args, model, rows, checks, time.perf_counter() - start)
     print(text)
     if not args.no_doc:
-        write_doc(text)
+        write_section(NAME, SECTION, text)
         print(f"\nwrote {DOC.relative_to(ROOT)}", file=sys.stderr)
 
 

@@ -31,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from benchdoc import DOC, machine, write_section
+
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks.md"
+NAME = "train_gpt"
 SECTION = "## Training step (bench/train_gpt.py)"
-BEGIN, END = "<!-- train_gpt:begin -->", "<!-- train_gpt:end -->"
 CORES = os.cpu_count() or 1
 WORKERS = ("torch", "mindspore", "pynative", "parts")
 RSS_LABELS = {"torch": "torch (torch_impl and Hugging Face together)",
@@ -361,19 +362,6 @@ def numpy_peak() -> float:
         (n, n), np.float32), sizes=(2048, 3072))
 
 
-def machine() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    lines = text.splitlines()
-    model = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")),
-                 platform.processor() or "unknown CPU")
-    flags = next((l for l in lines if l.startswith("flags")), "").split()
-    simd = [f for f in ("avx512f", "avx2", "fma") if f in flags]
-    mhz = next((l.split(":", 1)[1].strip() for l in lines if l.startswith("cpu MHz")), None)
-    details = ", ".join(simd + ([f"{float(mhz):.0f} MHz"] if mhz else []))
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{CORES} cores, {model} ({details}), {ram:.0f} GB RAM, "
-            f"{platform.system()} {platform.machine()}")
-
 
 def wait_until_idle(limit: float, window: float = 5.0, threshold: float = 0.05) -> float:
     """Wait (at most ``limit`` seconds) until other processes use < 5% of the cores."""
@@ -485,18 +473,6 @@ def report(args, runs: dict, extras: dict, wall: float) -> str:
     return "\n".join(header + lines + [""] + notes + breakdown)
 
 
-def write_doc(text: str) -> None:
-    """Replace this benchmark's block in docs/benchmarks.md, keeping everything else."""
-    block = f"{BEGIN}\n{text}\n{END}"
-    doc = DOC.read_text(encoding="utf-8") if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        doc = head + block + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + f"\n\n{SECTION}\n\n{block}\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(doc, encoding="utf-8")
-
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -528,7 +504,7 @@ def main(argv=None) -> None:
     text = report(args, runs, extras, time.perf_counter() - start)
     print(text)
     if not args.no_doc:
-        write_doc(text)
+        write_section(NAME, SECTION, text)
         print(f"\nwrote {DOC.relative_to(ROOT)}", file=sys.stderr)
 
 
