@@ -407,16 +407,19 @@ def _len_field(field: int, length: int) -> bytes:
     return _encode_varint(field << 3 | 2) + _encode_varint(length)
 
 
-def write_ckpt(tensors: Tensors, path: str | Path) -> None:
-    """A .ckpt that mindspore.load_checkpoint reads, written one tensor at a time."""
+def write_ckpt(tensors: Tensors, path: str | Path, slice_bytes: int = _CKPT_SLICE_BYTES) -> None:
+    """A .ckpt that mindspore.load_checkpoint reads, written one tensor at a time.
+
+    Like MindSpore, a tensor larger than ``slice_bytes`` is written as several entries with
+    the same tag (protobuf messages are limited to 2 GB)."""
     def write(handle) -> None:
         for name in tensors.shapes:
             array = _checked_bytes(tensors, name)
             tag = name.encode()
             dims = b"".join(b"\x08" + _encode_varint(d) for d in tensors.shapes[name])
             type_name = _DTYPE_TABLE[tensors.dtypes[name]][1].encode()
-            for start in range(0, max(len(array), 1), _CKPT_SLICE_BYTES):
-                content = array[start:start + _CKPT_SLICE_BYTES]
+            for start in range(0, max(len(array), 1), slice_bytes):
+                content = array[start:start + slice_bytes]
                 proto_head = dims + _len_field(2, len(type_name)) + type_name + _len_field(3, len(content))
                 proto_len = len(proto_head) + len(content)
                 value_head = _len_field(1, len(tag)) + tag + _len_field(2, proto_len)

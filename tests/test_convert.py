@@ -165,19 +165,18 @@ def test_unsupported_hf_features_are_refused(ours, tmp_path):
 
 # ----------------------------------------------------------------------------- MindSpore
 
-def test_ckpt_reader_and_writer_agree_with_mindspore(tmp_path, monkeypatch):
+def test_ckpt_reader_and_writer_agree_with_mindspore(tmp_path):
     import mindspore as ms
     from ml_dtypes import bfloat16
-
-    # Split tensors into several entries with one tag, as MindSpore does above 512 MiB.
-    monkeypatch.setattr(convert, "_CKPT_SLICE_BYTES", 16)
 
     rng = np.random.default_rng(0)
     arrays = {"a.weight": rng.standard_normal((3, 5)).astype(np.float32),
               "b.gamma": rng.standard_normal(7).astype(np.float16),
               "c.embedding_table": rng.standard_normal((4, 2)).astype(bfloat16),
               "d.scalar": np.array(2.5, np.float32)}
-    convert.write_ckpt(convert.Tensors.from_arrays(arrays), tmp_path / "ours.ckpt")
+    # 16-byte slices: tensors split into several entries with one tag, as MindSpore does
+    # above 512 MiB, so the real loader must join them.
+    convert.write_ckpt(convert.Tensors.from_arrays(arrays), tmp_path / "ours.ckpt", slice_bytes=16)
     loaded = ms.load_checkpoint(str(tmp_path / "ours.ckpt"))
     assert set(loaded) == set(arrays)
     for name, array in arrays.items():
