@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NAME = "train_gpt"
 SECTION = "## Training step (bench/train_gpt.py)"
 CORES = os.cpu_count() or 1
+WAIT_IDLE = [0.0, 0.0]  # --wait-idle limit per wait, seconds waited so far
 WORKERS = ("torch", "mindspore", "pynative", "parts")
 RSS_LABELS = {"torch": "torch (torch_impl and Hugging Face together)",
               "mindspore": "mindspore_impl graph", "pynative": "mindspore_impl pynative",
@@ -73,10 +74,17 @@ def flops_per_token(config, seq_len: int) -> tuple[float, int]:
     return 6.0 * n + 12.0 * m.num_layers * m.hidden_size * seq_len, n
 
 
+def settle() -> None:
+    """With --wait-idle: before anything timed, wait until the other processes are quiet."""
+    if WAIT_IDLE[0]:
+        WAIT_IDLE[1] += wait_until_idle(WAIT_IDLE[0], window=2.0)
+
+
 def best_time(fn, repeats: int) -> float:
     fn()  # warm: first call allocates / compiles
     times = []
     for _ in range(repeats):
+        settle()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -198,7 +206,8 @@ def torch_worker(args):
         out["parts"] = {
             "torch_impl": {"forward": best_time(lambda: ours.eval_loss(block), 2),
                            "forward+backward": best_time(ours_backward, 2),
-                           "clip+AdamW": best_time(lambda: clip_step(ours.model, ours.optimizer), 2)},
+                           "clip+AdamW": best_time(lambda: clip_step(ours.model, ours.optimizer),
+                                                   2)},
             "huggingface": {"forward": best_time(hf_forward, 2),
                             "forward+backward": best_time(hf_backward, 2),
                             "clip+AdamW": best_time(lambda: clip_step(hf, hf_opt), 2)}}
@@ -328,6 +337,7 @@ def serve(args) -> None:
     for i in range(warmup + count):
         # Several implementations in one worker alternate step by step: same load for each.
         for name, step in steps.items():
+            settle()
             ticks, start = cpu_ticks(), time.perf_counter()
             loss = step()
             elapsed = time.perf_counter() - start
@@ -342,7 +352,8 @@ def serve(args) -> None:
             print(f"  {name:24s} step {i:2d} {elapsed:6.2f} s  loss {loss:.4f}  other "
                   f"processes {others:.0%} of the cores", file=sys.stderr, flush=True)
     info.update(finish())
-    result.write(json.dumps({**info, "runs": runs, "rss": peak_rss()}) + "\n")
+    result.write(json.dumps({**info, "runs": runs, "rss": peak_rss(), "waited": WAIT_IDLE[1]})
+                 + "\n")
     result.close()
 
 
@@ -379,13 +390,14 @@ def wait_until_idle(limit: float, window: float = 5.0, threshold: float = 0.05) 
 
 def run(args) -> tuple[dict, dict]:
     """Run the workers one after another; (runs by implementation, everything else)."""
-    extras = {"numpy_peak": numpy_peak(), "rss": {}, "parts": {}, "top_ops": {}, "waited": 0.0}
+    extras = {"numpy_peak": numpy_peak(), "rss": {}, "parts": {}, "top_ops": {}}
+    extras["waited"] = WAIT_IDLE[1]
     kinds = (["torch", "mindspore"] + (["pynative"] if args.pynative_steps else [])
              + (["parts"] if args.breakdown else []))
     runs = {}
     for kind in kinds:
-        extras["waited"] += wait_until_idle(args.wait_idle) if args.wait_idle else 0.0
         out = run_worker(kind, args)
+        extras["waited"] += out.pop("waited")
         runs.update(out.pop("runs"))
         extras["rss"][kind] = out.pop("rss")
         for key in ("parts", "top_ops"):
@@ -461,14 +473,16 @@ def report(args, runs: dict, extras: dict, wall: float) -> str:
             breakdown += ["", f"Top op types of one {name} step (profiler self time):", "",
                           "| op | ms | share |", "| --- | ---: | ---: |"]
             breakdown += [f"| {op} | {ms:.0f} | {share:.0%} |" for op, ms, share in ops]
-    versions = (f"torch {extras['torch_version']}, mindspore {extras.get('mindspore_version', '-')}, "
+    versions = (f"torch {extras['torch_version']}, "
+                f"mindspore {extras.get('mindspore_version', '-')}, "
                 f"transformers {extras['transformers_version']}, numpy {np.__version__}, "
                 f"Python {platform.python_version()}")
     command = " ".join(shlex.quote(a) for a in [".venv/bin/python", "bench/train_gpt.py",
                                                 *args.passthrough])
     header = [f"{datetime.date.today().isoformat()}; {machine()}; {versions}.", "",
               f"Command: `{command}` ({wall - extras['waited']:.0f} s"
-              + (f", plus {extras['waited']:.0f} s waiting for idle cores" if extras["waited"] else "")
+              + (f", plus {extras['waited']:.0f} s waiting for idle cores"
+                 if extras["waited"] else "")
               + ").", ""]
     return "\n".join(header + lines + [""] + notes + breakdown)
 
@@ -488,12 +502,13 @@ def main(argv=None) -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="also time forward / forward+backward and list the top ops")
     parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                        help="before each worker, wait up to this long for other processes "
-                             "to leave the cores idle")
+                        help="on a shared machine: before each timed call, wait up to this "
+                             "long for other processes to leave the cores idle")
     parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    WAIT_IDLE[0] = args.wait_idle
     os.chdir(ROOT)
     if args.worker:
         serve(args)

@@ -53,8 +53,8 @@ def distributed_init(config) -> tuple[int, int]:
 
 
 def _set_cpu_threads(count: int) -> None:
-    """One share of the cores per local worker: MindSpore's default of 25 op threads
-    oversubscribes small machines (gpt-small on 2 cores: 213 -> 291 tokens/s when set)."""
+    """One share of the cores per local worker (MindSpore's default is 25 op threads). A first,
+    sequential measurement suggested a gain on 2 cores; a later one did not: unverified."""
     try:
         ms.device_context.cpu.op_tuning.threads_num(count)
     except RuntimeError:
