@@ -316,7 +316,7 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
     order = SampleOrder(len(train_blocks), train.seed)
     tokens_per_step = train.batch_size * config.data.seq_len
     bar = _progress_bar(start_step, train.max_steps, progress and is_main)
-    last_good = resume_from
+    last_good, gathered_final = resume_from, False
     loss, val_loss = float("nan"), None
     window_start, window_tokens = time.perf_counter(), 0
     for step in range(start_step, train.max_steps):
@@ -349,6 +349,7 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
         bar.update(1)
         if done % train.checkpoint_interval == 0 or done == train.max_steps:
             model_arrays, optimizer_arrays = trainer.full_state()  # collective under FSDP
+            gathered_final = done == train.max_steps
             if is_main:
                 state = {"step": done, "trainer": trainer.extra_state(), "backend": backend,
                          "world_size": world}
@@ -356,7 +357,8 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
                                              state, tokenizer.path, train.keep_checkpoints)
     bar.close()
     final_dir = out_dir / "final"
-    model_arrays, _ = trainer.full_state()
+    if not gathered_final:  # the same on every rank, so FSDP's collective stays matched
+        model_arrays, _ = trainer.full_state()
     if is_main:
         save_arrays(config, model_arrays, final_dir, tokenizer=tokenizer.path)
     trainer_module.distributed_barrier(world)
