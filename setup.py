@@ -17,7 +17,7 @@ setup(
     description="Zidong Taichu / WenLan / M6 Chinese multimodal models in MindSpore and PyTorch",
     python_requires=">=3.11,<3.12",
     packages=find_packages(include=["taichu", "taichu.*", "torch_impl", "torch_impl.*",
-                                    "mindspore_impl", "mindspore_impl.*"]),
+                                    "mindspore_impl", "mindspore_impl.*", "export", "export.*"]),
     install_requires=["numpy<2", "ml_dtypes>=0.5.4,<0.6", "pyyaml", "pydantic>=2", "safetensors", "sentencepiece",
                       "pillow", "tqdm", "matplotlib"],
     extras_require=EXTRAS,

@@ -138,6 +138,31 @@ class GPT(nn.Cell):
         return logits
 
 
+
+class DecoderForExport(nn.Cell):
+    """The GPT with flat inputs and outputs, the signature of the exported decoder.
+
+    (input_ids, attention_mask, position_ids, past key and value of each layer) ->
+    (logits, present key and value of each layer). A past of length 0 serves the prompt,
+    so one graph does both prefill and decoding. Names and axes: export/signature.py.
+    """
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.model.num_layers
+
+    def construct(self, input_ids, attention_mask, position_ids, *past):
+        past_key_values = ()
+        for i in range(self.num_layers):
+            past_key_values = past_key_values + ((past[2 * i], past[2 * i + 1]),)
+        logits, presents = self.model(input_ids, attention_mask, position_ids, past_key_values,
+                                      True)
+        outputs = (logits,)
+        for key_value in presents:
+            outputs = outputs + key_value
+        return outputs
+
 def _default_position_ids(attention_mask, batch, length, past_length):
     if attention_mask is None:
         positions = ops.arange(past_length, past_length + length, dtype=ms.int32)

@@ -1,12 +1,21 @@
 """taichu: the Zidong Taichu / WenLan / M6 model family in MindSpore and PyTorch.
 
-Importing taichu imports neither framework; a backend is imported when a model is built.
+Importing taichu imports neither framework (a backend is imported when a model is built)
+nor anything else heavy: the names below load on first use, so the ONNX runtime side
+(export.OnnxGenerator) runs with numpy, onnxruntime and sentencepiece alone.
 """
-from taichu.api import build_model, load_model, save_model, state_dict, load_state_dict
-from taichu.config import ConfigError, load_config
-from taichu.families import num_parameters
-from taichu.weights import CheckpointError
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["build_model", "load_model", "save_model", "state_dict", "load_state_dict",
-           "load_config", "num_parameters", "ConfigError", "CheckpointError", "__version__"]
+
+_LAZY = {"build_model": "taichu.api", "load_model": "taichu.api", "save_model": "taichu.api",
+         "state_dict": "taichu.api", "load_state_dict": "taichu.api",
+         "load_config": "taichu.config", "ConfigError": "taichu.config",
+         "num_parameters": "taichu.families", "CheckpointError": "taichu.weights"}
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'taichu' has no attribute {name!r}")

@@ -172,21 +172,46 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from taichu.api import load_model
-    from taichu.generate import SamplingConfig, generate_text
-    from taichu.tokenizer import Tokenizer
+    from taichu.generate import SamplingConfig
 
-    path = Path(args.model)
-    if not (path / "tokenizer.model").is_file():
-        raise ConfigError(f"{path}: generate needs a tokenizer.model in the model directory")
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p,
                               repetition_penalty=args.repetition_penalty, seed=args.seed)
-    model = load_model(path, backend=args.backend)
     prompts = [p for p in args.prompt for _ in range(args.num_return)]
-    outputs = generate_text(model, Tokenizer(path / "tokenizer.model"), prompts, sampling)
+    path = Path(args.model)
+    if args.backend == "onnx":
+        from export.runtime import OnnxGenerator
+
+        generator = OnnxGenerator(path)
+        outputs = generator.generate(prompts, **vars(sampling))
+    else:
+        from taichu.api import load_model
+        from taichu.generate import generate_text
+        from taichu.tokenizer import Tokenizer
+
+        if (path / "model.onnx").is_file() or path.suffix == ".onnx":
+            raise ConfigError(f"{path} is an ONNX export: use --backend onnx")
+        if not (path / "tokenizer.model").is_file():
+            raise ConfigError(f"{path}: generate needs a tokenizer.model in the model directory")
+        model = load_model(path, backend=args.backend)
+        outputs = generate_text(model, Tokenizer(path / "tokenizer.model"), prompts, sampling)
     for prompt, output in zip(prompts, outputs):
         print(f"{prompt}{output}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from export.exporter import export_model
+    from export.validate import ExportValidationError
+
+    try:
+        export_model(args.model, args.format, args.out, opset=args.opset, quantize=args.quantize,
+                     validate=not args.no_validate)
+    except ExportValidationError as err:
+        print(f"taichu export: validation failed: {err}", file=sys.stderr)
+        return 1
+    note = "" if not args.no_validate else " (NOT validated: --no-validate)"
+    print(f"wrote {args.out}{note}")
     return 0
 
 
@@ -238,8 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     generate = commands.add_parser("generate", help="continue Chinese prompts with a model")
-    generate.add_argument("model", help="model directory")
-    generate.add_argument("--backend", choices=("mindspore", "torch"), default="torch")
+    generate.add_argument("model", help="model directory, or an ONNX export with --backend onnx")
+    generate.add_argument("--backend", choices=("mindspore", "torch", "onnx"), default="torch")
     generate.add_argument("--prompt", action="append", required=True, help="repeatable: a batch")
     generate.add_argument("--max-new-tokens", type=int, default=50)
     generate.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -249,6 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--num-return", type=int, default=1, help="samples per prompt")
     generate.set_defaults(func=cmd_generate)
+
+    export = commands.add_parser("export", help="export a model to ONNX or MINDIR, validated "
+                                                "against its source framework")
+    export.add_argument("model", help="model directory")
+    export.add_argument("--format", choices=("onnx", "mindir"), required=True,
+                        help="onnx (from torch_impl, onnxruntime) or mindir (from mindspore_impl)")
+    export.add_argument("--out", required=True, help="directory to write (replaced only once valid)")
+    export.add_argument("--opset", type=int, help="ONNX opset (default 17, the minimum)")
+    export.add_argument("--quantize", choices=("int8",), help="also write model_int8.onnx")
+    export.add_argument("--no-validate", action="store_true",
+                        help="skip running the export against its source model")
+    export.set_defaults(func=cmd_export)
 
     convert = commands.add_parser("convert", help="convert weights between taichu, MindSpore, "
                                                   "PyTorch and Hugging Face formats")

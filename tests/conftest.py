@@ -47,3 +47,23 @@ def tiny_tokenizer(tmp_path_factory):
                     str(CONFIGS / "gpt" / "gpt-tiny.yaml"), "--out", str(path)],
                    check=True, capture_output=True, text=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory, tiny_tokenizer):
+    """gpt-tiny trained for 60 PyTorch steps on People's Daily: a model directory whose
+    logits mean something (random weights give near-ties that hide real differences).
+    GPT-2's activation, so Hugging Face can serve as an oracle on it too."""
+    import torch
+
+    import taichu
+    from taichu.train import run_training
+
+    root = tmp_path_factory.mktemp("trained_tiny")
+    config = load_config(CONFIGS / "gpt" / "gpt-tiny.yaml", [
+        f"data.cache_dir={root / 'cache'}", "train.max_steps=60", "train.warmup_steps=5",
+        "train.batch_size=16", "train.learning_rate=5e-3", "train.eval_interval=1000",
+        "train.eval_batches=1", "model.activation=gelu_new"])
+    torch.manual_seed(0)
+    init = taichu.save_model(taichu.build_model(config, "torch"), root / "init", tokenizer=tiny_tokenizer)
+    return run_training(config, "torch", root / "run", init_dir=init, progress=False).final_dir

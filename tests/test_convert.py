@@ -382,7 +382,7 @@ def sentencepiece_for_transformers(path):
 
 
 @pytest.mark.slow
-def test_trained_model_continues_the_same_in_hugging_face(tmp_path, tiny_tokenizer):
+def test_trained_model_continues_the_same_in_hugging_face(tmp_path, trained_tiny):
     """A GPT trained on People's Daily, converted to HF: transformers' greedy generate and
     pipeline("text-generation") give what `taichu generate --temperature 0` gives, in both backends (with the same CTRL
     repetition penalty, which also keeps a briefly trained model from repeating one token)."""
@@ -393,20 +393,13 @@ def test_trained_model_continues_the_same_in_hugging_face(tmp_path, tiny_tokeniz
 
     from taichu.generate import SamplingConfig, generate_ids, model_step
     from taichu.tokenizer import Tokenizer
-    from taichu.train import run_training
 
-    config = taichu.load_config(Path(__file__).parents[1] / "configs" / "gpt" / "gpt-tiny.yaml", [
-        f"data.cache_dir={tmp_path / 'cache'}", "train.max_steps=60", "train.warmup_steps=5",
-        "train.batch_size=16", "train.learning_rate=5e-3", "train.eval_interval=1000",
-        "train.eval_batches=1", "model.activation=gelu_new"])
-    torch.manual_seed(0)
-    init = taichu.save_model(taichu.build_model(config, "torch"), tmp_path / "init", tokenizer=tiny_tokenizer)
-    result = run_training(config, "torch", tmp_path / "run", init_dir=init, progress=False)
-    done = subprocess.run([sys.executable, "-m", "taichu", "convert", str(result.final_dir), str(tmp_path / "hf"),
+    config = taichu.load_config(trained_tiny)
+    done = subprocess.run([sys.executable, "-m", "taichu", "convert", str(trained_tiny), str(tmp_path / "hf"),
                            "--to", "hf"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
-    tokenizer = Tokenizer(result.final_dir / "tokenizer.model")
+    tokenizer = Tokenizer(trained_tiny / "tokenizer.model")
     prompt = tokenizer.encode("中国人民", add_bos=True)
     hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
@@ -415,7 +408,7 @@ def test_trained_model_continues_the_same_in_hugging_face(tmp_path, tiny_tokeniz
     hf_out = hf_out[:hf_out.index(tokenizer.eos_id)] if tokenizer.eos_id in hf_out else hf_out
     assert len(set(hf_out)) > 1                            # a real continuation, not one repeated id
     for backend in ("torch", "mindspore"):
-        ours = generate_ids(model_step(taichu.load_model(result.final_dir, backend=backend)), [prompt],
+        ours = generate_ids(model_step(taichu.load_model(trained_tiny, backend=backend)), [prompt],
                             SamplingConfig(max_new_tokens=20, temperature=0, repetition_penalty=1.5),
                             tokenizer.eos_id, tokenizer.pad_id,
                             config.model.max_position_embeddings)[0]
@@ -424,7 +417,7 @@ def test_trained_model_continues_the_same_in_hugging_face(tmp_path, tiny_tokeniz
     from transformers import pipeline
 
     generator = pipeline("text-generation", model=hf, tokenizer=sentencepiece_for_transformers(
-        result.final_dir / "tokenizer.model"))
+        trained_tiny / "tokenizer.model"))
     text = generator("中国人民", max_new_tokens=20, do_sample=False, repetition_penalty=1.5,
                      return_full_text=False)[0]["generated_text"]
     assert text == tokenizer.decode(hf_out) and text

@@ -1,0 +1,18 @@
+"""Deployment: ONNX (from PyTorch) and MINDIR (from MindSpore) export, validated against the
+source model, and ONNX Runtime generation.
+
+``export.OnnxGenerator`` needs only numpy, onnxruntime and sentencepiece; the exporters
+import their framework when called. Names load on first use.
+"""
+import importlib
+
+_LAZY = {"OnnxGenerator": "export.runtime", "OnnxDecoder": "export.runtime",
+         "export_model": "export.exporter", "ExportValidationError": "export.validate",
+         "MindirDecoder": "export.mindir_export"}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'export' has no attribute {name!r}")

@@ -1,0 +1,187 @@
+"""``taichu export``: model directory -> validated ONNX or MINDIR directory.
+
+The export is built in a staging directory beside ``out`` and only moved to ``out`` once
+every file has been checked against its source model; an export that fails validation is
+kept as ``<out>.rejected`` (with its export_info.json saying why) and never replaces a
+good export.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from export import signature
+from export.runtime import INFO_FILE, INT8_FILE, MODEL_FILE, TOKENIZER_FILE
+from export.validate import ExportValidationError
+
+FORMATS = ("onnx", "mindir")
+
+
+def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | None = None,
+                 quantize: str | None = None, validate: bool = True, log=print) -> dict:
+    """Export, validate and install; returns the export_info written beside the files."""
+    from taichu.api import load_model
+    from taichu.config import ConfigError, load_config
+    from taichu.fileio import atomic_write_bytes
+
+    model_dir, out = Path(model_dir), Path(out)
+    config = load_config(model_dir)
+    if config.family != "gpt":
+        raise ConfigError(f"{model_dir}: export supports the gpt family so far, not {config.family}")
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unknown quantization {quantize!r}; only int8 is supported")
+    if quantize and fmt != "onnx":
+        raise ValueError("--quantize int8 applies to ONNX exports only")
+    if opset is not None and fmt != "onnx":
+        raise ValueError("--opset applies to ONNX exports only")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        backend = "torch" if fmt == "onnx" else "mindspore"
+        model = load_model(model_dir, backend=backend)
+        info = {"format": fmt, "family": config.family, "source": str(model_dir.resolve()),
+                "source_backend": backend, "max_position_embeddings": config.model.max_position_embeddings,
+                "config": config.model_dump(mode="json"), **signature.describe(config.model)}
+        if fmt == "onnx":
+            _export_onnx(model, config, model_dir, staging, opset, quantize, validate, info, log)
+        else:
+            _export_mindir(model, config, staging, validate, info, log)
+        shutil.copy2(model_dir / "config.yaml", staging / "config.yaml")
+        if (model_dir / TOKENIZER_FILE).is_file():
+            shutil.copy2(model_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+        info["files"] = sorted(p.name for p in staging.iterdir()) + [INFO_FILE]
+    except ExportValidationError as error:
+        info["validation_error"] = str(error)
+        atomic_write_bytes(staging / INFO_FILE, _json(info))
+        rejected = out.with_name(out.name + ".rejected")
+        shutil.rmtree(rejected, ignore_errors=True)
+        staging.rename(rejected)
+        raise ExportValidationError(f"{error}; the export was kept for inspection in {rejected}, "
+                                    f"{out} was not touched") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    atomic_write_bytes(staging / INFO_FILE, _json(info))
+    # mkdtemp makes the directory private and ms.export makes its file read-only.
+    staging.chmod(0o755)
+    for file in staging.iterdir():
+        file.chmod(0o644)
+    _install(staging, out)
+    return info
+
+
+def _install(staging: Path, out: Path) -> None:
+    """Replace ``out`` with ``staging`` without a moment where neither exists complete."""
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not a directory")
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        staging.rename(out)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out)
+
+
+def _export_onnx(model, config, model_dir, staging, opset, quantize, validate, info, log):
+    import onnxruntime
+    import torch
+
+    from export.onnx_export import MIN_OPSET, export_onnx, quantize_int8
+    from export.runtime import OnnxDecoder
+    from export.validate import source_runner, validate_against_source, validate_int8
+
+    opset = MIN_OPSET if opset is None else opset
+    files = export_onnx(model, staging / MODEL_FILE, opset)
+    log(f"exported {MODEL_FILE} (opset {opset}, {'external data' if len(files) > 1 else 'one file'})")
+    info.update(opset=opset, exporter=f"torch.onnx TorchScript exporter (dynamo=False), torch {torch.__version__}",
+                runtime=f"onnxruntime {onnxruntime.__version__}", platform=platform.platform())
+    decoder = OnnxDecoder(staging / MODEL_FILE)
+    if validate:
+        info["validation"] = validate_against_source(decoder.run, source_runner(model), config.model,
+                                                     f"{MODEL_FILE} in onnxruntime")
+        log(f"validated {MODEL_FILE} against torch_impl: {_summary(info['validation'])}")
+    if quantize == "int8":
+        quantize_int8(staging / MODEL_FILE, staging / INT8_FILE)
+        log(f"quantized {INT8_FILE} (dynamic int8 MatMul weights)")
+        if validate:
+            int8 = OnnxDecoder(staging / INT8_FILE)
+            sequences, source = evaluation_sequences(config, model_dir, decoder)
+            result = validate_int8(decoder, int8, sequences, source)
+            info["int8_validation"] = result
+            log(f"int8 vs fp32 on {result['tokens']} tokens of {source}: top-1 agreement "
+                f"{result['top1_agreement']:.3f}, perplexity {result['perplexity_fp32']:.2f} -> "
+                f"{result['perplexity_int8']:.2f} ({result['perplexity_change']:+.1%})")
+            if not result["passed"]:
+                raise ExportValidationError(
+                    f"{INT8_FILE} drifts too far from fp32: top-1 agreement {result['top1_agreement']:.3f} "
+                    f"(need >= {result['min_top1_agreement']}), perplexity change "
+                    f"{result['perplexity_change']:+.1%} (need within ±{result['max_perplexity_change']:.0%})")
+
+
+def _export_mindir(model, config, staging, validate, info, log):
+    import mindspore as ms
+
+    from export.mindir_export import MODEL_FILE as MINDIR_FILE, MindirDecoder, export_mindir
+    from export.validate import source_runner, validate_against_source
+
+    export_mindir(model, staging / MINDIR_FILE)
+    log(f"exported {MINDIR_FILE} (dynamic batch, sequence and past)")
+    info.update(exporter=f"mindspore.export MINDIR, mindspore {ms.__version__}", platform=platform.platform())
+    for spec in info["inputs"][:3]:
+        spec["dtype"] = "int32"
+    if validate:
+        info["validation"] = validate_against_source(MindirDecoder(staging / MINDIR_FILE).run,
+                                                     source_runner(model), config.model,
+                                                     f"{MINDIR_FILE} in mindspore.nn.GraphCell")
+        log(f"validated {MINDIR_FILE} against mindspore_impl: {_summary(info['validation'])}")
+
+
+def _summary(validation: dict) -> str:
+    worst = max(validation["shapes"], key=lambda s: s["max_difference"])
+    return (f"worst {worst['worst_tensor']} {worst['max_difference']:.2g} "
+            f"(tolerance {validation['tolerance']:g}, {len(validation['shapes'])} shapes)")
+
+
+def evaluation_sequences(config, model_dir: Path, decoder, count: int = 8,
+                         length: int = 128) -> tuple[np.ndarray, str]:
+    """Token blocks [count, length] for the int8 check, and where they came from.
+
+    Held-out text of the model's own corpus when it and the tokenizer are available;
+    otherwise text sampled from the fp32 graph (temperature 1).
+    """
+    from taichu.generate import SamplingConfig, generate_ids
+
+    length = min(length, config.model.max_position_embeddings)
+    tokenizer_file = model_dir / TOKENIZER_FILE
+    if tokenizer_file.is_file():
+        from taichu.corpus import load_corpus
+        from taichu.tokenizer import Tokenizer
+
+        try:
+            corpus = load_corpus(config.data)
+        except (ImportError, OSError, ValueError):
+            corpus = None
+        if corpus is not None and corpus.validation:
+            tokenizer = Tokenizer(tokenizer_file)
+            ids = [i for doc in corpus.validation[:2000] for i in tokenizer.encode(doc, add_bos=True, add_eos=True)]
+            if len(ids) >= count * length:
+                return (np.asarray(ids[:count * length], np.int64).reshape(count, length),
+                        f"{corpus.name} validation split")
+    prompts = [[int(i)] for i in np.random.default_rng(0).integers(4, config.model.vocab_size, count)]
+    sampled = generate_ids(decoder.step, prompts, SamplingConfig(max_new_tokens=length - 1, temperature=1.0),
+                           eos_id=-1, pad_id=0, max_positions=length)
+    return np.asarray([p + s for p, s in zip(prompts, sampled)], np.int64), "text sampled from the fp32 graph"
+
+
+def _json(info: dict) -> bytes:
+    return (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode("utf-8")

@@ -1,0 +1,117 @@
+"""Checking an exported graph against the framework it came from.
+
+fp32: the exported file and the source model run the same random inputs at two shapes (a
+left-padded prompt with an empty past, and a short continuation with a cache); every output
+tensor must agree within TOLERANCE, measured as max |exported - source| / max(1, max
+|source|) so that it is an absolute bound for logits of order 1 and a relative one for
+larger logits. A failure names the worst tensor, the shape and the difference.
+
+int8: quantization changes the numbers by design, so the check is on what generation
+sees: top-1 agreement with the fp32 graph on held-out text and the change in perplexity
+(bounds INT8_MIN_TOP1 and INT8_MAX_PERPLEXITY_CHANGE, see docs/deployment.md).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from export import signature
+
+TOLERANCE = 1e-4
+# (batch, sequence, past): prefill of a padded batch, then a continuation with a cache.
+VALIDATION_SHAPES = ((2, 7, 0), (3, 2, 5))
+INT8_MIN_TOP1 = 0.90
+INT8_MAX_PERPLEXITY_CHANGE = 0.05
+
+
+class ExportValidationError(RuntimeError):
+    pass
+
+
+def source_runner(model):
+    """``run(feeds) -> outputs`` for a taichu GPT of either backend, through DecoderForExport."""
+    from taichu.api import backend_of
+
+    names = signature.output_names(model.config.model.num_layers)
+    if backend_of(model) == "torch":
+        import torch
+
+        from torch_impl.gpt import DecoderForExport
+
+        decoder = DecoderForExport(model).eval()
+
+        def run(feeds):
+            with torch.no_grad():
+                outputs = decoder(*(torch.from_numpy(v) for v in feeds.values()))
+            return {n: o.numpy() for n, o in zip(names, outputs)}
+        return run
+
+    import mindspore as ms
+
+    from mindspore_impl.gpt import DecoderForExport
+
+    decoder = DecoderForExport(model)
+    decoder.set_train(False)
+
+    def run(feeds):
+        outputs = decoder(*(ms.Tensor(v.astype(np.int32) if v.dtype == np.int64 else v)
+                            for v in feeds.values()))
+        return {n: o.asnumpy() for n, o in zip(names, outputs)}
+    return run
+
+
+def compare(source: dict[str, np.ndarray], exported: dict[str, np.ndarray]) -> tuple[str, float]:
+    """(worst tensor, its scaled difference) over all outputs."""
+    worst, worst_difference = "", -1.0
+    for name, expected in source.items():
+        actual = exported[name]
+        if actual.shape != expected.shape:
+            return name, float("inf")
+        scale = max(1.0, float(np.abs(expected).max(initial=0.0)))
+        difference = float(np.abs(actual.astype(np.float64) - expected).max(initial=0.0)) / scale
+        if not np.isfinite(difference) or difference > worst_difference:
+            worst, worst_difference = name, difference
+    return worst, worst_difference
+
+
+def validate_against_source(run_exported, run_source, model_config, label: str,
+                            tolerance: float = TOLERANCE) -> dict:
+    """Compare at VALIDATION_SHAPES; raises ExportValidationError above ``tolerance``."""
+    results = []
+    for seed, (batch, length, past) in enumerate(VALIDATION_SHAPES):
+        feeds = signature.sample_inputs(model_config, batch, length, past, seed)
+        worst, difference = compare(run_source(feeds), run_exported(feeds))
+        results.append({"batch": batch, "sequence": length, "past": past,
+                        "worst_tensor": worst, "max_difference": difference})
+        if not difference <= tolerance:
+            raise ExportValidationError(
+                f"{label} does not match its source: {worst} differs by {difference:.3g} "
+                f"(tolerance {tolerance:g}) at batch {batch}, sequence {length}, past {past}")
+    return {"passed": True, "tolerance": tolerance,
+            "metric": "max |exported - source| / max(1, max |source|)", "shapes": results}
+
+
+def _next_token_stats(decoder, sequences: np.ndarray) -> tuple[np.ndarray, float]:
+    """Argmax predictions [batch, length - 1] and perplexity of ``sequences``."""
+    batch, length = sequences.shape
+    feeds = {"input_ids": sequences, "attention_mask": np.ones_like(sequences),
+             "position_ids": np.broadcast_to(np.arange(length), (batch, length)).astype(np.int64)}
+    feeds.update(zip(signature.input_names(decoder.num_layers)[3:], decoder.empty_past(batch)))
+    logits = decoder.run(feeds)["logits"][:, :-1].astype(np.float64)
+    logits -= logits.max(axis=-1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, sequences[:, 1:, None], axis=-1).mean()
+    return logits.argmax(axis=-1), float(np.exp(nll))
+
+
+def validate_int8(fp32_decoder, int8_decoder, sequences: np.ndarray, text_source: str) -> dict:
+    """Top-1 agreement and perplexity change of the int8 graph against the fp32 graph."""
+    fp32_top1, fp32_perplexity = _next_token_stats(fp32_decoder, sequences)
+    int8_top1, int8_perplexity = _next_token_stats(int8_decoder, sequences)
+    agreement = float((fp32_top1 == int8_top1).mean())
+    change = int8_perplexity / fp32_perplexity - 1.0
+    result = {"top1_agreement": agreement, "perplexity_fp32": fp32_perplexity,
+              "perplexity_int8": int8_perplexity, "perplexity_change": change,
+              "tokens": int(sequences[:, 1:].size), "text": text_source,
+              "min_top1_agreement": INT8_MIN_TOP1, "max_perplexity_change": INT8_MAX_PERPLEXITY_CHANGE}
+    result["passed"] = agreement >= INT8_MIN_TOP1 and abs(change) <= INT8_MAX_PERPLEXITY_CHANGE
+    return result
