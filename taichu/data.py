@@ -131,15 +131,16 @@ class BlockDataset:
         return self.tokens[starts[:, None] + np.arange(self.seq_len + 1)].astype(np.int64)
 
 
-def load_blocks(config, tokenizer, split: str) -> BlockDataset:
-    """The ``split`` ("train" | "validation") of the config's corpus as blocks of data.seq_len."""
+def load_blocks(config, tokenizer, split: str, corpus=None) -> BlockDataset:
+    """The ``split`` ("train" | "validation") of the config's corpus as blocks of data.seq_len
+    (``corpus``: the already loaded Corpus, to read and split it only once per run)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     vocab_size = config.model.vocab_size
     if tokenizer.vocab_size != vocab_size:
         raise ValueError(f"{tokenizer.path}: tokenizer vocab_size {tokenizer.vocab_size} != "
                          f"model.vocab_size {vocab_size}")
-    corpus = load_corpus(config.data)
+    corpus = load_corpus(config.data) if corpus is None else corpus
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
     packed = pack_corpus(getattr(corpus, split), tokenizer, cache_dir,
                          {"corpus": corpus.name, "fingerprint": corpus.fingerprint, "split": split})

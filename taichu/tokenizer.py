@@ -164,12 +164,13 @@ def train_tokenizer(texts: Iterable[str], tokenizer_config, vocab_size: int,
     return tokenizer
 
 
-def ensure_tokenizer(config, path: str | Path) -> Tokenizer:
-    """Load the tokenizer at ``path``, training it on the config's corpus the first time."""
+def ensure_tokenizer(config, path: str | Path, corpus=None) -> Tokenizer:
+    """Load the tokenizer at ``path``, training it on the config's corpus the first time
+    (``corpus``: the already loaded taichu.corpus.Corpus, to read it only once)."""
     path = Path(path)
     if path.exists():
         tokenizer = Tokenizer(path)
         check_tokenizer(tokenizer, config.tokenizer, config.model.vocab_size)
         return tokenizer
-    corpus = load_corpus(config.data)
+    corpus = load_corpus(config.data) if corpus is None else corpus
     return train_tokenizer(corpus.train, config.tokenizer, config.model.vocab_size, path)

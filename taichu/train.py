@@ -218,9 +218,8 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def _tokenizer_for(config, init_dir: Path | None, rank: int):
+def _tokenizer_for(config, corpus, init_dir: Path | None, rank: int):
     """The init model's tokenizer, else the config's, trained once and cached by content."""
-    from taichu.corpus import load_corpus
     from taichu.data import default_cache_dir
     from taichu.tokenizer import Tokenizer, check_tokenizer, ensure_tokenizer
 
@@ -228,7 +227,6 @@ def _tokenizer_for(config, init_dir: Path | None, rank: int):
         tokenizer = Tokenizer(init_dir / "tokenizer.model")
         check_tokenizer(tokenizer, config.tokenizer, config.model.vocab_size)
         return tokenizer
-    corpus = load_corpus(config.data)
     key = hashlib.sha256(json.dumps([corpus.fingerprint, config.tokenizer.model_dump(mode="json"),
                                      config.model.vocab_size]).encode()).hexdigest()[:16]
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
@@ -238,7 +236,7 @@ def _tokenizer_for(config, init_dir: Path | None, rank: int):
         deadline = time.time() + 3600
         while not path.exists() and time.time() < deadline:
             time.sleep(1)
-    return ensure_tokenizer(config, path)
+    return ensure_tokenizer(config, path, corpus)
 
 
 def _evaluate(trainer, blocks, train) -> float:
@@ -257,6 +255,7 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
     """Train ``config`` in ``backend``; returns where the final model directory is."""
     from taichu.api import build_model, load_state_dict, save_arrays
     from taichu.config import load_config
+    from taichu.corpus import load_corpus
     from taichu.data import load_blocks
     from taichu.weights import load_safetensors
 
@@ -269,9 +268,10 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = _tokenizer_for(config, init_dir, rank)
-    train_blocks = load_blocks(config, tokenizer, "train")
-    val_blocks = load_blocks(config, tokenizer, "validation")
+    corpus = load_corpus(config.data)  # read and split once, for the tokenizer and both splits
+    tokenizer = _tokenizer_for(config, corpus, init_dir, rank)
+    train_blocks = load_blocks(config, tokenizer, "train", corpus)
+    val_blocks = load_blocks(config, tokenizer, "validation", corpus)
 
     trainer_module.seed_everything(train.seed)
     model = build_model(config, backend)
