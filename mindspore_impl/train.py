@@ -79,7 +79,10 @@ class Trainer:
         self.rank, self.world = rank, world
         self.model = model
         self.model.set_train(True)
-        self.names = {param.name: name for name, (param, _) in canonical_parameters(model).items()}
+        # MindSpore parameter name -> canonical name and layer kind (for the leaf renames).
+        parameters = canonical_parameters(model)
+        self.names = {param.name: name for name, (param, _) in parameters.items()}
+        self.kinds = {param.name: kind for param, kind in parameters.values()}
         if config.parallel.pipeline_stages > 1:
             raise NotImplementedError(
                 "parallel.pipeline_stages > 1: pipeline training (mindspore.parallel.nn.Pipeline "
@@ -214,27 +217,26 @@ class Trainer:
 
     def optimizer_state(self) -> dict[str, np.ndarray]:
         """AdamW moments under canonical names (exp_avg/NAME, exp_avg_sq/NAME) and the step."""
-        arrays = {}
-        kinds = {param.name: kind for param, kind in canonical_parameters(self.model).values()}
         from taichu.weights import from_mindspore_array
+
+        arrays = {}
 
         for key, moments in (("exp_avg", self.optimizer.exp_avg),
                              ("exp_avg_sq", self.optimizer.exp_avg_sq)):
             for param, moment in zip(self.optimizer.parameters, moments):
                 arrays[f"{key}/{self.names[param.name]}"] = from_mindspore_array(
-                    moment.asnumpy(), kinds[param.name]).copy()
+                    moment.asnumpy(), self.kinds[param.name]).copy()
         arrays["step"] = np.array([int(self.optimizer.state_step.asnumpy())], np.int64)
         return arrays
 
     def load_optimizer_state(self, arrays: dict[str, np.ndarray]) -> None:
         from taichu.weights import to_mindspore_array
 
-        kinds = {param.name: kind for param, kind in canonical_parameters(self.model).values()}
         staged = []
         for key, moments in (("exp_avg", self.optimizer.exp_avg),
                              ("exp_avg_sq", self.optimizer.exp_avg_sq)):
             for param, moment in zip(self.optimizer.parameters, moments):
-                array = to_mindspore_array(arrays[f"{key}/{self.names[param.name]}"], kinds[param.name])
+                array = to_mindspore_array(arrays[f"{key}/{self.names[param.name]}"], self.kinds[param.name])
                 staged.append((moment, ms.Tensor(np.ascontiguousarray(array), moment.dtype)))
         for moment, value in staged:
             moment.set_data(value)
