@@ -230,14 +230,14 @@ class Trainer:
         return arrays
 
     def load_optimizer_state(self, arrays: dict[str, np.ndarray]) -> None:
-        from taichu.weights import to_mindspore_array
+        from taichu.weights import contiguous, to_mindspore_array
 
         staged = []
         for key, moments in (("exp_avg", self.optimizer.exp_avg),
                              ("exp_avg_sq", self.optimizer.exp_avg_sq)):
             for param, moment in zip(self.optimizer.parameters, moments):
                 array = to_mindspore_array(arrays[f"{key}/{self.names[param.name]}"], self.kinds[param.name])
-                staged.append((moment, ms.Tensor(np.ascontiguousarray(array), moment.dtype)))
+                staged.append((moment, ms.Tensor(contiguous(array), moment.dtype)))
         for moment, value in staged:
             moment.set_data(value)
         self.optimizer.state_step.set_data(ms.Tensor(int(arrays["step"][0]), ms.int32))

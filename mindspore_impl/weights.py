@@ -9,7 +9,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn
 
-from taichu.weights import from_mindspore_array, from_mindspore_name, to_mindspore_array
+from taichu.weights import contiguous, from_mindspore_array, from_mindspore_name, to_mindspore_array
 
 LAYER_KINDS = ((nn.LayerNorm, "layer_norm"), (nn.Embedding, "embedding"), (nn.Dense, "linear"),
                (nn.Conv1d, "conv1d"), (nn.BatchNorm1d, "batch_norm"), (nn.BatchNorm2d, "batch_norm"))
@@ -52,6 +52,6 @@ def load_canonical_state_dict(net: nn.Cell, arrays: dict[str, np.ndarray]) -> No
         array = to_mindspore_array(arrays[name], kind)
         if tuple(array.shape) != tuple(param.shape):
             raise ValueError(f"{name}: shape {array.shape} does not fit parameter {param.shape}")
-        staged.append((param, ms.Tensor(np.ascontiguousarray(array), dtype=param.dtype)))
+        staged.append((param, ms.Tensor(contiguous(array), dtype=param.dtype)))
     for param, tensor in staged:
         param.set_data(tensor)

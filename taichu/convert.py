@@ -31,7 +31,7 @@ from taichu.config import ConfigError, apply_overrides, config_to_dict, dump_con
 from taichu.families import get_family
 from taichu.fileio import atomic_write, atomic_write_bytes
 from taichu.weights import (DEFAULT_MAX_SHARD_BYTES, SAFETENSORS_FILE, SAFETENSORS_INDEX,
-                            CheckpointError, check_tensors, from_mindspore_array, to_mindspore_array,
+                            CheckpointError, check_tensors, contiguous, from_mindspore_array, to_mindspore_array,
                             to_mindspore_name, weight_files)
 
 FORMATS = ("taichu", "mindspore", "torch", "hf")
@@ -198,13 +198,8 @@ def _write_safetensors_file(path: Path, tensors: Tensors, names: list[str], meta
     atomic_write(path, write)
 
 
-def _contiguous(array: np.ndarray) -> np.ndarray:
-    # not np.ascontiguousarray: numpy 1.x turns a 0-d array into shape (1,)
-    return array if array.flags.c_contiguous else array.copy(order="C")
-
-
 def _checked_bytes(tensors: Tensors, name: str) -> np.ndarray:
-    array = _contiguous(tensors.read(name))
+    array = contiguous(tensors.read(name))
     if tuple(array.shape) != tensors.shapes[name] or array.dtype.name != tensors.dtypes[name]:
         raise CheckpointError(f"{name}: produced {array.dtype.name} {array.shape}, "
                               f"planned {tensors.dtypes[name]} {tensors.shapes[name]}")
@@ -860,7 +855,7 @@ def load(path: str | Path, config=None, allow_pickle: bool = False,
     """(config, canonical numpy arrays) from any supported format; dtypes kept unless ``dtype``."""
     source = open_source(path, config, allow_pickle)
     tensors = source.tensors.cast(DTYPES.get(dtype, dtype))
-    return source.config, {name: _contiguous(tensors.read(name)) for name in tensors.shapes}
+    return source.config, {name: contiguous(tensors.read(name)) for name in tensors.shapes}
 
 
 # ----------------------------------------------------------------------------- save

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from taichu.config import dump_config
+from taichu.weights import contiguous
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -141,7 +142,7 @@ def _save_arrays(arrays: dict, path: Path) -> None:
 
     from taichu.fileio import atomic_write_bytes
 
-    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
+    atomic_write_bytes(path, save({k: contiguous(v) for k, v in arrays.items()}))
 
 
 def verify_checkpoint(path: Path) -> str | None:

@@ -58,6 +58,11 @@ def from_mindspore_array(array: np.ndarray, kind: str) -> np.ndarray:
     return array
 
 
+def contiguous(array: np.ndarray) -> np.ndarray:
+    """C-contiguous ``array`` of the same shape (np.ascontiguousarray makes a 0-d array 1-d)."""
+    return array if array.flags.c_contiguous else array.copy(order="C")
+
+
 def check_tensors(found: Mapping[str, tuple], expected: Mapping[str, tuple], source: str) -> None:
     """Raise CheckpointError listing missing, unexpected and mis-shaped tensors.
 
@@ -107,13 +112,13 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], directory: str | Path,
     metadata = {"format": "np", "writer": "taichu"}
     if len(groups) <= 1:
         path = directory / SAFETENSORS_FILE
-        data = save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+        data = save({k: contiguous(v) for k, v in tensors.items()}, metadata=metadata)
         atomic_write_bytes(path, data)
         return [path]
     written, weight_map = [], {}
     for i, names in enumerate(groups, start=1):
         shard = f"model-{i:05d}-of-{len(groups):05d}.safetensors"
-        data = save({k: np.ascontiguousarray(tensors[k]) for k in names}, metadata=metadata)
+        data = save({k: contiguous(tensors[k]) for k in names}, metadata=metadata)
         atomic_write_bytes(directory / shard, data)
         written.append(directory / shard)
         weight_map.update({name: shard for name in names})

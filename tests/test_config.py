@@ -22,7 +22,7 @@ def write_variant(tmp_path, edit):
 @pytest.mark.parametrize("path", sorted(CONFIGS.rglob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path):
     config = load_config(path)
-    assert config.model.activation in ("gelu", "gelu_new", "relu")
+    assert config.model.activation in ("gelu", "gelu_new", "relu", "quick_gelu")
 
 
 @pytest.mark.parametrize("edit, expected", [

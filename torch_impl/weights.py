@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from taichu.weights import contiguous
+
 
 def canonical_state_dict(model: torch.nn.Module) -> dict[str, np.ndarray]:
     return {name: tensor.detach().cpu().numpy().copy() for name, tensor in model.state_dict().items()}
@@ -16,7 +18,7 @@ def load_canonical_state_dict(model: torch.nn.Module, arrays: dict[str, np.ndarr
     """
     current = model.state_dict()
     # torch.from_numpy knows no ml_dtypes bfloat16; widening to fp32 is exact.
-    tensors = {name: torch.from_numpy(np.ascontiguousarray(
+    tensors = {name: torch.from_numpy(contiguous(
                    array.astype(np.float32) if array.dtype.name == "bfloat16" else array)
                ).to(current[name].dtype) for name, array in arrays.items()}
     model.load_state_dict(tensors, strict=True)

@@ -28,7 +28,7 @@ class Family:
     describe: Callable[[Any], dict[str, Any]]               # full config -> sizes for `taichu info`
 
 
-_FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt"}
+_FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt", "clip": "taichu.families.clip"}
 BACKENDS = ("mindspore", "torch")
 
 

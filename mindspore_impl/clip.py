@@ -1,0 +1,259 @@
+"""CLIP in MindSpore (design.md §2.4), mirrored by torch_impl/clip.py.
+
+The architecture of Hugging Face ``CLIPModel`` module for module, so its weights convert
+by renaming alone (``pre_layrnorm`` -> ``pre_layernorm``). Image: patch Conv2d without
+bias, class token, learned positions, LayerNorm, pre-LN encoder, LayerNorm on the class
+token, projection. Text: token + position embeddings, pre-LN encoder with a causal and a
+padding mask, final LayerNorm, pooled at the last real token, projection.
+
+Texts are right-padded and every caption ends with eos, so the last real token of a row
+(the last 1 of its attention mask) is its eos. Hugging Face finds the same position from
+the ids (the first eos_token_id, or the largest id for old configs); both agree on such
+inputs. Attribute paths equal the PyTorch module's, so canonical weight names differ only
+in leaves (gamma/beta, embedding_table), mapped in taichu/weights.py.
+Uses mindspore.nn/ops rather than mint: mint has no CPU kernels for these layers.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+from taichu.families.clip import CLIPConfig, check_inputs, init_std
+
+
+class QuickGELU(nn.Cell):
+    """x * sigmoid(1.702 x), OpenAI CLIP's activation."""
+
+    def construct(self, x):
+        return x * ops.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": lambda: nn.GELU(approximate=False)}
+
+
+class Attention(nn.Cell):
+    def __init__(self, tower, config: CLIPConfig):
+        super().__init__()
+        self.num_heads = tower.num_heads
+        self.head_dim = tower.head_dim
+        self.scale = 1.0 / math.sqrt(tower.head_dim)
+        self.q_proj = nn.Dense(tower.hidden_size, tower.hidden_size)
+        self.k_proj = nn.Dense(tower.hidden_size, tower.hidden_size)
+        self.v_proj = nn.Dense(tower.hidden_size, tower.hidden_size)
+        self.out_proj = nn.Dense(tower.hidden_size, tower.hidden_size)
+        self.attn_dropout = nn.Dropout(p=config.model.attention_dropout)
+
+    def construct(self, x, attention_bias=None):
+        batch, length, hidden = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+        scores = ops.matmul(q, k.swapaxes(-2, -1)) * self.scale
+        if attention_bias is not None:
+            scores = scores + attention_bias
+        probs = self.attn_dropout(ops.softmax(scores, axis=-1))
+        out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(batch, length, hidden)
+        return self.out_proj(out)
+
+
+class MLP(nn.Cell):
+    def __init__(self, tower, config: CLIPConfig):
+        super().__init__()
+        self.fc1 = nn.Dense(tower.hidden_size, tower.ffn_size)
+        self.act = ACTIVATIONS[config.model.activation]()
+        self.fc2 = nn.Dense(tower.ffn_size, tower.hidden_size)
+
+    def construct(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Cell):
+    def __init__(self, tower, config: CLIPConfig):
+        super().__init__()
+        eps = config.model.layer_norm_eps
+        self.self_attn = Attention(tower, config)
+        self.layer_norm1 = nn.LayerNorm((tower.hidden_size,), epsilon=eps)
+        self.mlp = MLP(tower, config)
+        self.layer_norm2 = nn.LayerNorm((tower.hidden_size,), epsilon=eps)
+
+    def construct(self, x, attention_bias=None):
+        x = x + self.self_attn(self.layer_norm1(x), attention_bias)
+        x = x + self.mlp(self.layer_norm2(x))
+        return x
+
+
+class Encoder(nn.Cell):
+    def __init__(self, tower, config: CLIPConfig):
+        super().__init__()
+        self.layers = nn.CellList([EncoderLayer(tower, config) for _ in range(tower.num_layers)])
+
+    def construct(self, x, attention_bias=None):
+        for layer in self.layers:
+            x = layer(x, attention_bias)
+        return x
+
+
+class TextEmbeddings(nn.Cell):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        text = config.model.text
+        self.token_embedding = nn.Embedding(text.vocab_size, text.hidden_size)
+        self.position_embedding = nn.Embedding(text.max_position_embeddings, text.hidden_size)
+
+    def construct(self, input_ids):
+        length = input_ids.shape[1]
+        position_ids = ops.arange(0, length, dtype=ms.int32).expand_dims(0)
+        return self.token_embedding(input_ids) + self.position_embedding(position_ids)
+
+
+class TextTransformer(nn.Cell):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        text = config.model.text
+        self.embeddings = TextEmbeddings(config)
+        self.encoder = Encoder(text, config)
+        self.final_layer_norm = nn.LayerNorm((text.hidden_size,), epsilon=config.model.layer_norm_eps)
+
+    def construct(self, input_ids, attention_mask=None):
+        """The final hidden state of each row's last real token (its eos): [batch, hidden]."""
+        batch, length = input_ids.shape
+        x = self.embeddings(input_ids)
+        x = self.encoder(x, _text_attention_bias(attention_mask, batch, length, x.dtype))
+        x = self.final_layer_norm(x)
+        eos = _last_token_index(attention_mask, batch, length)
+        index = ops.broadcast_to(eos.view(batch, 1, 1), (batch, 1, x.shape[2]))
+        return ops.gather_elements(x, 1, index).squeeze(1)
+
+
+class VisionEmbeddings(nn.Cell):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        image = config.model.image
+        self.class_embedding = ms.Parameter(ms.Tensor(np.zeros(image.hidden_size, np.float32)),
+                                            name="class_embedding")
+        self.patch_embedding = nn.Conv2d(image.num_channels, image.hidden_size,
+                                         kernel_size=image.patch_size, stride=image.patch_size,
+                                         pad_mode="valid", has_bias=False)
+        self.position_embedding = nn.Embedding(image.num_positions, image.hidden_size)
+
+    def construct(self, pixel_values):
+        batch = pixel_values.shape[0]
+        patches = self.patch_embedding(pixel_values).flatten(start_dim=2).transpose(0, 2, 1)
+        cls = ops.broadcast_to(self.class_embedding.view(1, 1, -1), (batch, 1, patches.shape[2]))
+        x = ops.cat((cls, patches), axis=1)
+        return x + self.position_embedding.embedding_table.expand_dims(0)
+
+
+class VisionTransformer(nn.Cell):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        image, eps = config.model.image, config.model.layer_norm_eps
+        self.embeddings = VisionEmbeddings(config)
+        self.pre_layernorm = nn.LayerNorm((image.hidden_size,), epsilon=eps)
+        self.encoder = Encoder(image, config)
+        self.post_layernorm = nn.LayerNorm((image.hidden_size,), epsilon=eps)
+
+    def construct(self, pixel_values):
+        """The class token's final state, normalised: [batch, hidden]."""
+        x = self.encoder(self.pre_layernorm(self.embeddings(pixel_values)))
+        return self.post_layernorm(x[:, 0, :])
+
+
+class CLIP(nn.Cell):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        m = config.model
+        self.config = config
+        self.text_model = TextTransformer(config)
+        self.vision_model = VisionTransformer(config)
+        self.visual_projection = nn.Dense(m.image.hidden_size, m.projection_dim, has_bias=False)
+        self.text_projection = nn.Dense(m.text.hidden_size, m.projection_dim, has_bias=False)
+        self.logit_scale = ms.Parameter(ms.Tensor(m.logit_scale_init, ms.float32), name="logit_scale")
+        self._init_weights()
+
+    def _init_weights(self):
+        m = self.config.model
+        for name, cell in self.cells_and_names():
+            if isinstance(cell, (nn.Dense, nn.Embedding, nn.Conv2d)):
+                weight = cell.embedding_table if isinstance(cell, nn.Embedding) else cell.weight
+                weight.set_data(initializer(Normal(sigma=init_std(self.config, name)), weight.shape,
+                                            weight.dtype))
+            if isinstance(cell, nn.Dense) and cell.bias is not None:
+                cell.bias.set_data(initializer("zeros", cell.bias.shape, cell.bias.dtype))
+        class_embedding = self.vision_model.embeddings.class_embedding
+        class_embedding.set_data(initializer(Normal(sigma=m.image.hidden_size ** -0.5),
+                                             class_embedding.shape, class_embedding.dtype))
+
+    def _check(self, pixel_values=None, input_ids=None, attention_mask=None):
+        # Value checks run here, outside construct: graph mode cannot raise on tensor values.
+        check_inputs(self.config, None if pixel_values is None else tuple(pixel_values.shape),
+                     None if input_ids is None else input_ids.asnumpy(),
+                     None if attention_mask is None else attention_mask.asnumpy())
+
+    def get_image_features(self, pixel_values):
+        """Projected image embeddings [batch, projection_dim], not normalised (as HF)."""
+        self._check(pixel_values=pixel_values)
+        return self.visual_projection(self.vision_model(pixel_values))
+
+    def get_text_features(self, input_ids, attention_mask=None):
+        """Projected text embeddings [batch, projection_dim], not normalised (as HF).
+
+        attention_mask: [batch, length], 1 for real tokens, 0 for padding; right-padded.
+        """
+        self._check(input_ids=input_ids, attention_mask=attention_mask)
+        return self.text_projection(self.text_model(input_ids, attention_mask))
+
+    def __call__(self, pixel_values, input_ids, attention_mask=None):
+        self._check(pixel_values, input_ids, attention_mask)
+        return super().__call__(pixel_values, input_ids, attention_mask)
+
+    def construct(self, pixel_values, input_ids, attention_mask=None):
+        """(logits_per_image [images, texts], logits_per_text [texts, images]):
+        exp(logit_scale) * cosine similarity of the projected embeddings."""
+        image_embeds = self.visual_projection(self.vision_model(pixel_values))
+        text_embeds = self.text_projection(self.text_model(input_ids, attention_mask))
+        image_embeds = image_embeds / ops.sqrt(ops.pow(image_embeds, 2).sum(axis=-1, keepdims=True))
+        text_embeds = text_embeds / ops.sqrt(ops.pow(text_embeds, 2).sum(axis=-1, keepdims=True))
+        logits_per_image = ops.matmul(image_embeds, text_embeds.T) * ops.exp(self.logit_scale)
+        return logits_per_image, logits_per_image.T
+
+
+def contrastive_loss(logits_per_image):
+    """Symmetric cross-entropy of a square [n, n] logit matrix whose pair i is (i, i):
+    the mean of image->text and text->image classification losses."""
+    labels = ops.arange(0, logits_per_image.shape[0], dtype=ms.int32)
+    image_loss = ops.cross_entropy(logits_per_image, labels)
+    text_loss = ops.cross_entropy(logits_per_image.T, labels)
+    return (image_loss + text_loss) / 2
+
+
+def _last_token_index(attention_mask, batch, length):
+    """[batch]: the position of each row's last real token (the last 1 of the mask)."""
+    if attention_mask is None:
+        return ops.full((batch,), length - 1, dtype=ms.int32)
+    positions = ops.arange(0, length, dtype=ms.int32).expand_dims(0)
+    return (attention_mask.astype(ms.int32) * positions).max(axis=1)
+
+
+def _text_attention_bias(attention_mask, batch, length, dtype):
+    """[batch, 1, length, length]: 0 where a query may attend (causal, not padding),
+    dtype-min elsewhere (finite, so a padding query's row stays free of NaN)."""
+    query_pos = ops.arange(0, length, dtype=ms.int32).expand_dims(1)
+    key_pos = ops.arange(0, length, dtype=ms.int32).expand_dims(0)
+    allowed = (key_pos <= query_pos).view(1, 1, length, length)
+    if attention_mask is not None:
+        allowed = ops.logical_and(allowed, attention_mask.astype(ms.bool_).view(batch, 1, 1, length))
+    zero = ops.zeros((), dtype)
+    return ops.where(allowed, zero, ops.full((), _dtype_min(dtype), dtype=dtype))
+
+
+def _dtype_min(dtype):
+    if dtype == ms.float16:
+        return -65504.0
+    if dtype == ms.bfloat16:
+        return -3.3895313892515355e38
+    return -3.4028234663852886e38

@@ -1,0 +1,281 @@
+"""CLIP, the light model's image-text scorer (design.md §2.4): config and canonical tensors.
+
+Two towers and two projections, the architecture of Hugging Face ``CLIPModel`` (OpenAI
+CLIP): a ViT image tower (patch Conv2d without bias, class embedding, learned positions,
+LayerNorm before the encoder, pre-LN layers, LayerNorm on the class token) and a causal
+text Transformer pooled at the end-of-text token. Canonical names are the state_dict names
+of ``torch_impl.clip.CLIP``; they equal ``CLIPModel``'s except ``pre_layrnorm`` (HF's
+spelling), which is ``pre_layernorm`` here, so converting from Hugging Face is a renaming.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, StrictInt, model_validator
+
+from taichu.config import Section, TokenizerConfig, TrainConfig
+from taichu.families import Family, TensorSpec
+
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+class _Tower(Section):
+    hidden_size: StrictInt = Field(gt=0)
+    num_layers: StrictInt = Field(gt=0)
+    num_heads: StrictInt = Field(gt=0)
+    # Width of the MLP; null means 4 * hidden_size.
+    intermediate_size: StrictInt | None = Field(None, gt=0)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or 4 * self.hidden_size
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+
+class CLIPImageConfig(_Tower):
+    """The ViT image tower: a square image cut into square patches."""
+
+    image_size: StrictInt = Field(gt=0)
+    patch_size: StrictInt = Field(gt=0)
+    num_channels: StrictInt = Field(3, gt=0)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + 1   # the class token first
+
+    @model_validator(mode="after")
+    def _patches_tile_image(self) -> "CLIPImageConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not divisible by "
+                             f"patch_size {self.patch_size}")
+        return self
+
+
+class CLIPTextConfig(_Tower):
+    """The causal text tower; max_position_embeddings is the context length."""
+
+    vocab_size: StrictInt = Field(gt=0)
+    max_position_embeddings: StrictInt = Field(gt=0)
+
+
+class CLIPModelConfig(Section):
+    image: CLIPImageConfig
+    text: CLIPTextConfig
+    # Width of the shared embedding space both towers project into (no bias).
+    projection_dim: StrictInt = Field(gt=0)
+    # Initial log of the logit temperature: ln(1 / 0.07), as in OpenAI CLIP.
+    logit_scale_init: float = math.log(1 / 0.07)
+    # Both towers. quick_gelu = x * sigmoid(1.702 x) (OpenAI CLIP); gelu = exact erf GELU.
+    # Never a framework default: MindSpore's nn.GELU is the tanh approximation.
+    activation: Literal["quick_gelu", "gelu"] = "quick_gelu"
+    # Explicit: MindSpore's nn.LayerNorm defaults to 1e-7, torch's to 1e-5.
+    layer_norm_eps: float = Field(1e-5, gt=0.0)
+    # Dropout on the attention probabilities (the only dropout CLIP has).
+    attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # Std of the token, position and patch embeddings; the other weights follow OpenAI
+    # CLIP's width-based scheme (init_std).
+    initializer_range: float = Field(0.02, gt=0.0)
+
+
+class ImageTextDataConfig(Section):
+    """Where image-caption pairs come from: the arguments of taichu.imagetext.load_image_text.
+
+    A minimal section (taichu/config.py's DataConfig is about text corpora); the training
+    code for CLIP may extend it. Captions become right-padded ids ending with eos
+    (taichu.imagetext.caption_ids), which is what the text tower pools at.
+    """
+
+    # ``digits`` (scikit-learn's handwritten digits, Chinese captions), ``scenes`` (drawn
+    # shapes with captions saying what is drawn) or a .jsonl of {"image", "text"} lines.
+    source: str = "digits"
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    seed: StrictInt = 0
+    # ``scenes`` only: how many pictures, drawn from which seed.
+    scene_count: StrictInt = Field(2000, gt=0)
+    scene_seed: StrictInt = 0
+
+
+class CLIPConfig(Section):
+    family: Literal["clip"]
+    model: CLIPModelConfig
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    data: ImageTextDataConfig = ImageTextDataConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "CLIPConfig":
+        vocab = self.model.text.vocab_size
+        needed = self.tokenizer.required_vocab()
+        if vocab < needed:
+            raise ValueError(
+                f"model.text.vocab_size {vocab} is smaller than the 4 special tokens"
+                f"{' + 256 byte-fallback pieces' if self.tokenizer.byte_fallback else ''} ({needed})")
+        special = self.tokenizer.special_tokens
+        for name in ("pad_id", "unk_id", "bos_id", "eos_id"):
+            if getattr(special, name) >= vocab:
+                raise ValueError(f"tokenizer.special_tokens.{name} {getattr(special, name)} "
+                                 f">= model.text.vocab_size {vocab}")
+        return self
+
+
+def tensor_specs(config: CLIPConfig) -> dict[str, TensorSpec]:
+    m = config.model
+    image, text = m.image, m.text
+    specs: dict[str, TensorSpec] = {}
+
+    def linear(prefix: str, n_in: int, n_out: int, bias: bool = True) -> None:
+        specs[f"{prefix}.weight"] = TensorSpec((n_out, n_in), "linear")
+        if bias:
+            specs[f"{prefix}.bias"] = TensorSpec((n_out,), "linear")
+
+    def layer_norm(prefix: str, width: int) -> None:
+        specs[f"{prefix}.weight"] = TensorSpec((width,), "layer_norm")
+        specs[f"{prefix}.bias"] = TensorSpec((width,), "layer_norm")
+
+    def encoder(prefix: str, tower: _Tower) -> None:
+        hidden = tower.hidden_size
+        for i in range(tower.num_layers):
+            p = f"{prefix}.encoder.layers.{i}"
+            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+                linear(f"{p}.self_attn.{proj}", hidden, hidden)
+            layer_norm(f"{p}.layer_norm1", hidden)
+            linear(f"{p}.mlp.fc1", hidden, tower.ffn_size)
+            linear(f"{p}.mlp.fc2", tower.ffn_size, hidden)
+            layer_norm(f"{p}.layer_norm2", hidden)
+
+    # Registration order of torch_impl.clip.CLIP (its state_dict order).
+    specs["text_model.embeddings.token_embedding.weight"] = TensorSpec(
+        (text.vocab_size, text.hidden_size), "embedding")
+    specs["text_model.embeddings.position_embedding.weight"] = TensorSpec(
+        (text.max_position_embeddings, text.hidden_size), "embedding")
+    encoder("text_model", text)
+    layer_norm("text_model.final_layer_norm", text.hidden_size)
+    specs["vision_model.embeddings.class_embedding"] = TensorSpec((image.hidden_size,), "parameter")
+    specs["vision_model.embeddings.patch_embedding.weight"] = TensorSpec(
+        (image.hidden_size, image.num_channels, image.patch_size, image.patch_size), "conv2d")
+    specs["vision_model.embeddings.position_embedding.weight"] = TensorSpec(
+        (image.num_positions, image.hidden_size), "embedding")
+    layer_norm("vision_model.pre_layernorm", image.hidden_size)
+    encoder("vision_model", image)
+    layer_norm("vision_model.post_layernorm", image.hidden_size)
+    linear("visual_projection", image.hidden_size, m.projection_dim, bias=False)
+    linear("text_projection", text.hidden_size, m.projection_dim, bias=False)
+    specs["logit_scale"] = TensorSpec((), "parameter")
+    return specs
+
+
+def init_std(config: CLIPConfig, module: str) -> float:
+    """Std of the normal init of a Linear/Embedding/Conv2d weight, by module path.
+
+    OpenAI CLIP's scheme (Hugging Face's _init_weights follows it, but swaps the q/k/v
+    and out_proj stds): attention inputs width^-0.5, residual outputs (out_proj, fc2)
+    width^-0.5 * (2 * layers)^-0.5, fc1 (2 * width)^-0.5, projections tower width^-0.5;
+    embeddings initializer_range. Biases are zero, LayerNorms one/zero, the class
+    embedding width^-0.5, logit_scale logit_scale_init.
+    """
+    m = config.model
+    tower = m.image if module.startswith("vision_model") else m.text
+    width = tower.hidden_size ** -0.5
+    residual = width * (2 * tower.num_layers) ** -0.5
+    leaf = module.rpartition(".")[2]
+    if leaf in ("token_embedding", "position_embedding", "patch_embedding"):
+        return m.initializer_range
+    if leaf in ("q_proj", "k_proj", "v_proj"):
+        return width
+    if leaf in ("out_proj", "fc2"):
+        return residual
+    if leaf == "fc1":
+        return (2 * tower.hidden_size) ** -0.5
+    if leaf == "visual_projection":
+        return m.image.hidden_size ** -0.5
+    if leaf == "text_projection":
+        return m.text.hidden_size ** -0.5
+    raise KeyError(f"no init rule for module {module!r}")
+
+
+def describe(config: CLIPConfig) -> dict:
+    m = config.model
+    image, text = m.image, m.text
+    counts = {"vision_model": 0, "text_model": 0, "": 0}
+    for name, spec in tensor_specs(config).items():
+        tower = name.split(".")[0]
+        counts[tower if tower in counts else ""] += int(np.prod(spec.shape, dtype=np.int64))
+    return {
+        "image": (f"{image.image_size}x{image.image_size}x{image.num_channels}, patch "
+                  f"{image.patch_size} ({image.num_patches} patches), {image.num_layers} layers, "
+                  f"hidden {image.hidden_size}, {image.num_heads} heads, ffn {image.ffn_size} "
+                  f"({counts['vision_model']:,} parameters)"),
+        "text": (f"vocab {text.vocab_size}, context {text.max_position_embeddings}, "
+                 f"{text.num_layers} layers, hidden {text.hidden_size}, {text.num_heads} heads, "
+                 f"ffn {text.ffn_size} ({counts['text_model']:,} parameters)"),
+        "projection": f"{m.projection_dim} ({counts['']:,} parameters with logit_scale)",
+        "activation": m.activation,
+    }
+
+
+FAMILY = Family(name="clip", module="clip", class_name="CLIP", config_class=CLIPConfig,
+                tensor_specs=tensor_specs, describe=describe)
+
+
+def check_inputs(config: CLIPConfig, pixel_shape: tuple[int, ...] | None = None,
+                 input_ids: np.ndarray | None = None,
+                 attention_mask: np.ndarray | None = None) -> None:
+    """The checks both backends run before a forward pass, with one wording.
+
+    Done outside the compiled graph, on numpy copies of the ids and mask: an out-of-range
+    id would read past the embedding table, a long text past the positions. The text is
+    pooled at its last real token (the eos), so the mask must be right-padded: ones, then
+    zeros, at least one real token per row.
+    """
+    m = config.model
+    if pixel_shape is not None:
+        image = m.image
+        expected = (image.num_channels, image.image_size, image.image_size)
+        if len(pixel_shape) != 4 or tuple(pixel_shape[1:]) != expected:
+            raise ValueError(f"pixel_values must be [batch, {expected[0]}, {expected[1]}, "
+                             f"{expected[2]}], got shape {tuple(pixel_shape)}")
+        if pixel_shape[0] == 0:
+            raise ValueError("pixel_values has an empty batch")
+    if input_ids is None:
+        return
+    shape = tuple(input_ids.shape)
+    if len(shape) != 2:
+        raise ValueError(f"input_ids must be [batch, sequence], got shape {shape}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"input_ids has an empty axis, shape {shape}")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= m.text.vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"token id {bad} is out of range for vocab_size {m.text.vocab_size} "
+                         f"(valid ids: 0..{m.text.vocab_size - 1})")
+    if shape[1] > m.text.max_position_embeddings:
+        raise ValueError(f"text length {shape[1]} exceeds the context "
+                         f"max_position_embeddings {m.text.max_position_embeddings}")
+    if attention_mask is None:
+        return
+    if tuple(attention_mask.shape) != shape:
+        raise ValueError(f"attention_mask must have the shape of input_ids {shape}, "
+                         f"got {tuple(attention_mask.shape)}")
+    mask = attention_mask != 0
+    if not mask[:, 0].all():
+        raise ValueError("attention_mask has a row without real tokens or a left-padded row: "
+                         "texts must be right-padded (real tokens first, each ending with eos)")
+    if (mask[:, 1:] & ~mask[:, :-1]).any():
+        raise ValueError("attention_mask is not right-padded: after a 0 (padding) a row has a 1 "
+                         "again; texts must be real tokens first, then padding")

@@ -1,0 +1,241 @@
+"""CLIP in PyTorch (design.md §2.4), mirrored by mindspore_impl/clip.py.
+
+The architecture of Hugging Face ``CLIPModel`` module for module, so its weights convert
+by renaming alone (``pre_layrnorm`` -> ``pre_layernorm``). Image: patch Conv2d without
+bias, class token, learned positions, LayerNorm, pre-LN encoder, LayerNorm on the class
+token, projection. Text: token + position embeddings, pre-LN encoder with a causal and a
+padding mask, final LayerNorm, pooled at the last real token, projection.
+
+Texts are right-padded and every caption ends with eos, so the last real token of a row
+(the last 1 of its attention mask) is its eos. Hugging Face finds the same position from
+the ids (the first eos_token_id, or the largest id for old configs); both agree on such
+inputs. State_dict names here are the project's canonical weight names.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from taichu.families.clip import CLIPConfig, check_inputs, init_std
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), OpenAI CLIP's activation."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": lambda: nn.GELU(approximate="none")}
+
+
+class Attention(nn.Module):
+    def __init__(self, tower, config: CLIPConfig):
+        super().__init__()
+        self.num_heads = tower.num_heads
+        self.head_dim = tower.head_dim
+        self.scale = 1.0 / math.sqrt(tower.head_dim)
+        self.q_proj = nn.Linear(tower.hidden_size, tower.hidden_size)
+        self.k_proj = nn.Linear(tower.hidden_size, tower.hidden_size)
+        self.v_proj = nn.Linear(tower.hidden_size, tower.hidden_size)
+        self.out_proj = nn.Linear(tower.hidden_size, tower.hidden_size)
+        self.attn_dropout = nn.Dropout(config.model.attention_dropout)
+
+    def forward(self, x, attention_bias=None):
+        batch, length, hidden = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        # softmax(q k^T * scale + bias) v, fused; mindspore_impl writes it out.
+        dropout = self.attn_dropout.p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, dropout_p=dropout,
+                                             scale=self.scale)
+        out = out.transpose(1, 2).reshape(batch, length, hidden)
+        return self.out_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, tower, config: CLIPConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(tower.hidden_size, tower.ffn_size)
+        self.act = ACTIVATIONS[config.model.activation]()
+        self.fc2 = nn.Linear(tower.ffn_size, tower.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, tower, config: CLIPConfig):
+        super().__init__()
+        eps = config.model.layer_norm_eps
+        self.self_attn = Attention(tower, config)
+        self.layer_norm1 = nn.LayerNorm(tower.hidden_size, eps=eps)
+        self.mlp = MLP(tower, config)
+        self.layer_norm2 = nn.LayerNorm(tower.hidden_size, eps=eps)
+
+    def forward(self, x, attention_bias=None):
+        x = x + self.self_attn(self.layer_norm1(x), attention_bias)
+        x = x + self.mlp(self.layer_norm2(x))
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, tower, config: CLIPConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([EncoderLayer(tower, config) for _ in range(tower.num_layers)])
+
+    def forward(self, x, attention_bias=None):
+        for layer in self.layers:
+            x = layer(x, attention_bias)
+        return x
+
+
+class TextEmbeddings(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        text = config.model.text
+        self.token_embedding = nn.Embedding(text.vocab_size, text.hidden_size)
+        self.position_embedding = nn.Embedding(text.max_position_embeddings, text.hidden_size)
+
+    def forward(self, input_ids):
+        length = input_ids.shape[1]
+        position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0)
+        return self.token_embedding(input_ids) + self.position_embedding(position_ids)
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        text = config.model.text
+        self.embeddings = TextEmbeddings(config)
+        self.encoder = Encoder(text, config)
+        self.final_layer_norm = nn.LayerNorm(text.hidden_size, eps=config.model.layer_norm_eps)
+
+    def forward(self, input_ids, attention_mask=None):
+        """The final hidden state of each row's last real token (its eos): [batch, hidden]."""
+        batch, length = input_ids.shape
+        x = self.embeddings(input_ids)
+        x = self.encoder(x, _text_attention_bias(attention_mask, batch, length, x.dtype, x.device))
+        x = self.final_layer_norm(x)
+        eos = _last_token_index(attention_mask, batch, length, x.device)
+        return torch.gather(x, 1, eos.view(batch, 1, 1).expand(batch, 1, x.shape[2])).squeeze(1)
+
+
+class VisionEmbeddings(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        image = config.model.image
+        self.class_embedding = nn.Parameter(torch.zeros(image.hidden_size))
+        self.patch_embedding = nn.Conv2d(image.num_channels, image.hidden_size,
+                                         kernel_size=image.patch_size, stride=image.patch_size,
+                                         bias=False)
+        self.position_embedding = nn.Embedding(image.num_positions, image.hidden_size)
+
+    def forward(self, pixel_values):
+        batch = pixel_values.shape[0]
+        patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)  # [b, patches, hidden]
+        cls = self.class_embedding.view(1, 1, -1).expand(batch, 1, -1)
+        x = torch.cat((cls, patches), dim=1)
+        return x + self.position_embedding.weight.unsqueeze(0)
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        image, eps = config.model.image, config.model.layer_norm_eps
+        self.embeddings = VisionEmbeddings(config)
+        self.pre_layernorm = nn.LayerNorm(image.hidden_size, eps=eps)
+        self.encoder = Encoder(image, config)
+        self.post_layernorm = nn.LayerNorm(image.hidden_size, eps=eps)
+
+    def forward(self, pixel_values):
+        """The class token's final state, normalised: [batch, hidden]."""
+        x = self.encoder(self.pre_layernorm(self.embeddings(pixel_values)))
+        return self.post_layernorm(x[:, 0, :])
+
+
+class CLIP(nn.Module):
+    def __init__(self, config: CLIPConfig):
+        super().__init__()
+        m = config.model
+        self.config = config
+        self.text_model = TextTransformer(config)
+        self.vision_model = VisionTransformer(config)
+        self.visual_projection = nn.Linear(m.image.hidden_size, m.projection_dim, bias=False)
+        self.text_projection = nn.Linear(m.text.hidden_size, m.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(m.logit_scale_init))
+        self._init_weights()
+
+    def _init_weights(self):
+        m = self.config.model
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                nn.init.normal_(module.weight, mean=0.0, std=init_std(self.config, name))
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.vision_model.embeddings.class_embedding, mean=0.0,
+                        std=m.image.hidden_size ** -0.5)
+
+    def _check(self, pixel_values=None, input_ids=None, attention_mask=None):
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return
+        check_inputs(self.config, None if pixel_values is None else tuple(pixel_values.shape),
+                     None if input_ids is None else input_ids.detach().cpu().numpy(),
+                     None if attention_mask is None else attention_mask.detach().cpu().numpy())
+
+    def get_image_features(self, pixel_values):
+        """Projected image embeddings [batch, projection_dim], not normalised (as HF)."""
+        self._check(pixel_values=pixel_values)
+        return self.visual_projection(self.vision_model(pixel_values))
+
+    def get_text_features(self, input_ids, attention_mask=None):
+        """Projected text embeddings [batch, projection_dim], not normalised (as HF).
+
+        attention_mask: [batch, length], 1 for real tokens, 0 for padding; right-padded.
+        """
+        self._check(input_ids=input_ids, attention_mask=attention_mask)
+        return self.text_projection(self.text_model(input_ids, attention_mask))
+
+    def forward(self, pixel_values, input_ids, attention_mask=None):
+        """(logits_per_image [images, texts], logits_per_text [texts, images]):
+        exp(logit_scale) * cosine similarity of the projected embeddings."""
+        self._check(pixel_values, input_ids, attention_mask)
+        image_embeds = self.visual_projection(self.vision_model(pixel_values))
+        text_embeds = self.text_projection(self.text_model(input_ids, attention_mask))
+        image_embeds = image_embeds / image_embeds.pow(2).sum(dim=-1, keepdim=True).sqrt()
+        text_embeds = text_embeds / text_embeds.pow(2).sum(dim=-1, keepdim=True).sqrt()
+        logits_per_image = torch.matmul(image_embeds, text_embeds.T) * self.logit_scale.exp()
+        return logits_per_image, logits_per_image.T
+
+
+def contrastive_loss(logits_per_image):
+    """Symmetric cross-entropy of a square [n, n] logit matrix whose pair i is (i, i):
+    the mean of image->text and text->image classification losses."""
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    image_loss = F.cross_entropy(logits_per_image, labels)
+    text_loss = F.cross_entropy(logits_per_image.T, labels)
+    return (image_loss + text_loss) / 2
+
+
+def _last_token_index(attention_mask, batch, length, device):
+    """[batch]: the position of each row's last real token (the last 1 of the mask)."""
+    if attention_mask is None:
+        return torch.full((batch,), length - 1, dtype=torch.long, device=device)
+    positions = torch.arange(length, device=device).unsqueeze(0)
+    return (attention_mask.long() * positions).amax(dim=1)
+
+
+def _text_attention_bias(attention_mask, batch, length, dtype, device):
+    """[batch, 1, length, length]: 0 where a query may attend (causal, not padding),
+    dtype-min elsewhere (finite, so a padding query's row stays free of NaN)."""
+    query_pos = torch.arange(length, device=device).unsqueeze(1)
+    key_pos = torch.arange(length, device=device).unsqueeze(0)
+    allowed = (key_pos <= query_pos).view(1, 1, length, length)
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool().view(batch, 1, 1, length)
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
