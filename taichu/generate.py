@@ -90,7 +90,7 @@ def generate_ids(step, prompts: list[list[int]], config: SamplingConfig, eos_id:
     new = [[] for _ in prompts]
     finished = np.zeros(batch, bool)
     logits, past = step(input_ids, mask, None)
-    for _ in range(config.max_new_tokens):
+    for produced in range(1, config.max_new_tokens + 1):
         tokens = choose_tokens(process_logits(logits, sequences, config), config, rng)
         tokens = np.where(finished, pad_id, tokens)
         for row in np.flatnonzero(~finished):
@@ -99,8 +99,8 @@ def generate_ids(step, prompts: list[list[int]], config: SamplingConfig, eos_id:
             else:
                 new[row].append(int(tokens[row]))
                 sequences[row].append(int(tokens[row]))
-        if finished.all():
-            break
+        if finished.all() or produced == config.max_new_tokens:
+            break  # no model step for logits that would never be used
         mask = np.concatenate([mask, (~finished).astype(np.int64)[:, None]], axis=1)
         logits, past = step(tokens[:, None].astype(np.int64), mask, past)
     return new
