@@ -1,8 +1,11 @@
-"""What every benchmark shares: the machine line and its own block of docs/benchmarks.md."""
+"""What every benchmark shares: the machine line, its own block of docs/benchmarks.md, and
+the measurement of (and waiting out) load from other processes."""
 from __future__ import annotations
 
 import os
 import platform
+import sys
+import time
 from pathlib import Path
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -36,3 +39,52 @@ def write_section(name: str, heading: str, text: str) -> None:
         doc = doc.rstrip("\n") + f"\n\n{heading}\n\n{block}\n"
     DOC.parent.mkdir(parents=True, exist_ok=True)
     DOC.write_text(doc, encoding="utf-8")
+
+
+# ------------------------------------------------ load from other processes (--wait-idle)
+
+CORES = os.cpu_count() or 1
+WAIT_IDLE = [0.0, 0.0]  # --wait-idle limit per wait, seconds waited so far
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(busy ticks of the whole machine, ticks of this process) from /proc."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    idle = int(fields[3]) + int(fields[4])  # idle + iowait
+    own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[:8]) - idle, int(own[11]) + int(own[12])
+
+
+def others_share(before, after, seconds: float) -> float:
+    """Share of all cores that other processes used between two cpu_ticks() reads."""
+    ticks = (after[0] - before[0]) - (after[1] - before[1])
+    # Clamped: /proc counts in 10 ms ticks, so a run of a few ms reads anything from 0 to >1.
+    return min(1.0, max(0.0, ticks / (seconds * CORES * os.sysconf("SC_CLK_TCK"))))
+
+
+def wait_until_idle(limit: float, window: float = 2.0, threshold: float = 0.05) -> float:
+    """Wait (at most ``limit`` seconds) until other processes use < 5% of the cores."""
+    start = time.monotonic()
+    while time.monotonic() < start + limit:
+        before = cpu_ticks()
+        time.sleep(window)
+        share = others_share(before, cpu_ticks(), window)
+        if share < threshold:
+            break
+        print(f"  waiting: other processes use {share:.0%} of the cores", file=sys.stderr,
+              flush=True)
+    return time.monotonic() - start
+
+
+def settle() -> None:
+    """With --wait-idle: before anything timed, wait until the other processes are quiet."""
+    if WAIT_IDLE[0]:
+        WAIT_IDLE[1] += wait_until_idle(WAIT_IDLE[0])
+
+
+def publish(name: str, heading: str, text: str, no_doc: bool) -> None:
+    """Print a benchmark's report and, unless ``no_doc``, rewrite its block of the doc."""
+    print(text)
+    if not no_doc:
+        write_section(name, heading, text)
+        print(f"\nwrote {DOC.relative_to(DOC.parents[1])}", file=sys.stderr)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchdoc import DOC, machine, write_section
+from benchdoc import machine, publish
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: taichu is the checkout's
@@ -325,10 +325,7 @@ def main(argv=None) -> None:
     model, rows, checks = run(args)
     args.load = (load, os.getloadavg()[0])
     text = report(args, model, rows, checks, time.perf_counter() - start)
-    print(text)
-    if not args.no_doc:
-        write_section(NAME, SECTION, text)
-        print(f"\nwrote {DOC.relative_to(ROOT)}", file=sys.stderr)
+    publish(NAME, SECTION, text, args.no_doc)
 
 
 if __name__ == "__main__":

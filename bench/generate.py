@@ -45,16 +45,14 @@ from pathlib import Path
 
 import numpy as np
 
-from benchdoc import DOC, machine, write_section
+from benchdoc import CORES, WAIT_IDLE, cpu_ticks, machine, others_share, publish, settle
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: taichu is the checkout's
 NAME = "generate"
 SECTION = "## Generation (bench/generate.py)"
-CORES = os.cpu_count() or 1
 BATCHES = (1, 8)
 WORKERS = ("torch", "onnx", "mindspore")
-WAIT_IDLE = [0.0, 0.0]  # --wait-idle limit per wait, seconds waited so far
 REFERENCE, HF = "torch_impl (cache)", "Hugging Face generate"
 
 
@@ -76,39 +74,12 @@ def prompts(config, args) -> list[list[int]]:
     return ids.tolist()
 
 
-def cpu_ticks() -> tuple[int, int]:
-    """(busy ticks of the whole machine, ticks of this process) from /proc (train_gpt.py's)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    idle = int(fields[3]) + int(fields[4])  # idle + iowait
-    own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[:8]) - idle, int(own[11]) + int(own[12])
 
 
-def others_share(before, after, seconds: float) -> float:
-    """Share of all cores that other processes used between two cpu_ticks() reads."""
-    ticks = (after[0] - before[0]) - (after[1] - before[1])
-    # Clamped: /proc counts in 10 ms ticks, so a run of a few ms reads anything from 0 to >1.
-    return min(1.0, max(0.0, ticks / (seconds * CORES * os.sysconf("SC_CLK_TCK"))))
 
 
-def wait_until_idle(limit: float, window: float = 2.0, threshold: float = 0.05) -> float:
-    """Wait (at most ``limit`` seconds) until other processes use < 5% of the cores."""
-    start = time.monotonic()
-    while time.monotonic() < start + limit:
-        before = cpu_ticks()
-        time.sleep(window)
-        share = others_share(before, cpu_ticks(), window)
-        if share < threshold:
-            break
-        print(f"  waiting: other processes use {share:.0%} of the cores", file=sys.stderr,
-              flush=True)
-    return time.monotonic() - start
 
 
-def settle() -> None:
-    """With --wait-idle: before each timed generation, wait until the other processes are quiet."""
-    if WAIT_IDLE[0]:
-        WAIT_IDLE[1] += wait_until_idle(WAIT_IDLE[0])
 
 
 # ---------------------------------------------------------------- how a generation is timed
@@ -478,10 +449,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     rows, extras = run(args)
     text = report(args, rows, extras, time.perf_counter() - start)
-    print(text)
-    if not args.no_doc:
-        write_section(NAME, SECTION, text)
-        print(f"\nwrote {DOC.relative_to(ROOT)}", file=sys.stderr)
+    publish(NAME, SECTION, text, args.no_doc)
 
 
 if __name__ == "__main__":

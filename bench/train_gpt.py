@@ -31,13 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from benchdoc import DOC, machine, write_section
+from benchdoc import CORES, WAIT_IDLE, cpu_ticks, machine, others_share, publish, settle
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "train_gpt"
 SECTION = "## Training step (bench/train_gpt.py)"
-CORES = os.cpu_count() or 1
-WAIT_IDLE = [0.0, 0.0]  # --wait-idle limit per wait, seconds waited so far
 WORKERS = ("torch", "mindspore", "pynative", "parts")
 RSS_LABELS = {"torch": "torch (torch_impl and Hugging Face together)",
               "mindspore": "mindspore_impl graph", "pynative": "mindspore_impl pynative",
@@ -74,10 +72,6 @@ def flops_per_token(config, seq_len: int) -> tuple[float, int]:
     return 6.0 * n + 12.0 * m.num_layers * m.hidden_size * seq_len, n
 
 
-def settle() -> None:
-    """With --wait-idle: before anything timed, wait until the other processes are quiet."""
-    if WAIT_IDLE[0]:
-        WAIT_IDLE[1] += wait_until_idle(WAIT_IDLE[0], window=2.0)
 
 
 def best_time(fn, repeats: int) -> float:
@@ -100,18 +94,8 @@ def matmul_peak(matmul, make, sizes=(2048, 3072, 4096), repeats=3) -> float:
     return best
 
 
-def cpu_ticks() -> tuple[int, int]:
-    """(busy ticks of the whole machine, ticks of this process) from /proc."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    idle = int(fields[3]) + int(fields[4])  # idle + iowait
-    own = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(f) for f in fields[:8]) - idle, int(own[11]) + int(own[12])
 
 
-def others_share(before, after, seconds: float) -> float:
-    """Share of all cores that other processes used between two cpu_ticks() reads."""
-    ticks = (after[0] - before[0]) - (after[1] - before[1])
-    return max(0.0, ticks / (seconds * CORES * os.sysconf("SC_CLK_TCK")))
 
 
 def top_ops(rows, count=10):
@@ -374,18 +358,6 @@ def numpy_peak() -> float:
 
 
 
-def wait_until_idle(limit: float, window: float = 5.0, threshold: float = 0.05) -> float:
-    """Wait (at most ``limit`` seconds) until other processes use < 5% of the cores."""
-    start = time.monotonic()
-    while time.monotonic() < start + limit:
-        before = cpu_ticks()
-        time.sleep(window)
-        share = others_share(before, cpu_ticks(), window)
-        if share < threshold:
-            break
-        print(f"  waiting: other processes use {share:.0%} of the cores", file=sys.stderr,
-              flush=True)
-    return time.monotonic() - start
 
 
 def run(args) -> tuple[dict, dict]:
@@ -517,10 +489,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     runs, extras = run(args)
     text = report(args, runs, extras, time.perf_counter() - start)
-    print(text)
-    if not args.no_doc:
-        write_section(NAME, SECTION, text)
-        print(f"\nwrote {DOC.relative_to(ROOT)}", file=sys.stderr)
+    publish(NAME, SECTION, text, args.no_doc)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from mindspore import nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from taichu.families.clip import CLIPConfig, check_inputs, init_std
+from mindspore_impl.gpt import causal_attention_bias
 
 
 class QuickGELU(nn.Cell):
@@ -122,7 +123,8 @@ class TextTransformer(nn.Cell):
         """The final hidden state of each row's last real token (its eos): [batch, hidden]."""
         batch, length = input_ids.shape
         x = self.embeddings(input_ids)
-        x = self.encoder(x, _text_attention_bias(attention_mask, batch, length, x.dtype))
+        bias = causal_attention_bias(attention_mask, batch, length, 0, x.dtype)
+        x = self.encoder(x, bias)
         x = self.final_layer_norm(x)
         eos = _last_token_index(attention_mask, batch, length)
         index = ops.broadcast_to(eos.view(batch, 1, 1), (batch, 1, x.shape[2]))
@@ -237,23 +239,3 @@ def _last_token_index(attention_mask, batch, length):
         return ops.full((batch,), length - 1, dtype=ms.int32)
     positions = ops.arange(0, length, dtype=ms.int32).expand_dims(0)
     return (attention_mask.astype(ms.int32) * positions).max(axis=1)
-
-
-def _text_attention_bias(attention_mask, batch, length, dtype):
-    """[batch, 1, length, length]: 0 where a query may attend (causal, not padding),
-    dtype-min elsewhere (finite, so a padding query's row stays free of NaN)."""
-    query_pos = ops.arange(0, length, dtype=ms.int32).expand_dims(1)
-    key_pos = ops.arange(0, length, dtype=ms.int32).expand_dims(0)
-    allowed = (key_pos <= query_pos).view(1, 1, length, length)
-    if attention_mask is not None:
-        allowed = ops.logical_and(allowed, attention_mask.astype(ms.bool_).view(batch, 1, 1, length))
-    zero = ops.zeros((), dtype)
-    return ops.where(allowed, zero, ops.full((), _dtype_min(dtype), dtype=dtype))
-
-
-def _dtype_min(dtype):
-    if dtype == ms.float16:
-        return -65504.0
-    if dtype == ms.bfloat16:
-        return -3.3895313892515355e38
-    return -3.4028234663852886e38

@@ -124,7 +124,7 @@ class GPT(nn.Cell):
         if position_ids is None:
             position_ids = _default_position_ids(attention_mask, batch, length, past_length)
         x = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
-        attention_bias = _attention_bias(attention_mask, batch, length, past_length, x.dtype)
+        attention_bias = causal_attention_bias(attention_mask, batch, length, past_length, x.dtype)
         presents = ()
         for i in range(len(self.layers)):
             past = None if past_key_values is None else past_key_values[i]
@@ -171,7 +171,7 @@ def _default_position_ids(attention_mask, batch, length, past_length):
     return ops.maximum(positions, 0)[:, past_length:]
 
 
-def _attention_bias(attention_mask, batch, length, past_length, dtype):
+def causal_attention_bias(attention_mask, batch, length, past_length, dtype):
     """[batch, 1, length, past + length]: 0 where a query may attend, dtype-min elsewhere.
 
     The most negative finite value rather than -inf keeps fully masked rows (padding

@@ -24,6 +24,31 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
+
+class TransformerSize(Section):
+    """Width, depth and heads of a Transformer stack, shared by every family's towers."""
+
+    hidden_size: StrictInt = Field(gt=0)
+    num_layers: StrictInt = Field(gt=0)
+    num_heads: StrictInt = Field(gt=0)
+    # Width of the MLP; null means 4 * hidden_size.
+    intermediate_size: StrictInt | None = Field(None, gt=0)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or 4 * self.hidden_size
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
 class SpecialTokens(Section):
     """Pieces and ids of the tokens every text model needs; ids are fixed at training."""
 

@@ -2,7 +2,7 @@
 
 Backend-neutral (pydantic only). The MindSpore shard strategies that realise a
 ``semi_auto_parallel`` config live in ``mindspore_impl/parallel.py``; PyTorch supports
-data parallelism only (DDP, or FSDP with ``fsdp: true``).
+data parallelism only (DDP, or FSDP with ``fsdp: true``; ``torch_impl/parallel.py``).
 
 Device layout: ``data_parallel * model_parallel * pipeline_stages`` processes, one per
 device (msrun workers / torchrun processes).

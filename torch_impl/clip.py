@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from taichu.families.clip import CLIPConfig, check_inputs, init_std
+from torch_impl.gpt import causal_attention_bias
 
 
 class QuickGELU(nn.Module):
@@ -119,7 +120,8 @@ class TextTransformer(nn.Module):
         """The final hidden state of each row's last real token (its eos): [batch, hidden]."""
         batch, length = input_ids.shape
         x = self.embeddings(input_ids)
-        x = self.encoder(x, _text_attention_bias(attention_mask, batch, length, x.dtype, x.device))
+        bias = causal_attention_bias(attention_mask, batch, length, 0, x.dtype, x.device)
+        x = self.encoder(x, bias)
         x = self.final_layer_norm(x)
         eos = _last_token_index(attention_mask, batch, length, x.device)
         return torch.gather(x, 1, eos.view(batch, 1, 1).expand(batch, 1, x.shape[2])).squeeze(1)
@@ -227,15 +229,3 @@ def _last_token_index(attention_mask, batch, length, device):
         return torch.full((batch,), length - 1, dtype=torch.long, device=device)
     positions = torch.arange(length, device=device).unsqueeze(0)
     return (attention_mask.long() * positions).amax(dim=1)
-
-
-def _text_attention_bias(attention_mask, batch, length, dtype, device):
-    """[batch, 1, length, length]: 0 where a query may attend (causal, not padding),
-    dtype-min elsewhere (finite, so a padding query's row stays free of NaN)."""
-    query_pos = torch.arange(length, device=device).unsqueeze(1)
-    key_pos = torch.arange(length, device=device).unsqueeze(0)
-    allowed = (key_pos <= query_pos).view(1, 1, length, length)
-    if attention_mask is not None:
-        allowed = allowed & attention_mask.bool().view(batch, 1, 1, length)
-    zero = torch.zeros((), dtype=dtype, device=device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)

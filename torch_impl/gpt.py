@@ -122,7 +122,7 @@ class GPT(nn.Module):
             position_ids = _default_position_ids(attention_mask, batch, length, past_length,
                                                  input_ids.device)
         x = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
-        attention_bias = _attention_bias(attention_mask, batch, length, past_length, x.dtype,
+        attention_bias = causal_attention_bias(attention_mask, batch, length, past_length, x.dtype,
                                          x.device)
         presents = []
         for i, layer in enumerate(self.layers):
@@ -166,7 +166,7 @@ def _default_position_ids(attention_mask, batch, length, past_length, device):
     return positions.clamp(min=0)[:, past_length:]
 
 
-def _attention_bias(attention_mask, batch, length, past_length, dtype, device):
+def causal_attention_bias(attention_mask, batch, length, past_length, dtype, device):
     """[batch, 1, length, past + length]: 0 where a query may attend, dtype-min elsewhere.
 
     The most negative finite value rather than -inf keeps fully masked rows (padding

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.nn import functional as F
 
 from taichu.parallel import validate_batch, validate_parallel
+from torch_impl.parallel import wrap_data_parallel
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,22 +62,8 @@ class Trainer:
         self.model = model.to(self.device)
         self.model.train()
         self.names = [name for name, _ in self.model.named_parameters()]
-        self.module = self.model
         self.fsdp = world > 1 and config.parallel.fsdp
-        if world > 1:
-            if self.fsdp:
-                # FSDP2 (fully_shard): one shard group per Block plus the root (embeddings,
-                # final norm). Unlike FSDP1 it also runs on CPU with gloo.
-                from torch.distributed.fsdp import fully_shard
-
-                for block in self.model.layers:
-                    fully_shard(block)
-                fully_shard(self.model)
-            else:
-                from torch.nn.parallel import DistributedDataParallel
-
-                ids = [self.device.index] if self.device.type == "cuda" else None
-                self.module = DistributedDataParallel(self.model, device_ids=ids)
+        self.module = wrap_data_parallel(self.model, config.parallel, world, self.device)
         params = dict(self.model.named_parameters())
         decay = [p for name, p in params.items() if name in decay_names]
         no_decay = [p for name, p in params.items() if name not in decay_names]

@@ -18,6 +18,19 @@ class TensorSpec:
     kind: str
 
 
+def linear_specs(prefix: str, n_in: int, n_out: int, bias: bool = True) -> dict[str, TensorSpec]:
+    """A Linear layer's tensors: weight [out, in] (torch's layout) and optional bias."""
+    specs = {f"{prefix}.weight": TensorSpec((n_out, n_in), "linear")}
+    if bias:
+        specs[f"{prefix}.bias"] = TensorSpec((n_out,), "linear")
+    return specs
+
+
+def layer_norm_specs(prefix: str, width: int) -> dict[str, TensorSpec]:
+    return {f"{prefix}.weight": TensorSpec((width,), "layer_norm"),
+            f"{prefix}.bias": TensorSpec((width,), "layer_norm")}
+
+
 @dataclass(frozen=True)
 class Family:
     name: str

@@ -15,36 +15,13 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, StrictInt, model_validator
 
-from taichu.config import Section, TokenizerConfig, TrainConfig
-from taichu.families import Family, TensorSpec
+from taichu.config import Section, TokenizerConfig, TrainConfig, TransformerSize
+from taichu.families import Family, TensorSpec, layer_norm_specs, linear_specs
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 
 
-class _Tower(Section):
-    hidden_size: StrictInt = Field(gt=0)
-    num_layers: StrictInt = Field(gt=0)
-    num_heads: StrictInt = Field(gt=0)
-    # Width of the MLP; null means 4 * hidden_size.
-    intermediate_size: StrictInt | None = Field(None, gt=0)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def ffn_size(self) -> int:
-        return self.intermediate_size or 4 * self.hidden_size
-
-    @model_validator(mode="after")
-    def _heads_divide_hidden(self):
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        return self
-
-
-class CLIPImageConfig(_Tower):
+class CLIPImageConfig(TransformerSize):
     """The ViT image tower: a square image cut into square patches."""
 
     image_size: StrictInt = Field(gt=0)
@@ -67,7 +44,7 @@ class CLIPImageConfig(_Tower):
         return self
 
 
-class CLIPTextConfig(_Tower):
+class CLIPTextConfig(TransformerSize):
     """The causal text tower; max_position_embeddings is the context length."""
 
     vocab_size: StrictInt = Field(gt=0)
@@ -140,15 +117,12 @@ def tensor_specs(config: CLIPConfig) -> dict[str, TensorSpec]:
     specs: dict[str, TensorSpec] = {}
 
     def linear(prefix: str, n_in: int, n_out: int, bias: bool = True) -> None:
-        specs[f"{prefix}.weight"] = TensorSpec((n_out, n_in), "linear")
-        if bias:
-            specs[f"{prefix}.bias"] = TensorSpec((n_out,), "linear")
+        specs.update(linear_specs(prefix, n_in, n_out, bias))
 
     def layer_norm(prefix: str, width: int) -> None:
-        specs[f"{prefix}.weight"] = TensorSpec((width,), "layer_norm")
-        specs[f"{prefix}.bias"] = TensorSpec((width,), "layer_norm")
+        specs.update(layer_norm_specs(prefix, width))
 
-    def encoder(prefix: str, tower: _Tower) -> None:
+    def encoder(prefix: str, tower: TransformerSize) -> None:
         hidden = tower.hidden_size
         for i in range(tower.num_layers):
             p = f"{prefix}.encoder.layers.{i}"

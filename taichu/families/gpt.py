@@ -9,20 +9,15 @@ from typing import Literal
 
 from pydantic import Field, StrictBool, StrictInt, model_validator
 
-from taichu.config import DataConfig, Section, TokenizerConfig, TrainConfig
+from taichu.config import DataConfig, Section, TokenizerConfig, TrainConfig, TransformerSize
 from taichu.parallel import ParallelConfig
-from taichu.families import Family, TensorSpec
+from taichu.families import Family, TensorSpec, layer_norm_specs, linear_specs
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu")
 
 
-class GPTModelConfig(Section):
+class GPTModelConfig(TransformerSize):
     vocab_size: StrictInt = Field(gt=0)
-    hidden_size: StrictInt = Field(gt=0)
-    num_layers: StrictInt = Field(gt=0)
-    num_heads: StrictInt = Field(gt=0)
-    # Width of the MLP; null means 4 * hidden_size.
-    intermediate_size: StrictInt | None = Field(None, gt=0)
     max_position_embeddings: StrictInt = Field(gt=0)
     # Explicit on purpose: frameworks disagree on defaults (MindSpore's GELU is tanh,
     # its LayerNorm eps is 1e-7). gelu = exact erf GELU, gelu_new = tanh approximation.
@@ -32,21 +27,6 @@ class GPTModelConfig(Section):
     attention_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: StrictBool = True
     initializer_range: float = Field(0.02, gt=0.0)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def ffn_size(self) -> int:
-        return self.intermediate_size or 4 * self.hidden_size
-
-    @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> "GPTModelConfig":
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        return self
 
 
 class GPTConfig(Section):
@@ -84,13 +64,10 @@ def tensor_specs(config: GPTConfig) -> dict[str, TensorSpec]:
     }
 
     def linear(prefix: str, n_in: int, n_out: int) -> None:
-        specs[f"{prefix}.weight"] = TensorSpec((n_out, n_in), "linear")
-        if m.bias:
-            specs[f"{prefix}.bias"] = TensorSpec((n_out,), "linear")
+        specs.update(linear_specs(prefix, n_in, n_out, m.bias))
 
     def layer_norm(prefix: str) -> None:
-        specs[f"{prefix}.weight"] = TensorSpec((hidden,), "layer_norm")
-        specs[f"{prefix}.bias"] = TensorSpec((hidden,), "layer_norm")
+        specs.update(layer_norm_specs(prefix, hidden))
 
     for i in range(m.num_layers):
         p = f"layers.{i}"

@@ -1,0 +1,33 @@
+"""PyTorch data parallelism for the GPT: DDP or FSDP2 over the processes torchrun starts.
+
+The counterpart of mindspore_impl/parallel.py, with less in it: PyTorch runs data
+parallelism only. Tensor (model_parallel) and pipeline splits are MindSpore semi-auto
+parallel features; taichu.parallel.validate_parallel refuses them for the torch backend.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from taichu.parallel import ParallelConfig
+
+
+def wrap_data_parallel(model: nn.Module, parallel: ParallelConfig, world: int,
+                       device: torch.device) -> nn.Module:
+    """The module to run forward/backward through: ``model`` itself for one process or
+    FSDP2 (sharded in place), a DistributedDataParallel wrapper otherwise."""
+    if world == 1:
+        return model
+    if parallel.fsdp:
+        # FSDP2 (fully_shard): one shard group per Block plus the root (embeddings,
+        # final norm). Unlike FSDP1 it also runs on CPU with gloo.
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
