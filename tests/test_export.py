@@ -65,6 +65,21 @@ def test_onnx_matches_torch_at_shapes_other_than_the_validated_ones(onnx_dir, tr
             np.testing.assert_allclose(actual[name], expected[name], atol=1e-4, rtol=0, err_msg=name)
 
 
+def test_export_signature_is_the_same_in_both_backends(trained_tiny):
+    """DecoderForExport (what ONNX and MINDIR are traced from) mirrors across backends:
+    the same logits and the same present key/value per layer, in the same order."""
+    runners = [source_runner(taichu.load_model(trained_tiny, backend=b)) for b in ("torch", "mindspore")]
+    config = taichu.load_config(trained_tiny).model
+    for batch, length, past in ((2, 7, 0), (3, 2, 5)):
+        feeds = sample_inputs(config, batch, length, past, seed=11)
+        torch_out, ms_out = (run(feeds) for run in runners)
+        assert list(torch_out) == list(ms_out)
+        for name in torch_out:
+            np.testing.assert_allclose(ms_out[name], torch_out[name], atol=1e-5, rtol=0, err_msg=name)
+        # present.i.key = [past ; new keys]: the cache passes through unchanged.
+        np.testing.assert_array_equal(torch_out["present.1.key"][:, :, :past], feeds["past_key_values.1.key"])
+
+
 def test_greedy_tokens_equal_on_mindspore_torch_and_onnx_runtime(onnx_dir, trained_tiny):
     tokenizer = Tokenizer(trained_tiny / "tokenizer.model")
     prompts = [tokenizer.encode(p, add_bos=True) for p in PROMPTS]
