@@ -228,6 +228,91 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    """Embed images or captions with an image-text model: OUT.npy + OUT.jsonl (what each row is)."""
+    import json
+
+    import numpy as np
+
+    from taichu.fileio import atomic_write, atomic_write_bytes
+    from taichu.retrieval import Embedder, list_images, read_captions
+
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise ValueError(f"--out {out}: must end in .npy (the row list goes beside it as .jsonl)")
+    # Read and check every input before loading the model: a bad caption line fails fast.
+    if args.images:
+        images = list_images(args.images)
+    else:
+        texts = read_captions(args.texts)
+    embedder = Embedder(args.model, args.backend, args.batch_size)
+    if args.images:
+        vectors = embedder.embed_images(images)  # a non-image file raises here: nothing is written
+        rows = [{"row": i, "image": str(path)} for i, path in enumerate(images)]
+    else:
+        vectors = embedder.embed_texts(texts)
+        rows = [{"row": i, "text": text} for i, text in enumerate(texts)]
+    sidecar = out.with_suffix(".jsonl")
+    atomic_write_bytes(sidecar, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    atomic_write(out, lambda handle: np.save(handle, vectors, allow_pickle=False))
+    print(f"wrote {out} (float32 {list(vectors.shape)}, L2-normalised, {args.backend}) and {sidecar}")
+    return 0
+
+
+def cmd_index(args) -> int:
+    """Embed images or captions and save them as a searchable index directory."""
+    from taichu.retrieval import Embedder, build_index, list_images, read_captions
+
+    images = list_images(args.images) if args.images else None
+    texts = read_captions(args.texts) if args.texts else None
+    embedder = Embedder(args.model, args.backend, args.batch_size)
+    index = build_index(embedder, images=images, texts=texts, backend=args.index_backend)
+    index.save(args.out)
+    what = "images" if images is not None else "captions"
+    print(f"wrote {args.out}: {len(index)} {what}, {index.dim}-d ({index.backend} search)")
+    return 0
+
+
+def cmd_search(args) -> int:
+    """Rank the items of an index against a caption or an image."""
+    from taichu.retrieval import Embedder, VectorIndex, check_index_model
+
+    index = VectorIndex.load(args.index, backend=args.index_backend)
+    embedder = Embedder(args.model, args.backend)
+    check_index_model(index, embedder)
+    if args.text is not None:
+        query, what = embedder.embed_texts([args.text]), f"text {args.text!r}"
+    else:
+        query, what = embedder.embed_images([args.image]), f"image {args.image}"
+    scores, ids = index.search(query, args.k)
+    modality = index.metadata.get("modality", "item")
+    print(f"{what} -> top {ids.shape[1]} of {len(index)} {modality}s in {args.index} "
+          f"({index.backend} search, cosine similarity)")
+    for rank, (score, i) in enumerate(zip(scores[0], ids[0]), start=1):
+        item = index.items[i]
+        shown = item.get("image", item.get("text", item)) if isinstance(item, dict) else item
+        print(f"{rank:>3}  {score:+.4f}  {shown}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    """Recall@1/5 both ways (and zero-shot digit accuracy) on the model's held-out split."""
+    import json
+
+    from taichu.fileio import atomic_write_bytes
+    from taichu.retrieval import evaluate
+
+    metrics = evaluate(args.model, args.backend, data=args.data, split=args.split,
+                       batch_size=args.batch_size)
+    for line in metrics.lines():
+        print(line)
+    if args.out:
+        text = json.dumps(metrics.values, ensure_ascii=False, indent=2) + "\n"
+        atomic_write_bytes(args.out, text.encode("utf-8"))
+        print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taichu", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -314,6 +399,59 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--graph", action="store_true", help="MindSpore graph mode (default PyNative)")
     parity.add_argument("--tolerance", type=float, default=1e-5)
     parity.set_defaults(func=cmd_parity)
+
+    embed_backends = ("torch", "mindspore", "onnx")
+    image_text_model = "image-text model directory (clip, brivl), or its ONNX export with --backend onnx"
+    embed = commands.add_parser("embed", help="embed images or captions with an image-text model "
+                                              "(L2-normalised float32 .npy + a .jsonl of the rows)")
+    embed.add_argument("model", help=image_text_model)
+    embed_inputs = embed.add_mutually_exclusive_group(required=True)
+    embed_inputs.add_argument("--images", nargs="+", metavar="DIR_OR_FILE",
+                              help="image files, or directories (image files found recursively)")
+    embed_inputs.add_argument("--texts", metavar="FILE", help="UTF-8 file, one caption per line")
+    embed.add_argument("--out", required=True, help="embeddings .npy (rows listed in the same name .jsonl)")
+    embed.add_argument("--backend", choices=embed_backends, default="torch")
+    embed.add_argument("--batch-size", type=int, default=64)
+    embed.set_defaults(func=cmd_embed)
+
+    index = commands.add_parser("index", help="build a vector index of images or captions for "
+                                              "taichu search")
+    index.add_argument("model", help=image_text_model)
+    index_inputs = index.add_mutually_exclusive_group(required=True)
+    index_inputs.add_argument("--images", nargs="+", metavar="DIR_OR_FILE",
+                              help="image files, or directories (image files found recursively)")
+    index_inputs.add_argument("--texts", metavar="FILE", help="UTF-8 file, one caption per line")
+    index.add_argument("--out", required=True, help="index directory to write (replaced atomically)")
+    index.add_argument("--backend", choices=embed_backends, default="torch")
+    index.add_argument("--index-backend", choices=("auto", "faiss", "numpy"), default="auto",
+                       help="faiss IndexFlatIP, or the exact numpy search (auto: faiss if installed)")
+    index.add_argument("--batch-size", type=int, default=64)
+    index.set_defaults(func=cmd_index)
+
+    search = commands.add_parser("search", help="search an index (taichu index) with a caption "
+                                                "or an image")
+    search.add_argument("model", help="the model the index was built with (directory, or its "
+                                         "ONNX export with --backend onnx)")
+    search.add_argument("--index", required=True, help="index directory")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="caption to search with (text -> images, or texts)")
+    query.add_argument("--image", help="image file to search with (image -> texts, or images)")
+    search.add_argument("-k", type=int, default=5, help="results to show")
+    search.add_argument("--backend", choices=embed_backends, default="torch")
+    search.add_argument("--index-backend", choices=("auto", "faiss", "numpy"), default="auto")
+    search.set_defaults(func=cmd_search)
+
+    evaluation = commands.add_parser("eval", help="Recall@1/5 text->image and image->text (and "
+                                                  "zero-shot digits) on the held-out split")
+    evaluation.add_argument("model", help=image_text_model)
+    evaluation.add_argument("--backend", choices=embed_backends, default="torch")
+    evaluation.add_argument("--data", help="digits, scenes or a .jsonl (default: the model "
+                                           "config's data.source)")
+    evaluation.add_argument("--split", choices=("test", "train", "all"), default="test",
+                            help="test = the held-out split training did not see")
+    evaluation.add_argument("--out", help="also write the metrics as JSON")
+    evaluation.add_argument("--batch-size", type=int, default=64)
+    evaluation.set_defaults(func=cmd_eval)
     return parser
 
 
