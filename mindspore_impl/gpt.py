@@ -163,6 +163,14 @@ class DecoderForExport(nn.Cell):
             outputs = outputs + key_value
         return outputs
 
+def training_loss(model, input_ids):
+    """Next-token cross-entropy of token blocks [batch, seq_len + 1] (inputs [:, :-1],
+    targets [:, 1:]), in fp32 whatever the compute precision; returns (loss,)."""
+    logits = model(input_ids[:, :-1])
+    return (ops.cross_entropy(logits.reshape(-1, logits.shape[-1]).astype(ms.float32),
+                              input_ids[:, 1:].reshape(-1)),)
+
+
 def _default_position_ids(attention_mask, batch, length, past_length):
     if attention_mask is None:
         positions = ops.arange(past_length, past_length + length, dtype=ms.int32)

@@ -2,9 +2,9 @@
 
 Mirrors torch_impl/train.py: same functions, same Trainer methods, same math
 (mindspore.experimental.optim.AdamW has torch's AdamW semantics, clip coefficient
-max_norm / (norm + 1e-6), loss = mean token cross-entropy averaged over micro-batches
-and data-parallel ranks). The step runs in graph mode through mindspore.jit unless
-train.graph_mode is false.
+max_norm / (norm + 1e-6), loss averaged over micro-batches and data-parallel ranks; the
+family's ``training_loss`` and ``after_step``). The step runs in graph mode through
+mindspore.jit unless train.graph_mode is false.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from mindspore import nn, ops
 from mindspore.experimental.optim import AdamW
 
 from mindspore_impl.weights import canonical_parameters
+from taichu.families import backend_module, get_family
 from taichu.parallel import validate_batch, validate_parallel
 
 PRECISIONS = {"fp32": None, "bf16": ms.bfloat16, "fp16": ms.float16}
@@ -79,6 +80,9 @@ class Trainer:
         self.rank, self.world = rank, world
         self.model = model
         self.model.set_train(True)
+        self.family_module = backend_module(get_family(config.family), "mindspore")
+        self.training_loss = self.family_module.training_loss
+        self.after_step = getattr(self.family_module, "after_step", None)
         # MindSpore parameter name -> canonical name and layer kind (for the leaf renames).
         parameters = canonical_parameters(model)
         self.names = {param.name: name for name, (param, _) in parameters.items()}
@@ -107,10 +111,10 @@ class Trainer:
             ms.amp.auto_mixed_precision(self.model, "O2", dtype=self.compute_dtype)
         self.loss_scale = train.initial_loss_scale if train.precision == "fp16" else 1.0
         self.good_steps = 0
-        self.vocab_size = config.model.vocab_size
         self.grad_reducer = (nn.DistributedGradReducer(self.optimizer.parameters, mean=True,
                                                        degree=world) if world > 1 else None)
         self.all_reduce = ops.AllReduce() if world > 1 else None
+        self.all_gather = ops.AllGather() if world > 1 else None
 
         self._grad_fn = ms.value_and_grad(self._scaled_loss, None, self.optimizer.parameters,
                                           has_aux=True)
@@ -121,18 +125,18 @@ class Trainer:
         self._fused_step = jit(self._fused_step_impl)
         self._eval = jit(self._loss)
 
-    def _loss(self, inputs, targets):
-        logits = self.model(inputs)
-        return ops.cross_entropy(logits.view(-1, self.vocab_size).astype(ms.float32),
-                                 targets.view(-1))
+    def _loss(self, *inputs):
+        return self.training_loss(self.model, *inputs)[0]
 
-    def _scaled_loss(self, inputs, targets, scale):
-        loss = self._loss(inputs, targets)
-        return loss * scale, loss
+    def _scaled_loss(self, scale, *inputs):
+        # (scaled loss, loss, *outputs): value_and_grad differentiates the first and
+        # carries the rest (has_aux).
+        outputs = self.training_loss(self.model, *inputs)
+        return (outputs[0] * scale,) + outputs
 
-    def _forward_backward_impl(self, inputs, targets, scale):
-        (_, loss), grads = self._grad_fn(inputs, targets, scale)
-        return loss, grads
+    def _forward_backward_impl(self, scale, *inputs):
+        outputs, grads = self._grad_fn(scale, *inputs)
+        return outputs[1:], grads
 
     def _accumulate_impl(self, total, grads):
         return tuple(a + g for a, g in zip(total, grads))
@@ -154,35 +158,51 @@ class Trainer:
             self.optimizer(grads)
         return norm
 
-    def _fused_step_impl(self, inputs, targets, scale, unscale, max_norm, lr):
+    def _fused_step_impl(self, scale, unscale, max_norm, lr, *inputs):
         # Without accumulation one graph does it all: gradients never leave the graph.
-        (_, loss), grads = self._grad_fn(inputs, targets, scale)
-        return loss, self._apply_impl(grads, unscale, max_norm, lr)
+        outputs, grads = self._grad_fn(scale, *inputs)
+        return outputs[1:], self._apply_impl(grads, unscale, max_norm, lr)
 
-    def train_step(self, micro_batches: list[np.ndarray], lr: float) -> tuple[float, float]:
+    def _tensors(self, batch: dict[str, np.ndarray]) -> list:
+        # Integer inputs (ids, masks) as int32: what MindSpore's CPU Gather takes.
+        return [ms.Tensor(x.astype(np.int32) if np.issubdtype(x.dtype, np.integer) else x)
+                for x in batch.values()]
+
+    def _gather(self, outputs: list[tuple]) -> tuple:
+        """Each output of the micro-batches, concatenated, then across ranks in rank order:
+        the global batch in the order of the single-process run."""
+        merged = tuple(ops.cat(parts) for parts in zip(*outputs))
+        if self.all_gather is None:
+            return merged
+        return tuple(self.all_gather(x) for x in merged)
+
+    def train_step(self, micro_batches: list[dict[str, np.ndarray]], lr: float) -> tuple[float, float]:
         """Forward/backward over the micro-batches, then clip and step; (loss, grad norm)."""
         lr = ms.Tensor(lr, ms.float32)
         count = len(micro_batches)
         scale = ms.Tensor(self.loss_scale / count, ms.float32)
         unscale = ms.Tensor(1.0 / self.loss_scale, ms.float32)
         max_norm = ms.Tensor(self.train.max_grad_norm or float("inf"), ms.float32)
-        batches = [ms.Tensor(batch.astype(np.int32)) for batch in micro_batches]
         if count == 1:
-            loss, grad_norm = self._fused_step(batches[0][:, :-1], batches[0][:, 1:], scale,
-                                               unscale, max_norm, lr)
-            loss, grad_norm = float(loss), float(grad_norm)
+            outputs, grad_norm = self._fused_step(scale, unscale, max_norm, lr,
+                                                  *self._tensors(micro_batches[0]))
+            loss, grad_norm = float(outputs[0]), float(grad_norm)
+            extras = [tuple(outputs[1:])]
         else:
-            losses, total_grads = [], None
-            for batch in batches:
-                loss, grads = self._forward_backward(batch[:, :-1], batch[:, 1:], scale)
+            losses, total_grads, extras = [], None, []
+            for batch in micro_batches:
+                outputs, grads = self._forward_backward(scale, *self._tensors(batch))
                 # mutable: a tuple of tensors passed to a jitted function is otherwise a
                 # compile-time constant, and every step would recompile.
                 grads = ms.mutable(grads)
                 total_grads = grads if total_grads is None else ms.mutable(
                     self._accumulate(total_grads, grads))
-                losses.append(loss)
+                losses.append(outputs[0])
+                extras.append(tuple(outputs[1:]))
             grad_norm = float(self._apply(total_grads, unscale, max_norm, lr))
             loss = sum(float(x) for x in losses) / count
+        if self.after_step is not None:
+            self.after_step(self.model, *self._gather(extras))
         if self.all_reduce is not None:
             loss = float(self.all_reduce(ms.Tensor(np.array([loss], np.float32)))[0]) / self.world
         self._update_loss_scale(np.isfinite(grad_norm))
@@ -199,11 +219,10 @@ class Trainer:
             if self.good_steps == 2000:
                 self.loss_scale, self.good_steps = self.loss_scale * 2.0, 0
 
-    def eval_loss(self, batch: np.ndarray) -> float:
+    def eval_loss(self, batch: dict[str, np.ndarray]) -> float:
         self.model.set_train(False)
         try:
-            batch = ms.Tensor(batch.astype(np.int32))
-            return float(self._eval(batch[:, :-1], batch[:, 1:]))
+            return float(self._eval(*self._tensors(batch)))
         finally:
             self.model.set_train(True)
 

@@ -158,10 +158,14 @@ def cmd_train(args) -> int:
         return 3
     import math
 
-    print(f"trained to step {result.steps}: {result.tokens:,} tokens in {result.seconds / 60:.1f} min "
-          f"({result.tokens / max(result.seconds, 1e-9):,.0f} tokens/s, {args.backend}), "
-          f"last training loss {result.last_loss:.4f}")
-    if result.val_loss is not None:
+    print(f"trained to step {result.steps}: {result.tokens:,} {result.unit} in "
+          f"{result.seconds / 60:.1f} min ({result.tokens / max(result.seconds, 1e-9):,.0f} "
+          f"{result.unit}/s, {args.backend}), last training loss {result.last_loss:.4f}")
+    if result.val_loss is not None and result.unit == "pairs":
+        start = f"{result.start_val_loss:.4f} at step 0 -> " if result.start_val_loss is not None else ""
+        print(f"held-out contrastive loss: {start}{result.val_loss:.4f} (taichu eval {result.final_dir} "
+              "for zero-shot accuracy and Recall@K)")
+    elif result.val_loss is not None:
         start = (f"{math.exp(result.start_val_loss):,.1f} at step 0 -> "
                  if result.start_val_loss is not None else "")
         print(f"held-out validation perplexity: {start}{math.exp(result.val_loss):,.1f} "

@@ -523,3 +523,55 @@ def caption_ids(tokenizer, texts: Sequence[str], context_length: int) -> tuple[n
         ids[row, :len(tokens)] = tokens
         mask[row, :len(tokens)] = 1
     return ids, mask
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def load_data_config(data_config) -> ImageTextSet:
+    """The pairs named by a config's ``data:`` section (ImageTextDataConfig), split the way
+    ``taichu train`` and ``taichu eval`` both split them."""
+    return load_image_text(data_config.source, test_fraction=data_config.validation_fraction,
+                           seed=data_config.split_seed, scene_count=data_config.scene_count,
+                           scene_seed=data_config.scene_seed)
+
+
+class PairBatches:
+    """Training batches of image-caption pairs, by index: the inputs of an image-text
+    family's ``training_loss`` (pixel_values, input_ids, attention_mask), in that order.
+
+    Captions are tokenized once up front; images are preprocessed on first use and kept
+    while the kept pixels fit in ``cache_bytes`` (digits and scenes at demo sizes fit;
+    a large jsonl set is decoded again each epoch instead of filling memory).
+    """
+
+    def __init__(self, pairs: Sequence[Pair], tokenizer, image_size: int, context_length: int,
+                 cache_bytes: int = 1 << 30):
+        if not pairs:
+            raise ValueError("no image-text pairs in this split")
+        from taichu.images import preprocess
+
+        self._preprocess = preprocess
+        self.pairs = list(pairs)
+        self.image_size = image_size
+        self.input_ids, self.attention_mask = caption_ids(
+            tokenizer, [pair.text for pair in self.pairs], context_length)
+        per_image = 3 * image_size * image_size * 4
+        self._cache: dict[int, np.ndarray] | None = (
+            {} if per_image * len(self.pairs) <= cache_bytes else None)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _pixels(self, index: int) -> np.ndarray:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        pixels = self._preprocess(self.pairs[index].load(), self.image_size)[0]
+        if self._cache is not None:
+            self._cache[index] = pixels
+        return pixels
+
+    def batch(self, indices) -> dict[str, np.ndarray]:
+        indices = np.asarray(indices, dtype=np.int64)
+        return {"pixel_values": np.stack([self._pixels(int(i)) for i in indices]),
+                "input_ids": self.input_ids[indices], "attention_mask": self.attention_mask[indices]}

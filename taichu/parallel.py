@@ -63,6 +63,12 @@ def check_device_target(parallel: ParallelConfig, device_target: str) -> None:
 
 def _split_problems(p: ParallelConfig, model) -> list[str]:
     problems = []
+    if not hasattr(model, "num_heads"):
+        # Two-tower image-text models (CLIP, BriVL) have no shard strategies yet.
+        if p.model_parallel > 1 or p.pipeline_stages > 1 or p.mode != "data_parallel":
+            problems.append("image-text models support data parallelism only: parallel.model_parallel "
+                            "and parallel.pipeline_stages must be 1 and parallel.mode data_parallel")
+        return problems
     # Megatron splits: q/k/v by heads (whole heads per device), fc_in by MLP width, the
     # row-split out_proj/fc_out by their input width, the tied embedding by vocabulary.
     for key, size in (("num_heads", model.num_heads), ("hidden_size", model.hidden_size),

@@ -44,11 +44,15 @@ def learning_rate(step: int, train) -> float:
 
 
 def decay_names(config) -> set[str]:
-    """Canonical names that get weight decay: linear weights, not biases, norms or embeddings."""
+    """Canonical names that get weight decay: linear and convolution weights; not biases,
+    norms, embeddings or free parameters (CLIP's class embedding and logit scale), as in
+    GPT-2 and OpenAI CLIP. Tensors the optimizer does not train (BriVL's momentum towers)
+    may be listed; the trainers skip them."""
     from taichu.families import get_family
 
     specs = get_family(config.family).tensor_specs(config)
-    return {name for name, spec in specs.items() if spec.kind == "linear" and name.endswith(".weight")}
+    return {name for name, spec in specs.items()
+            if spec.kind in ("linear", "conv1d", "conv2d") and name.endswith(".weight")}
 
 
 class SampleOrder:
@@ -215,40 +219,111 @@ class TrainResult:
     last_loss: float
     val_loss: float | None
     start_val_loss: float | None = None  # at step 0 of a fresh run
-    tokens: int = 0                      # trained in this invocation
+    tokens: int = 0                      # tokens (or pairs) trained in this invocation
     seconds: float = 0.0
+    unit: str = "tokens"                 # what ``tokens`` counts: "tokens" or "pairs"
 
 
-def _tokenizer_for(config, corpus, init_dir: Path | None, rank: int):
-    """The init model's tokenizer, else the config's, trained once and cached by content."""
+def text_vocab_size(config) -> int:
+    """The vocabulary the tokenizer must fill: the GPT's, or an image-text text tower's."""
+    model = config.model
+    return model.vocab_size if hasattr(model, "vocab_size") else model.text.vocab_size
+
+
+def _tokenizer_for(config, texts, fingerprint: str, name: str, init_dir: Path | None, rank: int):
+    """The init model's tokenizer, else the config's, trained once on ``texts`` and cached
+    by content (``fingerprint`` names the texts)."""
     from taichu.data import default_cache_dir
-    from taichu.tokenizer import Tokenizer, check_tokenizer, ensure_tokenizer
+    from taichu.tokenizer import Tokenizer, check_tokenizer, train_tokenizer
 
+    vocab_size = text_vocab_size(config)
     if init_dir is not None and (init_dir / "tokenizer.model").is_file():
         tokenizer = Tokenizer(init_dir / "tokenizer.model")
-        check_tokenizer(tokenizer, config.tokenizer, config.model.vocab_size)
+        check_tokenizer(tokenizer, config.tokenizer, vocab_size)
         return tokenizer
-    key = hashlib.sha256(json.dumps([corpus.fingerprint, config.tokenizer.model_dump(mode="json"),
-                                     config.model.vocab_size]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([fingerprint, config.tokenizer.model_dump(mode="json"),
+                                     vocab_size]).encode()).hexdigest()[:16]
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
-    path = cache_dir.parent / "tokenizers" / f"{corpus.name}-{config.model.vocab_size}-{key}.model"
+    path = cache_dir.parent / "tokenizers" / f"{name}-{vocab_size}-{key}.model"
     if rank != 0:
         # Rank 0 trains it; the file appears whole (atomic rename) when it is done.
         deadline = time.time() + 3600
         while not path.exists() and time.time() < deadline:
             time.sleep(1)
-    return ensure_tokenizer(config, path, corpus)
+    if path.exists():
+        tokenizer = Tokenizer(path)
+        check_tokenizer(tokenizer, config.tokenizer, vocab_size)
+        return tokenizer
+    return train_tokenizer(texts, config.tokenizer, vocab_size, path)
 
 
-def _evaluate(trainer, blocks, train) -> float:
-    count = min(len(blocks), train.eval_batches * train.batch_size)
+@dataclass
+class TrainingData:
+    """What the loop needs from a task: the tokenizer, and train/validation sets whose
+    ``batch(indices)`` gives the numpy inputs of the family's ``training_loss`` by name."""
+    tokenizer: object
+    train: object
+    validation: object
+    unit: str               # what throughput counts: "tokens" or "pairs"
+    units_per_sample: int
+
+
+class _TokenBlocks:
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def batch(self, indices) -> dict[str, np.ndarray]:
+        return {"input_ids": self.blocks.batch(indices)}
+
+
+def _language_model_data(config, init_dir, rank) -> TrainingData:
+    from taichu.corpus import load_corpus
+    from taichu.data import load_blocks
+
+    corpus = load_corpus(config.data)  # read and split once, for the tokenizer and both splits
+    tokenizer = _tokenizer_for(config, corpus.train, corpus.fingerprint, corpus.name, init_dir, rank)
+    return TrainingData(tokenizer, _TokenBlocks(load_blocks(config, tokenizer, "train", corpus)),
+                        _TokenBlocks(load_blocks(config, tokenizer, "validation", corpus)),
+                        "tokens", config.data.seq_len)
+
+
+def _image_text_data(config, init_dir, rank) -> TrainingData:
+    """Pairs from config.data, split as taichu eval splits them; the tokenizer learns the
+    tokenizer corpus plus the training captions (never the held-out ones)."""
+    from taichu.config import DataConfig
+    from taichu.corpus import load_corpus
+    from taichu.imagetext import PairBatches, caption_texts, load_data_config
+
+    pairs = load_data_config(config.data)
+    captions = list(caption_texts(pairs.train))
+    corpus = load_corpus(DataConfig(corpus=config.data.tokenizer_corpus))
+    fingerprint = hashlib.sha256(f"{corpus.fingerprint}:{pairs.fingerprint}".encode()).hexdigest()
+    tokenizer = _tokenizer_for(config, corpus.train + captions, fingerprint,
+                               f"{corpus.name}+{pairs.name}", init_dir, rank)
+    image_size = config.model.image.image_size
+    context = config.model.text.max_position_embeddings
+    return TrainingData(tokenizer, PairBatches(pairs.train, tokenizer, image_size, context),
+                        PairBatches(pairs.test, tokenizer, image_size, context), "pairs", 1)
+
+
+TASK_DATA = {"language_model": _language_model_data, "image_text": _image_text_data}
+
+
+def _evaluate(trainer, dataset, train) -> float:
+    """Mean loss over the first eval_batches * batch_size validation samples (fewer if the
+    split is small), in micro-batches of the training micro-batch size."""
+    count = min(len(dataset), train.eval_batches * train.batch_size)
     size = max(1, train.batch_size // train.grad_accum_steps)
-    total, tokens = 0.0, 0
+    total, samples = 0.0, 0
     for start in range(0, count, size):
-        batch = blocks.batch(np.arange(start, min(count, start + size)))
-        total += trainer.eval_loss(batch) * batch.shape[0]
-        tokens += batch.shape[0]
-    return total / tokens
+        batch = dataset.batch(np.arange(start, min(count, start + size)))
+        rows = len(next(iter(batch.values())))
+        total += trainer.eval_loss(batch) * rows
+        samples += rows
+    return total / samples
 
 
 def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = False,
@@ -256,8 +331,7 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
     """Train ``config`` in ``backend``; returns where the final model directory is."""
     from taichu.api import build_model, load_state_dict, save_arrays
     from taichu.config import load_config
-    from taichu.corpus import load_corpus
-    from taichu.data import load_blocks
+    from taichu.families import get_family
     from taichu.weights import load_safetensors
 
     out_dir = Path(out_dir)
@@ -269,10 +343,8 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    corpus = load_corpus(config.data)  # read and split once, for the tokenizer and both splits
-    tokenizer = _tokenizer_for(config, corpus, init_dir, rank)
-    train_blocks = load_blocks(config, tokenizer, "train", corpus)
-    val_blocks = load_blocks(config, tokenizer, "validation", corpus)
+    data = TASK_DATA[get_family(config.family).task](config, init_dir, rank)
+    tokenizer, train_set, val_set = data.tokenizer, data.train, data.validation
 
     trainer_module.seed_everything(train.seed)
     model = build_model(config, backend)
@@ -311,19 +383,19 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
     if start_step == 0:
         # The starting point of the validation curve, before any update. Every rank
         # evaluates (under FSDP a forward pass is collective); rank 0 records.
-        val_loss = start_val_loss = _evaluate(trainer, val_blocks, train)
+        val_loss = start_val_loss = _evaluate(trainer, val_set, train)
         if is_main:
-            metrics.write({"step": 0, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0))})
-    order = SampleOrder(len(train_blocks), train.seed)
-    tokens_per_step = train.batch_size * config.data.seq_len
+            metrics.write(_eval_record({"step": 0}, val_loss, data.unit))
+    order = SampleOrder(len(train_set), train.seed)
+    units_per_step = train.batch_size * data.units_per_sample
     bar = _progress_bar(start_step, train.max_steps, progress and is_main)
     last_good, gathered_final = resume_from, False
     loss, val_loss = float("nan"), None
-    window_start, window_tokens = time.perf_counter(), 0
+    window_start, window_units = time.perf_counter(), 0
     for step in range(start_step, train.max_steps):
         lr = learning_rate(step, train)
         indices = order.global_batch(step, train.batch_size)
-        batches = [train_blocks.batch(part) for part in micro_batches(indices, rank, world,
+        batches = [train_set.batch(part) for part in micro_batches(indices, rank, world,
                                                                        train.grad_accum_steps)]
         loss, grad_norm = trainer.train_step(batches, lr)
         done = step + 1
@@ -333,17 +405,17 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
                 f"loss is {loss} at step {done}: training stopped. The last good checkpoint is "
                 f"{last_good or 'none (no checkpoint was written yet)'}; lower "
                 f"train.learning_rate or check the data, then --resume")
-        window_tokens += tokens_per_step
+        window_units += units_per_step
         record = None
         if done % train.log_interval == 0 or done == train.max_steps:
             elapsed = time.perf_counter() - window_start
             record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
-            window_start, window_tokens = time.perf_counter(), 0
+                      f"{data.unit}_per_s": window_units / max(elapsed, 1e-9)}
+            window_start, window_units = time.perf_counter(), 0
         if done % train.eval_interval == 0 or done == train.max_steps:
-            val_loss = _evaluate(trainer, val_blocks, train)
+            val_loss = _evaluate(trainer, val_set, train)
             record = record or {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-            record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+            record = _eval_record(record, val_loss, data.unit)
         if record is not None and is_main:
             metrics.write(record)
             bar.set_postfix_str(_postfix(record), refresh=False)
@@ -364,15 +436,28 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
         save_arrays(config, model_arrays, final_dir, tokenizer=tokenizer.path)
     trainer_module.distributed_barrier(world)
     return TrainResult(final_dir, train.max_steps, loss, val_loss, start_val_loss,
-                       (train.max_steps - start_step) * tokens_per_step, time.perf_counter() - run_start)
+                       (train.max_steps - start_step) * units_per_step, time.perf_counter() - run_start,
+                       data.unit)
+
+
+def _eval_record(record: dict, val_loss: float, unit: str) -> dict:
+    # Perplexity means something for next-token losses only, not for contrastive ones.
+    record = dict(record, val_loss=val_loss)
+    if unit == "tokens":
+        record["val_ppl"] = math.exp(min(val_loss, 50.0))
+    return record
 
 
 def _postfix(record: dict) -> str:
     text = f"loss {record['loss']:.4f} lr {record['lr']:.2e}"
     if "tokens_per_s" in record:
         text += f" {record['tokens_per_s']:,.0f} tok/s"
+    if "pairs_per_s" in record:
+        text += f" {record['pairs_per_s']:,.1f} pairs/s"
     if "val_loss" in record:
-        text += f" val {record['val_loss']:.4f} ppl {record['val_ppl']:.1f}"
+        text += f" val {record['val_loss']:.4f}"
+    if "val_ppl" in record:
+        text += f" ppl {record['val_ppl']:.1f}"
     return text
 
 

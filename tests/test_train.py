@@ -208,9 +208,9 @@ def test_mixed_precision_steps_learn(tiny_config, backend, precision):
     trainer = __import__(f"{backend}_impl.train", fromlist=["Trainer"]).Trainer(
         taichu.build_model(config, backend), config, decay_names(config), 0, 1)
     batch = np.random.default_rng(0).integers(0, 4096, (8, 65))
-    losses = [trainer.train_step([batch], 1e-3)[0] for _ in range(4)]
+    losses = [trainer.train_step([{"input_ids": batch}], 1e-3)[0] for _ in range(4)]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0] - 0.2
-    assert math.isfinite(trainer.eval_loss(batch))
+    assert math.isfinite(trainer.eval_loss({"input_ids": batch}))
 
 
 def test_bf16_on_mindspore_cpu_is_a_clear_error(tiny_config):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from taichu.families.clip import CLIPConfig, check_inputs, init_std
+from taichu.families.clip import MAX_LOGIT_SCALE, CLIPConfig, check_inputs, init_std
 from torch_impl.gpt import causal_attention_bias
 
 
@@ -221,6 +221,19 @@ def contrastive_loss(logits_per_image):
     image_loss = F.cross_entropy(logits_per_image, labels)
     text_loss = F.cross_entropy(logits_per_image.T, labels)
     return (image_loss + text_loss) / 2
+
+
+def training_loss(model, pixel_values, input_ids, attention_mask):
+    """The contrastive loss of a batch of pairs (image i goes with caption i), with the
+    batch's other captions and images as negatives; returns (loss,)."""
+    logits_per_image, _ = model(pixel_values, input_ids, attention_mask)
+    return (contrastive_loss(logits_per_image.float()),)
+
+
+@torch.no_grad()
+def after_step(model):
+    """OpenAI CLIP clips the temperature so logits are never scaled by more than 100."""
+    model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
 
 
 def _last_token_index(attention_mask, batch, length, device):

@@ -158,6 +158,14 @@ class DecoderForExport(nn.Module):
             outputs = outputs + key_value
         return outputs
 
+def training_loss(model, input_ids):
+    """Next-token cross-entropy of token blocks [batch, seq_len + 1] (inputs [:, :-1],
+    targets [:, 1:]), in fp32 whatever the compute precision; returns (loss,)."""
+    logits = model(input_ids[:, :-1])
+    return (F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                            input_ids[:, 1:].reshape(-1)),)
+
+
 def _default_position_ids(attention_mask, batch, length, past_length, device):
     if attention_mask is None:
         positions = torch.arange(past_length, past_length + length, device=device)

@@ -1,8 +1,12 @@
 """One optimizer step of a PyTorch model, driven by taichu/train.py.
 
 Mirrored by mindspore_impl/train.py: same functions, same Trainer methods, same math
-(AdamW with torch's semantics, clip coefficient max_norm / (norm + 1e-6), loss = mean
-token cross-entropy averaged over micro-batches and data-parallel ranks).
+(AdamW with torch's semantics, clip coefficient max_norm / (norm + 1e-6), loss averaged
+over micro-batches and data-parallel ranks). The loss is the family's: its backend file
+has ``training_loss(model, *inputs) -> (loss, *outputs)`` and, if the model keeps state
+beside its parameters (MoCo queues, momentum towers, a clamped temperature),
+``after_step(model, *outputs)``, called after every update with the outputs of the whole
+global batch.
 """
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ import os
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.nn import functional as F
 
+from taichu.families import backend_module, get_family
 from taichu.parallel import validate_batch, validate_parallel
 from torch_impl.parallel import wrap_data_parallel
 
@@ -61,10 +65,13 @@ class Trainer:
         self.device = _device()
         self.model = model.to(self.device)
         self.model.train()
-        self.names = [name for name, _ in self.model.named_parameters()]
+        self.family_module = backend_module(get_family(config.family), "torch")
+        self.after_step = getattr(self.family_module, "after_step", None)
+        # Only what the optimizer trains: BriVL's momentum towers follow by after_step.
+        self.names = [name for name, p in self.model.named_parameters() if p.requires_grad]
         self.fsdp = world > 1 and config.parallel.fsdp
         self.module = wrap_data_parallel(self.model, config.parallel, world, self.device)
-        params = dict(self.model.named_parameters())
+        params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         decay = [p for name, p in params.items() if name in decay_names]
         no_decay = [p for name, p in params.items() if name not in decay_names]
         self.optimizer = torch.optim.AdamW(
@@ -74,22 +81,36 @@ class Trainer:
         self.autocast_dtype = PRECISIONS[train.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, init_scale=train.initial_loss_scale,
                                            enabled=train.precision == "fp16")
-        self.vocab_size = config.model.vocab_size
 
-    def _loss(self, module, batch: np.ndarray):
-        tokens = torch.from_numpy(batch).to(self.device)
+    def _loss(self, module, batch: dict[str, np.ndarray]):
+        """(loss, *outputs) of the family's training_loss on one micro-batch. ``module``
+        is the DDP/FSDP wrapper in training: training_loss goes through its forward."""
+        inputs = [torch.from_numpy(np.ascontiguousarray(x)).to(self.device) for x in batch.values()]
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            logits = module(tokens[:, :-1])
-        return F.cross_entropy(logits.float().reshape(-1, self.vocab_size), tokens[:, 1:].reshape(-1))
+            return self.family_module.training_loss(module, *inputs)
 
-    def train_step(self, micro_batches: list[np.ndarray], lr: float) -> tuple[float, float]:
+    def _gather(self, outputs: list[tuple]) -> tuple:
+        """Each output of the micro-batches, concatenated, then across ranks in rank order:
+        the global batch in the order of the single-process run."""
+        merged = tuple(torch.cat(parts) for parts in zip(*outputs))
+        if self.world == 1:
+            return merged
+        gathered = []
+        for x in merged:
+            parts = [torch.empty_like(x) for _ in range(self.world)]
+            dist.all_gather(parts, x.contiguous())
+            gathered.append(torch.cat(parts))
+        return tuple(gathered)
+
+    def train_step(self, micro_batches: list[dict[str, np.ndarray]], lr: float) -> tuple[float, float]:
         """Forward/backward over the micro-batches, then clip and step; (loss, grad norm)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         count = len(micro_batches)
         total = torch.zeros((), device=self.device)
+        outputs = []
         for i, batch in enumerate(micro_batches):
             # Gradients are all-reduced once, on the last micro-batch.
             last = i == count - 1
@@ -97,16 +118,20 @@ class Trainer:
                 self.model.set_requires_gradient_sync(last)
             plain = self.world == 1 or last or self.fsdp
             with contextlib.nullcontext() if plain else self.module.no_sync():
-                loss = self._loss(self.module, batch)
+                loss, *extra = self._loss(self.module, batch)
                 self.scaler.scale(loss / count).backward()
             total += loss.detach()
+            outputs.append(tuple(x.detach() for x in extra))
         self.scaler.unscale_(self.optimizer)
         max_norm = self.train.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in self.model.parameters() if p.requires_grad], max_norm)
         if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
             grad_norm = grad_norm.full_tensor()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.after_step is not None:
+            self.after_step(self.model, *self._gather(outputs))
         loss = total / count
         if self.world > 1:
             dist.all_reduce(loss)
@@ -114,10 +139,10 @@ class Trainer:
         return float(loss), float(grad_norm)
 
     @torch.no_grad()
-    def eval_loss(self, batch: np.ndarray) -> float:
+    def eval_loss(self, batch: dict[str, np.ndarray]) -> float:
         self.model.eval()
         try:
-            return float(self._loss(self.model, batch))
+            return float(self._loss(self.model, batch)[0])
         finally:
             self.model.train()
 
@@ -149,6 +174,8 @@ class Trainer:
         """AdamW moments under canonical names (exp_avg/NAME, exp_avg_sq/NAME) and the step."""
         arrays, step = {}, 0
         for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
             state = self.optimizer.state.get(param, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 value = state.get(key)
@@ -171,12 +198,14 @@ class Trainer:
                      for name in names}
             groups = [{**{k: v for k, v in g.items() if k != "params"},
                        "params": [n for n, p in self.model.named_parameters()
-                                  if any(p is q for q in g["params"])]}
+                                  if p.requires_grad and any(p is q for q in g["params"])]}
                       for g in self.optimizer.param_groups]
             set_optimizer_state_dict(self.model, self.optimizer, {"state": state, "param_groups": groups},
                                      options=StateDictOptions(full_state_dict=True))
             return
         for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
             self.optimizer.state[param] = {
                 "step": torch.tensor(float(step)),
                 "exp_avg": torch.from_numpy(arrays[f"exp_avg/{name}"].copy()).to(self.device),

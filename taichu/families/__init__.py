@@ -39,9 +39,13 @@ class Family:
     config_class: type
     tensor_specs: Callable[[Any], dict[str, TensorSpec]]   # full config -> canonical specs
     describe: Callable[[Any], dict[str, Any]]               # full config -> sizes for `taichu info`
+    # What ``taichu train`` feeds it: "language_model" (token blocks, next-token loss) or
+    # "image_text" (image-caption pairs, the family's contrastive loss).
+    task: str = "language_model"
 
 
-_FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt", "clip": "taichu.families.clip"}
+_FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt", "clip": "taichu.families.clip",
+                             "brivl": "taichu.families.brivl"}
 BACKENDS = ("mindspore", "torch")
 
 

@@ -16,9 +16,12 @@ import numpy as np
 from pydantic import Field, StrictInt, model_validator
 
 from taichu.config import Section, TokenizerConfig, TrainConfig, TransformerSize
+from taichu.parallel import ParallelConfig
 from taichu.families import Family, TensorSpec, layer_norm_specs, linear_specs
 
 ACTIVATIONS = ("quick_gelu", "gelu")
+# OpenAI CLIP clips the learned log temperature at ln(100) after each training step.
+MAX_LOGIT_SCALE = math.log(100.0)
 
 
 class CLIPImageConfig(TransformerSize):
@@ -71,21 +74,28 @@ class CLIPModelConfig(Section):
 
 
 class ImageTextDataConfig(Section):
-    """Where image-caption pairs come from: the arguments of taichu.imagetext.load_image_text.
+    """Where image-caption pairs come from (taichu.imagetext.load_image_text) and the text
+    the tokenizer is trained on. Shared by every image-text family (CLIP, BriVL).
 
-    A minimal section (taichu/config.py's DataConfig is about text corpora); the training
-    code for CLIP may extend it. Captions become right-padded ids ending with eos
-    (taichu.imagetext.caption_ids), which is what the text tower pools at.
+    Captions become right-padded ids of length model.text.max_position_embeddings,
+    [bos] + text + [eos], truncated at the end of the text when too long
+    (taichu.imagetext.caption_ids); images go through taichu.images.preprocess.
     """
 
     # ``digits`` (scikit-learn's handwritten digits, Chinese captions), ``scenes`` (drawn
-    # shapes with captions saying what is drawn) or a .jsonl of {"image", "text"} lines.
-    source: str = "digits"
-    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    seed: StrictInt = 0
+    # shapes with captions saying what is drawn), a .jsonl of {"image", "text"} lines, or
+    # a list of them.
+    source: str | list[str] = "digits"
+    validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    split_seed: StrictInt = 0
     # ``scenes`` only: how many pictures, drawn from which seed.
     scene_count: StrictInt = Field(2000, gt=0)
     scene_seed: StrictInt = 0
+    # The tokenizer is trained on this corpus (a DataConfig.corpus value: peoples_daily or
+    # text files) plus the training captions, so caption words have their own pieces.
+    tokenizer_corpus: str | list[str] = "peoples_daily"
+    # Where trained tokenizers are cached; null means ~/.cache/taichu.
+    cache_dir: str | None = None
 
 
 class CLIPConfig(Section):
@@ -94,6 +104,8 @@ class CLIPConfig(Section):
     tokenizer: TokenizerConfig = TokenizerConfig()
     data: ImageTextDataConfig = ImageTextDataConfig()
     train: TrainConfig = TrainConfig()
+    # Data parallel only (msrun / torchrun workers); no tensor or pipeline strategies.
+    parallel: ParallelConfig = ParallelConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> "CLIPConfig":
@@ -204,7 +216,7 @@ def describe(config: CLIPConfig) -> dict:
 
 
 FAMILY = Family(name="clip", module="clip", class_name="CLIP", config_class=CLIPConfig,
-                tensor_specs=tensor_specs, describe=describe)
+                tensor_specs=tensor_specs, describe=describe, task="image_text")
 
 
 def check_inputs(config: CLIPConfig, pixel_shape: tuple[int, ...] | None = None,
