@@ -13,7 +13,9 @@ Formats:
   taichu     our model directory: config.yaml + model.safetensors (+ index when sharded)
   mindspore  a MindSpore .ckpt, or a MindSpore-written .safetensors (MindSpore leaf names)
   torch      a PyTorch state_dict: .safetensors, or .pt/.bin pickles with allow_pickle
-  hf         a Hugging Face GPT2LMHeadModel directory (config.json + model.safetensors)
+  hf         a Hugging Face directory (config.json + model.safetensors; pytorch_model.bin
+             with allow_pickle): GPT2LMHeadModel for the gpt family, CLIPModel for clip
+             (HF_FAMILIES: config.json mapping and tensor codec per family)
 """
 from __future__ import annotations
 
@@ -445,6 +447,10 @@ class Codec:
         """Names a file of this format may carry beyond the weights (never a pattern)."""
         return set()
 
+    def adapt(self, tensors: Tensors) -> Tensors:
+        """A file of this format whose names are spelt another known way, in the usual ones."""
+        return tensors
+
     def to_canonical(self, tensors: Tensors) -> Tensors:
         return tensors
 
@@ -512,6 +518,8 @@ class Step:
 
     def forward_shape(self, shapes: list[tuple]) -> tuple[int, ...]:
         parts = [tuple(reversed(s)) if self.transpose else tuple(s) for s in shapes]
+        if len(parts) == 1:  # nothing to concatenate; also the 0-d case (CLIP's logit_scale)
+            return parts[0]
         out = list(parts[0])
         out[self.axis] = sum(p[self.axis] for p in parts)
         return tuple(out)
@@ -558,35 +566,21 @@ GPT2_TIED = {"lm_head.weight": "transformer.wte.weight"}
 GPT2_BUFFERS = ("transformer.h.{i}.attn.bias", "transformer.h.{i}.attn.masked_bias")
 
 
-class HFGPT2Codec(Codec):
+class StepCodec(Codec):
+    """A format described by a table of reversible Steps (one per foreign tensor); both
+    directions come from the same table."""
+
     def __init__(self, config):
         super().__init__(config)
-        if config.family != "gpt":
-            raise CheckpointError(f"Hugging Face conversion exists for the gpt family only, "
-                                  f"not {config.family}")
-        if not config.model.bias:
-            raise CheckpointError("GPT2LMHeadModel always has biases; model.bias: false cannot be "
-                                  "converted to Hugging Face")
-        layers = config.model.num_layers
-        self.steps = list(GPT2_STEPS) + [s.layer(i) for i in range(layers) for s in GPT2_LAYER_STEPS]
+        self.steps = self.build_steps()
         self.by_ours = {name: (step, j) for step in self.steps for j, name in enumerate(step.ours)}
+
+    def build_steps(self) -> list[Step]:
+        raise NotImplementedError
 
     def expected(self) -> dict[str, tuple[int, ...]]:
         shapes = super().expected()
         return {s.theirs: s.forward_shape([shapes[n] for n in s.ours]) for s in self.steps}
-
-    def harmless(self) -> set[str]:
-        buffers = {b.format(i=i) for i in range(self.config.model.num_layers) for b in GPT2_BUFFERS}
-        return buffers | set(GPT2_TIED)
-
-    def check(self, tensors: Tensors, source: str) -> None:
-        super().check(tensors, source)
-        for tied, origin in GPT2_TIED.items():
-            if tied in tensors.shapes:
-                a, b = tensors.read(tied), tensors.read(origin)
-                if a.shape != b.shape or a.dtype != b.dtype or a.tobytes() != b.tobytes():
-                    raise CheckpointError(f"{source}: {tied} differs from {origin}; our GPT ties "
-                                          "them, so an untied model cannot be converted")
 
     def to_canonical(self, tensors: Tensors) -> Tensors:
         shapes = super().expected()
@@ -606,7 +600,58 @@ class HFGPT2Codec(Codec):
                        lambda n: steps[n].forward([tensors.read(o) for o in steps[n].ours]))
 
 
-CODECS = {"taichu": Codec, "torch": Codec, "mindspore": MindSporeCodec, "hf": HFGPT2Codec}
+class HFGPT2Codec(StepCodec):
+    def build_steps(self) -> list[Step]:
+        if not self.config.model.bias:
+            raise CheckpointError("GPT2LMHeadModel always has biases; model.bias: false cannot be "
+                                  "converted to Hugging Face")
+        layers = self.config.model.num_layers
+        return list(GPT2_STEPS) + [s.layer(i) for i in range(layers) for s in GPT2_LAYER_STEPS]
+
+    def adapt(self, tensors: Tensors) -> Tensors:
+        """Files saved from GPT2Model (the hub's gpt2) lack the ``transformer.`` prefix."""
+        if "wte.weight" not in tensors.shapes:
+            return tensors
+        rename = {n: n if n in GPT2_TIED else f"transformer.{n}" for n in tensors.shapes}
+        back = {v: k for k, v in rename.items()}
+        return Tensors({rename[k]: v for k, v in tensors.shapes.items()},
+                       {rename[k]: v for k, v in tensors.dtypes.items()}, lambda n: tensors.read(back[n]))
+
+    def harmless(self) -> set[str]:
+        buffers = {b.format(i=i) for i in range(self.config.model.num_layers) for b in GPT2_BUFFERS}
+        return buffers | set(GPT2_TIED)
+
+    def check(self, tensors: Tensors, source: str) -> None:
+        super().check(tensors, source)
+        for tied, origin in GPT2_TIED.items():
+            if tied in tensors.shapes:
+                a, b = tensors.read(tied), tensors.read(origin)
+                if a.shape != b.shape or a.dtype != b.dtype or a.tobytes() != b.tobytes():
+                    raise CheckpointError(f"{source}: {tied} differs from {origin}; our GPT ties "
+                                          "them, so an untied model cannot be converted")
+
+
+# Our CLIP <-> Hugging Face CLIPModel. Our modules mirror CLIPModel's, so the table is the
+# identity except for CLIPVisionTransformer's misspelt pre-encoder LayerNorm.
+CLIP_RENAMES = {"vision_model.pre_layernorm.": "vision_model.pre_layrnorm."}
+# arange buffers that transformers saved with the weights before it made them
+# non-persistent; CLIPModel rebuilds them, so they carry nothing.
+CLIP_BUFFERS = ("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids")
+
+
+def _clip_hf_name(name: str) -> str:
+    for ours, theirs in CLIP_RENAMES.items():
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return name
+
+
+class HFCLIPCodec(StepCodec):
+    def build_steps(self) -> list[Step]:
+        return [_rename(name, _clip_hf_name(name)) for name in self.specs]
+
+    def harmless(self) -> set[str]:
+        return set(CLIP_BUFFERS)
 
 
 # ----------------------------------------------------------------------------- HF config.json
@@ -614,22 +659,21 @@ CODECS = {"taichu": Codec, "torch": Codec, "mindspore": MindSporeCodec, "hf": HF
 _HF_ACTIVATIONS = {"gelu_new": "gelu_new", "gelu_pytorch_tanh": "gelu_new", "gelu": "gelu", "relu": "relu"}
 
 
-def hf_to_config(hf: dict, source: str, overrides: Iterable[str] = ()):
-    """Our config from a GPT2LMHeadModel config.json; HF features we lack are refused."""
-    def refuse(why: str) -> ConfigError:
-        return ConfigError(f"{source}: {why}")
+def _refuse(source: str, why: str) -> ConfigError:
+    return ConfigError(f"{source}: {why}")
 
-    if hf.get("model_type") != "gpt2":
-        raise refuse(f"model_type {hf.get('model_type')!r}: only Hugging Face GPT-2 (gpt2) is supported")
+
+def _gpt2_from_hf(hf: dict, source: str) -> dict:
+    """Our raw config from a GPT2LMHeadModel config.json; HF features we lack are refused."""
     for key, needed in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                         ("reorder_and_upcast_attn", False), ("add_cross_attention", False),
                         ("tie_word_embeddings", True)):
         if hf.get(key, needed) != needed:
-            raise refuse(f"{key}: {hf[key]} is not supported (our GPT needs {needed})")
+            raise _refuse(source, f"{key}: {hf[key]} is not supported (our GPT needs {needed})")
     activation = hf.get("activation_function", "gelu_new")
     if activation not in _HF_ACTIVATIONS:
-        raise refuse(f"activation_function {activation!r} is not supported "
-                     f"(supported: {', '.join(_HF_ACTIVATIONS)})")
+        raise _refuse(source, f"activation_function {activation!r} is not supported "
+                              f"(supported: {', '.join(_HF_ACTIVATIONS)})")
     try:
         n_positions = int(hf.get("n_positions", hf.get("n_ctx", 1024)))
         vocab = int(hf["vocab_size"])
@@ -643,19 +687,17 @@ def hf_to_config(hf: dict, source: str, overrides: Iterable[str] = ()):
                  "attention_dropout": float(hf.get("attn_pdrop", 0.1)),
                  "bias": True, "initializer_range": float(hf.get("initializer_range", 0.02))}
     except (KeyError, TypeError, ValueError) as err:
-        raise refuse(f"not a usable GPT-2 config.json: {err!r}") from None
+        raise _refuse(source, f"not a usable GPT-2 config.json: {err!r}") from None
     raw = {"family": "gpt", "model": model, "data": {"seq_len": min(128, n_positions)}}
     if vocab < 260:  # too small for 256 byte pieces; the tokenizer is not carried anyway
         raw["tokenizer"] = {"byte_fallback": False}
     stored = hf.get("taichu_config")
     if isinstance(stored, dict) and stored.get("model") == model:
         raw = stored  # written by us: keeps the tokenizer, data and train sections
-    raw = json.loads(json.dumps(raw))
-    applied = apply_overrides(raw, overrides)
-    return validate_config(raw, source, applied)
+    return raw
 
 
-def config_to_hf(config, dtype: str) -> dict:
+def _gpt2_to_hf(config) -> dict:
     m, special = config.model, config.tokenizer.special_tokens
     return {
         "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
@@ -666,10 +708,223 @@ def config_to_hf(config, dtype: str) -> dict:
         "initializer_range": m.initializer_range, "scale_attn_weights": True,
         "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True, "bos_token_id": special.bos_id, "eos_token_id": special.eos_id,
-        "pad_token_id": special.pad_id, "dtype": dtype,
-        # Our full config rides along (HF keeps unknown keys), so ours -> HF -> ours is exact.
-        "taichu_config": config_to_dict(config),
+        "pad_token_id": special.pad_id,
     }
+
+
+# transformers' CLIPTextConfig / CLIPVisionConfig / CLIPConfig defaults: save_pretrained
+# writes only what differs from them, so a key a config.json lacks has this value.
+CLIP_HF_DEFAULTS = {
+    "text_config": {"vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048,
+                    "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77,
+                    "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "attention_dropout": 0.0,
+                    "initializer_range": 0.02, "pad_token_id": 1, "bos_token_id": 49406,
+                    "eos_token_id": 49407},
+    "vision_config": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                      "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
+                      "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "attention_dropout": 0.0,
+                      "initializer_range": 0.02},
+    "projection_dim": 512, "logit_scale_init_value": 2.6592,
+}
+CLIP_ACTIVATIONS = ("quick_gelu", "gelu")   # HF's "gelu" is the exact erf GELU, as ours
+# Held once in our config for both towers: the towers of a config.json must agree.
+CLIP_SHARED = {"hidden_act": "activation", "layer_norm_eps": "layer_norm_eps",
+               "attention_dropout": "attention_dropout", "initializer_range": "initializer_range"}
+# eos_token_id 2 is the value of CLIP configs written before transformers PR #24773;
+# CLIPTextTransformer then pools at each row's largest id instead of at the eos.
+CLIP_LEGACY_EOS = 2
+
+
+def _clip_towers(hf: dict, source: str) -> tuple[dict, dict]:
+    towers = []
+    for key in ("text_config", "vision_config"):
+        # Old config.json files also carry ``text_config_dict``; transformers lets its
+        # values win, and so do we.
+        parts = [hf.get(key), hf.get(f"{key}_dict")]
+        for part, name in zip(parts, (key, f"{key}_dict")):
+            if part is not None and not isinstance(part, dict):
+                raise _refuse(source, f"{name} must be an object, got {part!r}")
+        towers.append({**CLIP_HF_DEFAULTS[key], **(parts[0] or {}), **(parts[1] or {})})
+    return towers[0], towers[1]
+
+
+def _clip_from_hf(hf: dict, source: str) -> dict:
+    """Our raw config from a CLIPModel config.json; what our CLIP cannot be is refused."""
+    text, vision = _clip_towers(hf, source)
+
+    def integer(tower: dict, key: str, where: str) -> int:
+        value = tower[key]
+        if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+            value = value[0]   # [n, n]: a square image or patch, which is all we have
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            square = "; images and patches are square here" if key in ("image_size", "patch_size") else ""
+            raise _refuse(source, f"{where}{key}: {value!r} is not supported (a positive integer{square})")
+        return value
+
+    def number(value, where: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _refuse(source, f"{where}: {value!r} is not a number")
+        return float(value)
+
+    shared = {}
+    for key, ours in CLIP_SHARED.items():
+        if text[key] != vision[key]:
+            raise _refuse(source, f"text_config.{key} {text[key]!r} and vision_config.{key} "
+                                  f"{vision[key]!r} differ; our CLIP has one model.{ours} for both towers")
+        shared[ours] = text[key]
+    if shared["activation"] not in CLIP_ACTIVATIONS:
+        raise _refuse(source, f"hidden_act {shared['activation']!r} is not supported "
+                              f"(supported: {', '.join(CLIP_ACTIVATIONS)})")
+    for key, ours in CLIP_SHARED.items():
+        if ours != "activation":
+            shared[ours] = number(shared[ours], f"text_config.{key}")
+
+    def tower(c: dict, where: str) -> dict:  # where: "text_config." or "vision_config."
+        return {"hidden_size": integer(c, "hidden_size", where),
+                "num_layers": integer(c, "num_hidden_layers", where),
+                "num_heads": integer(c, "num_attention_heads", where),
+                "intermediate_size": integer(c, "intermediate_size", where)}
+
+    vocab = integer(text, "vocab_size", "text_config.")
+    top = {**CLIP_HF_DEFAULTS, **hf}
+    model = {
+        "image": {**tower(vision, "vision_config."), "image_size": integer(vision, "image_size", "vision_config."),
+                  "patch_size": integer(vision, "patch_size", "vision_config."),
+                  "num_channels": integer(vision, "num_channels", "vision_config.")},
+        "text": {**tower(text, "text_config."), "vocab_size": vocab,
+                 "max_position_embeddings": integer(text, "max_position_embeddings", "text_config.")},
+        "projection_dim": integer(top, "projection_dim", ""),
+        "logit_scale_init": number(top["logit_scale_init_value"], "logit_scale_init_value"),
+        **shared}
+    raw = {"family": "clip", "model": model,
+           "tokenizer": {"special_tokens": _clip_special_tokens(text, vocab, source)}}
+    if vocab < 260:  # too small for 256 byte pieces; the tokenizer is not carried anyway
+        raw["tokenizer"]["byte_fallback"] = False
+    stored = hf.get("taichu_config")
+    if isinstance(stored, dict) and stored.get("family") == "clip":
+        # Written by us: keep its tokenizer, data and train sections when it describes
+        # the model this config.json describes (it may have been edited since).
+        try:
+            same = _clip_to_hf(validate_config(json.loads(json.dumps(stored)), source)) == \
+                _clip_to_hf(validate_config(json.loads(json.dumps(raw)), source))
+        except ConfigError:
+            same = False
+        if same:
+            raw = stored
+    return raw
+
+
+def _clip_special_tokens(text: dict, vocab: int, source: str) -> dict:
+    """Our special token ids from text_config's: eos must survive (CLIPModel pools the text
+    at it, so HF -> ours -> HF keeps the pooling); bos and pad when they fit."""
+    eos = text["eos_token_id"]
+    if isinstance(eos, bool) or not isinstance(eos, int) or not 0 <= eos < vocab:
+        raise _refuse(source, f"text_config.eos_token_id {eos!r} is not supported: CLIPModel pools "
+                              f"each text at its first eos_token_id, so it must be one id in "
+                              f"0..{vocab - 1} (vocab_size {vocab})")
+    special = {"eos_id": eos}
+    for ours, key in (("bos_id", "bos_token_id"), ("pad_id", "pad_token_id")):
+        value = text.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab \
+                and value not in special.values():
+            special[ours] = value
+    # unk (CLIP configs name none) and whatever did not fit: the smallest free ids. Our
+    # ids must be distinct; none of these three affects what the model computes.
+    free = (i for i in range(vocab) if i not in special.values())
+    for ours in ("pad_id", "unk_id", "bos_id"):
+        special.setdefault(ours, next(free))
+    return special
+
+
+def _clip_to_hf(config) -> dict:
+    m, special = config.model, config.tokenizer.special_tokens
+    shared = {"hidden_act": m.activation, "layer_norm_eps": m.layer_norm_eps,
+              "attention_dropout": m.attention_dropout, "initializer_range": m.initializer_range,
+              # HF scales its init stds by this; ours follow OpenAI CLIP's scheme unscaled.
+              "initializer_factor": 1.0, "projection_dim": m.projection_dim}
+
+    def tower(t) -> dict:
+        return {"hidden_size": t.hidden_size, "intermediate_size": t.ffn_size,
+                "num_hidden_layers": t.num_layers, "num_attention_heads": t.num_heads, **shared}
+    return {
+        "architectures": ["CLIPModel"], "model_type": "clip",
+        "projection_dim": m.projection_dim, "logit_scale_init_value": m.logit_scale_init,
+        "initializer_factor": 1.0,
+        "text_config": {"model_type": "clip_text_model", **tower(m.text), "vocab_size": m.text.vocab_size,
+                        "max_position_embeddings": m.text.max_position_embeddings,
+                        "bos_token_id": special.bos_id, "eos_token_id": special.eos_id,
+                        "pad_token_id": special.pad_id},
+        "vision_config": {"model_type": "clip_vision_model", **tower(m.image),
+                          "image_size": m.image.image_size, "patch_size": m.image.patch_size,
+                          "num_channels": m.image.num_channels},
+    }
+
+
+def _clip_notes(hf: dict) -> list[str]:
+    """Where CLIPModel pools the text, against ours (the last real token of the
+    right-padded attention_mask, or the last position without a mask)."""
+    eos = _clip_towers(hf, HF_CONFIG)[0]["eos_token_id"]   # config.json was checked already
+    if eos == CLIP_LEGACY_EOS:
+        return [f"text pooling: CLIPModel with eos_token_id {eos} (its legacy rule) pools each text at "
+                "the first occurrence of the row's largest id, taichu at the last real token of the "
+                "right-padded attention_mask; they agree when that token's id is larger than every "
+                "id before it and not smaller than any padding id after it"]
+    return [f"text pooling: CLIPModel pools each text at its first token {eos} (eos_token_id), taichu at "
+            "the last real token of the right-padded attention_mask; they agree when every text ends "
+            f"with its first {eos}"]
+
+
+@dataclass(frozen=True)
+class HFFamily:
+    """How one of our families is a Hugging Face model: config.json both ways and the
+    tensor codec. ``from_hf`` returns our raw (unvalidated) config."""
+    model_type: str
+    architecture: str
+    codec: type
+    from_hf: Callable[[dict, str], dict]
+    to_hf: Callable[[object], dict]
+    notes: Callable[[dict], list[str]] = lambda hf: []
+
+
+HF_FAMILIES = {
+    "gpt": HFFamily("gpt2", "GPT2LMHeadModel", HFGPT2Codec, _gpt2_from_hf, _gpt2_to_hf),
+    "clip": HFFamily("clip", "CLIPModel", HFCLIPCodec, _clip_from_hf, _clip_to_hf, _clip_notes),
+}
+
+
+def _hf_family(config) -> HFFamily:
+    if config.family not in HF_FAMILIES:
+        raise CheckpointError(f"Hugging Face conversion exists for the "
+                              f"{' and '.join(HF_FAMILIES)} families, not {config.family}")
+    return HF_FAMILIES[config.family]
+
+
+def hf_codec(config) -> Codec:
+    return _hf_family(config).codec(config)
+
+
+CODECS = {"taichu": Codec, "torch": Codec, "mindspore": MindSporeCodec, "hf": hf_codec}
+
+
+def hf_to_config(hf: dict, source: str, overrides: Iterable[str] = ()):
+    """Our config from a Hugging Face config.json (GPT2LMHeadModel or CLIPModel); HF
+    features we lack are refused, naming the key and ``source``."""
+    model_type = hf.get("model_type")
+    family = next((f for f in HF_FAMILIES.values() if f.model_type == model_type), None)
+    if family is None:
+        supported = " and ".join(f"{f.architecture} ({f.model_type})" for f in HF_FAMILIES.values())
+        raise _refuse(source, f"model_type {model_type!r}: only Hugging Face GPT-2 and CLIP are "
+                              f"supported ({supported})")
+    raw = json.loads(json.dumps(family.from_hf(hf, source)))
+    applied = apply_overrides(raw, overrides)
+    return validate_config(raw, source, applied)
+
+
+def config_to_hf(config, dtype: str) -> dict:
+    """The config.json of ``config`` as its Hugging Face architecture."""
+    return {**_hf_family(config).to_hf(config), "dtype": dtype,
+            # Our full config rides along (HF keeps unknown keys), so ours -> HF -> ours is exact.
+            "taichu_config": config_to_dict(config)}
 
 
 # ----------------------------------------------------------------------------- detection
@@ -731,7 +986,8 @@ def _classify_safetensors(path: Path) -> str:
     names = list(tensors.shapes)
     if metadata.get("format") == "ms" or any(n.endswith(_MINDSPORE_LEAVES) for n in names):
         return "mindspore"
-    if any(n.startswith("transformer.") or n == "wte.weight" for n in names):
+    # GPT2LMHeadModel's prefix, GPT2Model's embedding, CLIPModel's misspelt LayerNorm.
+    if any(n.startswith(("transformer.", "vision_model.pre_layrnorm.")) or n == "wte.weight" for n in names):
         return "hf"
     return "torch"
 
@@ -796,11 +1052,19 @@ def open_source(path: str | Path, config=None, allow_pickle: bool = False,
         hf_dir = path if path.is_dir() else None
         derived = None
         if hf_dir is not None:
-            hf = json.loads((hf_dir / HF_CONFIG).read_text())
+            try:
+                hf = json.loads((hf_dir / HF_CONFIG).read_text())
+            except ValueError as err:
+                raise ConfigError(f"{hf_dir / HF_CONFIG}: not valid JSON: {err}") from None
+            if not isinstance(hf, dict):
+                raise ConfigError(f"{hf_dir / HF_CONFIG}: not a JSON object")
             derived = hf_to_config(hf, str(hf_dir / HF_CONFIG), overrides)
             if not isinstance(hf.get("taichu_config"), dict):
+                # CLIP's special token ids do come across: HF pools the text at its eos id.
+                ids = " (special token ids from config.json)" if derived.family == "clip" else ""
                 notes.append("the Hugging Face tokenizer (BPE) is not carried; the config has "
-                             "taichu's default tokenizer section")
+                             f"taichu's default tokenizer section{ids}")
+            notes += HF_FAMILIES[derived.family].notes(hf)
         if config is not None:
             given = _resolve_config(config, path, "", overrides)
             if derived is not None and given.model != derived.model:
@@ -820,7 +1084,6 @@ def open_source(path: str | Path, config=None, allow_pickle: bool = False,
             raw = _read_pickle(bins[0], allow_pickle)
         else:
             raw, _ = read_safetensors(path)
-        raw = _hf_add_prefix(raw)
     elif kind == "mindspore":
         config = _resolve_config(config, path, "a MindSpore checkpoint", overrides)
         if path.is_file() and _is_ckpt(_head(path)):
@@ -836,18 +1099,20 @@ def open_source(path: str | Path, config=None, allow_pickle: bool = False,
         config = _resolve_config(config, path, "a PyTorch pickle", overrides)
         raw, kind = _read_pickle(path, allow_pickle), "torch"
     codec = CODECS[kind](config)
+    raw = codec.adapt(raw)
     codec.check(raw, f"{path} ({kind})")
     return Source(path, kind, config, codec.to_canonical(raw), notes, tokenizer)
 
 
-def _hf_add_prefix(tensors: Tensors) -> Tensors:
-    """Files saved from GPT2Model (the hub's gpt2) lack the ``transformer.`` prefix."""
-    if "wte.weight" not in tensors.shapes:
-        return tensors
-    rename = {n: n if n in GPT2_TIED else f"transformer.{n}" for n in tensors.shapes}
-    back = {v: k for k, v in rename.items()}
-    return Tensors({rename[k]: v for k, v in tensors.shapes.items()},
-                   {rename[k]: v for k, v in tensors.dtypes.items()}, lambda n: tensors.read(back[n]))
+def to_canonical(config, arrays: Mapping[str, np.ndarray], format: str = "hf",
+                 source: str = "arrays") -> dict[str, np.ndarray]:
+    """Arrays in memory named as ``format`` names them (a Hugging Face model's state_dict
+    as numpy, say), checked against ``config`` and returned with canonical names."""
+    codec = CODECS[format](config)
+    tensors = codec.adapt(Tensors.from_arrays(arrays))
+    codec.check(tensors, source)
+    tensors = codec.to_canonical(tensors)
+    return {name: contiguous(tensors.read(name)) for name in tensors.shapes}
 
 
 def load(path: str | Path, config=None, allow_pickle: bool = False,
@@ -892,7 +1157,8 @@ def write(config, tensors: Tensors, dst: str | Path, to: str = "taichu",
     if to == "hf":
         # HF's from_pretrained refuses safetensors files whose metadata lacks format "pt".
         written = write_safetensors(foreign, dst, {"format": "pt"}, max_shard_bytes)
-        dtype = foreign.dtypes["transformer.wte.weight"]
+        # config.json's dtype: that of the first tensor (the token embedding of both families).
+        dtype = next(iter(foreign.dtypes.values()))
         atomic_write_bytes(dst / HF_CONFIG, json.dumps(config_to_hf(config, dtype), indent=2).encode())
         return written + [dst / HF_CONFIG]
     if to == "mindspore" and dst.suffix.lower() != ".safetensors":
@@ -930,6 +1196,9 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None, dtype: str 
     notes = list(source.notes)
     if source.tokenizer is not None and target != "taichu":
         notes.append(f"{source.tokenizer} is not carried into the {target} format")
+    if target == "hf":
+        family = _hf_family(source.config)
+        notes += [n for n in family.notes(family.to_hf(source.config)) if n not in notes]
     written = write(source.config, tensors, dst, target, max_shard_bytes, tokenizer)
     dtypes = sorted(set(tensors.dtypes.values()))
     return {"source": str(src), "source_format": source.format, "target_format": target,
@@ -968,4 +1237,5 @@ def cli_convert(args) -> int:
 
 __all__ = ["FORMATS", "Tensors", "detect_format", "open_source", "load", "save", "write", "convert",
            "load_model", "cli_convert", "read_safetensors", "write_safetensors", "read_ckpt",
-           "write_ckpt", "hf_to_config", "config_to_hf", "GPT2_STEPS", "GPT2_LAYER_STEPS"]
+           "write_ckpt", "hf_to_config", "config_to_hf", "to_canonical", "GPT2_STEPS", "GPT2_LAYER_STEPS",
+           "HF_FAMILIES", "CLIP_RENAMES"]

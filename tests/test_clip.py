@@ -6,6 +6,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import taichu
+from taichu import convert
 from taichu.config import load_config, validate_config
 from taichu.families import get_family, num_parameters
 from taichu.weights import CheckpointError
@@ -385,43 +386,6 @@ def test_bad_inputs_are_clear_errors(clip_config, backend):
 
 # (5) Hugging Face oracle ------------------------------------------------------------------
 
-def hf_to_canonical(hf_state: dict) -> dict:
-    """A Hugging Face CLIPModel state dict as our canonical arrays: a renaming only.
-
-    Our modules mirror CLIPModel's, so every name is kept except HF's misspelt
-    ``pre_layrnorm``; the ``position_ids`` buffers (persistent in old checkpoints) are
-    dropped. (To move into taichu/convert.py as the CLIP table.)
-    """
-    renames = {"vision_model.pre_layrnorm.": "vision_model.pre_layernorm."}
-    arrays = {}
-    for name, tensor in hf_state.items():
-        if name.endswith("embeddings.position_ids"):
-            continue
-        for old, new in renames.items():
-            if name.startswith(old):
-                name = new + name[len(old):]
-        arrays[name] = tensor.detach().cpu().numpy().copy()
-    return arrays
-
-
-def config_from_hf(hf_config) -> dict:
-    """Our raw config for a Hugging Face CLIPConfig (quick_gelu/gelu, one LayerNorm eps)."""
-    vision, text = hf_config.vision_config, hf_config.text_config
-    assert vision.hidden_act == text.hidden_act and vision.layer_norm_eps == text.layer_norm_eps
-
-    def tower(c):
-        return {"hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers,
-                "num_heads": c.num_attention_heads, "intermediate_size": c.intermediate_size}
-    return {"family": "clip", "model": {
-        "image": {**tower(vision), "image_size": vision.image_size, "patch_size": vision.patch_size,
-                  "num_channels": vision.num_channels},
-        "text": {**tower(text), "vocab_size": text.vocab_size,
-                 "max_position_embeddings": text.max_position_embeddings},
-        "projection_dim": hf_config.projection_dim,
-        "logit_scale_init": hf_config.logit_scale_init_value,
-        "activation": vision.hidden_act, "layer_norm_eps": vision.layer_norm_eps}}
-
-
 @pytest.fixture(scope="module")
 def hf_clip():
     import torch
@@ -452,8 +416,10 @@ def hf_clip():
 def test_hugging_face_clip_is_an_oracle(hf_clip, ms_mode):
     import torch
 
-    config = validate_config(config_from_hf(hf_clip.config), "from Hugging Face")
-    arrays = hf_to_canonical(hf_clip.state_dict())
+    # The library's Hugging Face mapping (taichu/convert.py): config.json and tensor names.
+    config = convert.hf_to_config(hf_clip.config.to_dict(), "Hugging Face CLIPConfig")
+    arrays = convert.to_canonical(config, {k: v.numpy() for k, v in hf_clip.state_dict().items()},
+                                  "hf", "Hugging Face CLIPModel")
     rng = np.random.default_rng(9)
     for n_images, lengths in ((3, [7, 2, 13]), (2, [32, 5, 9, 1])):
         pixels = images(rng, n_images, config)
