@@ -1,14 +1,16 @@
 """Deployment: ONNX (from PyTorch) and MINDIR (from MindSpore) export, validated against the
-source model, and ONNX Runtime generation.
+source model, ONNX Runtime generation (GPT) and embedding (image-text towers).
 
-``export.OnnxGenerator`` needs only numpy, onnxruntime and sentencepiece; the exporters
-import their framework when called. Names load on first use.
+``export.OnnxGenerator`` needs only numpy, onnxruntime and sentencepiece,
+``export.OnnxImageTextEncoder`` those and pillow; the exporters import their framework when
+called. Names load on first use.
 """
 import importlib
 
 _LAZY = {"OnnxGenerator": "export.runtime", "OnnxDecoder": "export.runtime",
+         "OnnxImageTextEncoder": "export.runtime", "OnnxGraph": "export.runtime",
          "export_model": "export.exporter", "ExportValidationError": "export.validate",
-         "MindirDecoder": "export.mindir_export"}
+         "MindirDecoder": "export.mindir_export", "MindirGraph": "export.mindir_export"}
 __all__ = sorted(_LAZY)
 
 

@@ -1,8 +1,11 @@
-"""Running an exported GPT with ONNX Runtime: a decoder step and a text generator.
+"""Running exports with ONNX Runtime: a GPT decoder step and text generator, and the
+image and text towers of an image-text model (CLIP, BriVL).
 
-Needs only numpy, onnxruntime and sentencepiece (no torch, no mindspore): this is what a
-deployment installs. Sampling is taichu.generate's, so the same seed gives the same tokens
-here as with the PyTorch and MindSpore models.
+Needs only numpy, onnxruntime and sentencepiece, plus pillow for images (no torch, no
+mindspore, no yaml or pydantic: what an export needs is in its export_info.json): this is
+what a deployment installs. Sampling is taichu.generate's, so the same seed gives the same
+tokens here as with the PyTorch and MindSpore models; images and captions are prepared by
+taichu.images.preprocess and taichu.imagetext.caption_ids, as in training.
 """
 from __future__ import annotations
 
@@ -18,12 +21,18 @@ MODEL_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
 INFO_FILE = "export_info.json"
 TOKENIZER_FILE = "tokenizer.model"
+IMAGE_TEXT = "image_text"
+IMAGE_ENCODER, TEXT_ENCODER = "image_encoder", "text_encoder"
 
 
 def resolve_onnx(path: str | Path) -> tuple[Path, Path]:
     """(model file, export directory) for an export directory or a .onnx file in one."""
     path = Path(path)
     file = path / MODEL_FILE if path.is_dir() else path
+    if not file.is_file() and (path / f"{IMAGE_ENCODER}.onnx").is_file():
+        raise FileNotFoundError(f"{path} is an image-text export ({IMAGE_ENCODER}.onnx, {TEXT_ENCODER}.onnx): "
+                                f"it embeds images and texts (export.OnnxImageTextEncoder), it has no "
+                                f"decoder to generate with")
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no ONNX model here (make one with `taichu export MODEL_DIR "
                                 f"--format onnx --out DIR`)")
@@ -106,3 +115,156 @@ class OnnxGenerator:
         encoded = [self.tokenizer.encode(p, add_bos=True) for p in prompts]
         ids = self.generate_ids(encoded, SamplingConfig(**sampling))
         return [self.tokenizer.decode(row) for row in ids]
+
+
+class OnnxGraph:
+    """One ONNX Runtime session on the CPU: ``run(feeds) -> outputs`` by name."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such ONNX graph")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(self.output_names, {name: feeds[name] for name in self.input_names})
+        return dict(zip(self.output_names, outputs))
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, float32 (a zero row stays zero, as torch's F.normalize)."""
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
+
+
+class OnnxImageTextEncoder:
+    """Image and text embeddings from an image-text export (``taichu export CLIP_DIR
+    --format onnx --out DIR``): ``image_encoder.onnx`` and ``text_encoder.onnx``.
+
+    ``image_features`` / ``text_features`` run the graphs on model inputs and return the
+    raw projected features (the model's ``get_image_features`` / ``get_text_features``);
+    ``embed_images`` / ``embed_texts`` start from pictures and strings and return unit-length
+    float32 rows, so that a dot product is the cosine similarity.
+
+    >>> encoder = OnnxImageTextEncoder("exported/")
+    >>> scores = encoder.embed_images(["cat.jpg"]) @ encoder.embed_texts(["一只猫", "一辆车"]).T
+    """
+
+    def __init__(self, export_dir: str | Path, threads: int | None = None):
+        path = Path(export_dir)
+        directory = path.parent if path.is_file() else path
+        self.info = read_export_info(directory)
+        if self.info.get("task") != IMAGE_TEXT or self.info.get("format") != "onnx":
+            raise ValueError(f"{directory} is not an image-text ONNX export (task "
+                             f"{self.info.get('task', 'language_model')}, format {self.info.get('format')}): "
+                             f"export a CLIP or BriVL model directory with `taichu export MODEL_DIR "
+                             f"--format onnx --out DIR`")
+        graphs = {g["name"]: g for g in self.info["graphs"]}
+        self.image_encoder = OnnxGraph(directory / graphs[IMAGE_ENCODER]["file"], threads)
+        self.text_encoder = OnnxGraph(directory / graphs[TEXT_ENCODER]["file"], threads)
+        # Sizes come from export_info.json (the signature and a JSON copy of the config)
+        # rather than config.yaml, which would need yaml and pydantic to read.
+        _, self.num_channels, self.image_size, _ = graphs[IMAGE_ENCODER]["inputs"][0]["shape"]
+        self.embed_dim = graphs[IMAGE_ENCODER]["outputs"][0]["shape"][1]
+        text = self.info["config"]["model"]["text"]
+        self.context_length, self.vocab_size = text["max_position_embeddings"], text["vocab_size"]
+        self.tokenizer_path = directory / TOKENIZER_FILE
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from taichu.tokenizer import Tokenizer
+
+            if not self.tokenizer_path.is_file():
+                raise FileNotFoundError(f"{self.tokenizer_path} not found: embedding texts needs the "
+                                        f"model's tokenizer (export a model directory that has one)")
+            self._tokenizer = Tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
+        """float32 [batch, embed_dim] from pixel_values [batch, channels, size, size]
+        (taichu.images.preprocess); not normalised."""
+        pixel_values = np.asarray(pixel_values)
+        expected = (self.num_channels, self.image_size, self.image_size)
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != expected:
+            raise ValueError(f"pixel_values must be [batch, {', '.join(map(str, expected))}], "
+                             f"got shape {pixel_values.shape}")
+        if pixel_values.shape[0] == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
+        feeds = {"pixel_values": np.ascontiguousarray(pixel_values, np.float32)}
+        return self.image_encoder.run(feeds)["image_embeds"]
+
+    def text_features(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """float32 [batch, embed_dim] from right-padded ids and mask [batch, sequence]
+        (taichu.imagetext.caption_ids); not normalised."""
+        input_ids, attention_mask = np.asarray(input_ids), np.asarray(attention_mask)
+        self._check_text(input_ids, attention_mask)
+        if input_ids.shape[0] == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
+        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
+        return self.text_encoder.run(feeds)["text_embeds"]
+
+    def _check_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
+        """What the models check before a forward pass (taichu.families.clip.check_inputs),
+        for the same reasons: the graph would read past the embedding table or the
+        positions, or pool a padding token."""
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, sequence], got shape {input_ids.shape}")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {input_ids.shape}, "
+                             f"got {attention_mask.shape}")
+        if input_ids.shape[0] == 0:
+            return
+        if input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids has an empty sequence axis, shape {input_ids.shape}")
+        if input_ids.shape[1] > self.context_length:
+            raise ValueError(f"text length {input_ids.shape[1]} exceeds the context "
+                             f"max_position_embeddings {self.context_length}")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is out of range for vocab_size {self.vocab_size}")
+        mask = attention_mask != 0
+        if not mask[:, 0].all() or (mask[:, 1:] & ~mask[:, :-1]).any():
+            raise ValueError("attention_mask must be right-padded with a real token first in every "
+                             "row (ones, then zeros), as taichu.imagetext.caption_ids makes it")
+
+    def embed_images(self, images, batch_size: int = 64) -> np.ndarray:
+        """Unit-length float32 [len(images), embed_dim] for a list of images (paths, encoded
+        bytes, PIL images, uint8 arrays), preprocessed as in training, ``batch_size`` at a time."""
+        from taichu.images import preprocess
+
+        images = self._as_list(images, "images", batch_size)
+        rows = [l2_normalise(self.image_features(preprocess(images[i:i + batch_size], self.image_size)))
+                for i in range(0, len(images), batch_size)]
+        return np.concatenate(rows) if rows else np.zeros((0, self.embed_dim), np.float32)
+
+    def embed_texts(self, texts, batch_size: int = 256) -> np.ndarray:
+        """Unit-length float32 [len(texts), embed_dim] for a list of strings: [bos] + text +
+        [eos], right-padded to the model's context (taichu.imagetext.caption_ids)."""
+        from taichu.imagetext import caption_ids
+
+        texts = self._as_list(texts, "texts", batch_size)
+        if not texts:
+            return np.zeros((0, self.embed_dim), np.float32)
+        input_ids, attention_mask = caption_ids(self.tokenizer, texts, self.context_length)
+        rows = [l2_normalise(self.text_features(input_ids[i:i + batch_size], attention_mask[i:i + batch_size]))
+                for i in range(0, len(texts), batch_size)]
+        return np.concatenate(rows)
+
+    @staticmethod
+    def _as_list(items, what: str, batch_size: int) -> list:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        # A lone path or string is iterable too (by character); it is almost surely a mistake.
+        if isinstance(items, (str, bytes, Path)):
+            raise TypeError(f"embed_{what} takes a list of {what}, not one {type(items).__name__}")
+        return list(items)

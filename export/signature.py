@@ -1,20 +1,110 @@
-"""The exported GPT decoder's signature, shared by exporters, validators and runtimes.
+"""Signatures of the exported graphs, shared by exporters, validators and runtimes.
 
-Inputs: ``input_ids`` [batch, sequence], ``attention_mask`` [batch, past + sequence] (1 for
-real tokens, 0 for padding), ``position_ids`` [batch, sequence], and for each layer i
-``past_key_values.{i}.key`` / ``.value`` [batch, heads, past, head_dim].
-Outputs: ``logits`` [batch, sequence, vocab] and ``present.{i}.key`` / ``.value``
-[batch, heads, past + sequence, head_dim]. The names are those of Hugging Face optimum's
-decoder exports, so tools that know them can feed this graph. A past of length 0 serves the
-prompt (prefill); the same graph then decodes one token at a time.
+Every family exports one or more graphs, chosen by its task (``FAMILY.task``):
+
+- ``language_model`` (GPT): one decoder graph ``model``. Inputs: ``input_ids`` [batch,
+  sequence], ``attention_mask`` [batch, past + sequence] (1 for real tokens, 0 for padding),
+  ``position_ids`` [batch, sequence], and for each layer i ``past_key_values.{i}.key`` /
+  ``.value`` [batch, heads, past, head_dim]. Outputs: ``logits`` [batch, sequence, vocab] and
+  ``present.{i}.key`` / ``.value`` [batch, heads, past + sequence, head_dim]. The names are
+  those of Hugging Face optimum's decoder exports, so tools that know them can feed this
+  graph. A past of length 0 serves the prompt (prefill); the same graph then decodes one
+  token at a time.
+- ``image_text`` (CLIP, BriVL): two towers, so that images and texts are embedded apart (a
+  retrieval index embeds each side once). ``image_encoder``: ``pixel_values`` float32
+  [batch, channels, size, size] (taichu.images.preprocess) -> ``image_embeds`` [batch, dim]
+  (``get_image_features``, not normalised). ``text_encoder``: ``input_ids`` and
+  ``attention_mask`` int64 [batch, sequence], right-padded (taichu.imagetext.caption_ids) ->
+  ``text_embeds`` [batch, dim] (``get_text_features``).
+
+A dimension given as a string is a dynamic axis of that name.
 
 numpy only: the ONNX runtime side must work without torch or mindspore.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"
+LANGUAGE_MODEL, IMAGE_TEXT = "language_model", "image_text"
+DECODER, IMAGE_ENCODER, TEXT_ENCODER = "model", "image_encoder", "text_encoder"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple    # ints, and axis names (str) for dynamic axes
+
+    def describe(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphSignature:
+    """One exported graph: its name (the file stem) and its inputs and outputs, in order."""
+
+    name: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's ``dynamic_axes``: every named dimension of every tensor."""
+        return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+                for t in self.inputs + self.outputs if any(isinstance(d, str) for d in t.shape)}
+
+    def describe(self) -> dict:
+        """Names, dtypes and shapes (symbolic axes as strings) for export_info.json."""
+        return {"inputs": [t.describe() for t in self.inputs],
+                "outputs": [t.describe() for t in self.outputs]}
+
+
+def task_of(config) -> str:
+    from taichu.families import get_family
+
+    return get_family(config.family).task
+
+
+def graphs(config) -> tuple[GraphSignature, ...]:
+    """The graphs an export of ``config`` (a full config) consists of, by its family's task."""
+    task = task_of(config)
+    if task == LANGUAGE_MODEL:
+        return (decoder_graph(config.model),)
+    if task == IMAGE_TEXT:
+        return image_text_graphs(config.model)
+    raise ValueError(f"family {config.family} (task {task}) has no export signature")
+
+
+def validation_cases(model_config, graph: GraphSignature) -> list[tuple[dict, dict[str, np.ndarray]]]:
+    """(shape description, random inputs) at the two shapes an export is validated at."""
+    m = model_config
+    if graph.name == DECODER:
+        return [({"batch": b, "sequence": n, "past": p}, sample_inputs(m, b, n, p, seed))
+                for seed, (b, n, p) in enumerate(DECODER_VALIDATION_SHAPES)]
+    if graph.name == IMAGE_ENCODER:
+        return [({"batch": b}, image_inputs(m, b, seed)) for seed, b in enumerate(IMAGE_VALIDATION_BATCHES)]
+    context = m.text.max_position_embeddings
+    cases = []
+    for seed, (b, n) in enumerate(TEXT_VALIDATION_SHAPES):
+        n = context if n is None else min(n, context)
+        cases.append(({"batch": b, "sequence": n}, text_inputs(m, b, n, seed)))
+    return cases
+
+
+# ----------------------------------------------------------------------- GPT decoder
+
+# (batch, sequence, past): prefill of a padded batch, then a continuation with a cache.
+DECODER_VALIDATION_SHAPES = ((2, 7, 0), (3, 2, 5))
 
 
 def input_names(num_layers: int) -> list[str]:
@@ -26,28 +116,22 @@ def output_names(num_layers: int) -> list[str]:
     return ["logits"] + [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
 
 
-def dynamic_axes(num_layers: int) -> dict[str, dict[int, str]]:
-    axes = {"input_ids": {0: BATCH, 1: SEQUENCE}, "attention_mask": {0: BATCH, 1: TOTAL},
-            "position_ids": {0: BATCH, 1: SEQUENCE}, "logits": {0: BATCH, 1: SEQUENCE}}
-    for name in input_names(num_layers)[3:]:
-        axes[name] = {0: BATCH, 2: PAST}
-    for name in output_names(num_layers)[1:]:
-        axes[name] = {0: BATCH, 2: TOTAL}
-    return axes
+def decoder_graph(model_config) -> GraphSignature:
+    m = model_config
+    cache = (BATCH, m.num_heads, PAST, m.head_dim)
+    present = (BATCH, m.num_heads, TOTAL, m.head_dim)
+    inputs = (TensorInfo("input_ids", "int64", (BATCH, SEQUENCE)),
+              TensorInfo("attention_mask", "int64", (BATCH, TOTAL)),
+              TensorInfo("position_ids", "int64", (BATCH, SEQUENCE)))
+    inputs += tuple(TensorInfo(n, "float32", cache) for n in input_names(m.num_layers)[3:])
+    outputs = (TensorInfo("logits", "float32", (BATCH, SEQUENCE, m.vocab_size)),)
+    outputs += tuple(TensorInfo(n, "float32", present) for n in output_names(m.num_layers)[1:])
+    return GraphSignature(DECODER, inputs, outputs)
 
 
 def describe(model_config) -> dict:
-    """Names, dtypes and shapes (symbolic axes as strings) for export_info.json."""
-    m = model_config
-    cache = [BATCH, m.num_heads, PAST, m.head_dim]
-    present = [BATCH, m.num_heads, TOTAL, m.head_dim]
-    inputs = [{"name": "input_ids", "dtype": "int64", "shape": [BATCH, SEQUENCE]},
-              {"name": "attention_mask", "dtype": "int64", "shape": [BATCH, TOTAL]},
-              {"name": "position_ids", "dtype": "int64", "shape": [BATCH, SEQUENCE]}]
-    inputs += [{"name": n, "dtype": "float32", "shape": cache} for n in input_names(m.num_layers)[3:]]
-    outputs = [{"name": "logits", "dtype": "float32", "shape": [BATCH, SEQUENCE, m.vocab_size]}]
-    outputs += [{"name": n, "dtype": "float32", "shape": present} for n in output_names(m.num_layers)[1:]]
-    return {"inputs": inputs, "outputs": outputs}
+    """The decoder's names, dtypes and shapes (symbolic axes as strings) for export_info.json."""
+    return decoder_graph(model_config).describe()
 
 
 def position_ids(attention_mask: np.ndarray, length: int) -> np.ndarray:
@@ -73,3 +157,66 @@ def sample_inputs(model_config, batch: int, length: int, past: int, seed: int) -
     for name in input_names(m.num_layers)[3:]:
         feeds[name] = rng.standard_normal((batch, m.num_heads, past, m.head_dim)).astype(np.float32)
     return feeds
+
+
+# ----------------------------------------------------------------------- image-text towers
+
+# Batch 1 and a batch of 5; text once short and unpadded, once at the full context (what
+# caption_ids gives) with rows of five different lengths. None: the model's context.
+IMAGE_VALIDATION_BATCHES = (1, 5)
+TEXT_VALIDATION_SHAPES = ((1, 7), (5, None))
+# Token ids below this are the special tokens (pad, unk, bos, eos): random text avoids them.
+FIRST_ORDINARY_ID = 4
+
+
+def image_text_sizes(model_config) -> dict[str, int]:
+    """The sizes the tower signatures need, read from an image-text family's model config:
+    ``image.image_size``, ``image.num_channels`` (3 if absent), ``text.vocab_size``,
+    ``text.max_position_embeddings`` and the width of the shared embedding space, which
+    CLIP calls ``projection_dim`` and BriVL ``embed_dim``."""
+    m = model_config
+    dim = getattr(m, "projection_dim", None) or getattr(m, "embed_dim", None)
+    try:
+        if dim is None:
+            raise AttributeError("neither projection_dim nor embed_dim")
+        return {"channels": getattr(m.image, "num_channels", 3), "image_size": m.image.image_size,
+                "vocab_size": m.text.vocab_size, "context": m.text.max_position_embeddings, "dim": dim}
+    except AttributeError as error:
+        raise ValueError(f"an image-text export needs model.image.image_size, model.text.vocab_size, "
+                         f"model.text.max_position_embeddings and model.projection_dim or "
+                         f"model.embed_dim: {error}") from None
+
+
+def image_text_graphs(model_config) -> tuple[GraphSignature, GraphSignature]:
+    s = image_text_sizes(model_config)
+    image = GraphSignature(
+        IMAGE_ENCODER,
+        (TensorInfo("pixel_values", "float32", (BATCH, s["channels"], s["image_size"], s["image_size"])),),
+        (TensorInfo("image_embeds", "float32", (BATCH, s["dim"])),))
+    text = GraphSignature(
+        TEXT_ENCODER,
+        (TensorInfo("input_ids", "int64", (BATCH, SEQUENCE)), TensorInfo("attention_mask", "int64", (BATCH, SEQUENCE))),
+        (TensorInfo("text_embeds", "float32", (BATCH, s["dim"])),))
+    return image, text
+
+
+def image_inputs(model_config, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Random ``pixel_values``: standard normal, the range of normalised pixels."""
+    s = image_text_sizes(model_config)
+    rng = np.random.default_rng(seed)
+    shape = (batch, s["channels"], s["image_size"], s["image_size"])
+    return {"pixel_values": rng.standard_normal(shape).astype(np.float32)}
+
+
+def text_inputs(model_config, batch: int, length: int, seed: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Random right-padded texts: row 0 fills all ``length`` positions, the others get
+    shorter down to 2 real tokens, so every row is pooled at a different position."""
+    s = image_text_sizes(model_config)
+    rng = np.random.default_rng(seed)
+    lengths = np.linspace(length, min(2, length), batch).round().astype(int)
+    input_ids = np.full((batch, length), pad_id, np.int64)
+    attention_mask = np.zeros((batch, length), np.int64)
+    for row, n in enumerate(lengths):
+        input_ids[row, :n] = rng.integers(FIRST_ORDINARY_ID, s["vocab_size"], n)
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}

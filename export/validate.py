@@ -1,10 +1,11 @@
 """Checking an exported graph against the framework it came from.
 
-fp32: the exported file and the source model run the same random inputs at two shapes (a
-left-padded prompt with an empty past, and a short continuation with a cache); every output
-tensor must agree within TOLERANCE, measured as max |exported - source| / max(1, max
-|source|) so that it is an absolute bound for logits of order 1 and a relative one for
-larger logits. A failure names the worst tensor, the shape and the difference.
+fp32: the exported file and the source model run the same random inputs at two shapes
+(export/signature.py, validation_cases: for the GPT decoder a left-padded prompt with an
+empty past and a short continuation with a cache; for image-text towers batch 1 and a
+right-padded batch of 5); every output tensor must agree within TOLERANCE, measured as
+max |exported - source| / max(1, max |source|) so that it is an absolute bound for values
+of order 1 and a relative one for larger logits. A failure names the worst tensor, the shape and the difference.
 
 int8: quantization changes the numbers by design, so the check is on what generation
 sees: top-1 agreement with the fp32 graph on held-out text and the change in perplexity
@@ -17,8 +18,8 @@ import numpy as np
 from export import signature
 
 TOLERANCE = 1e-4
-# (batch, sequence, past): prefill of a padded batch, then a continuation with a cache.
-VALIDATION_SHAPES = ((2, 7, 0), (3, 2, 5))
+# (batch, sequence, past) of the GPT decoder's check.
+VALIDATION_SHAPES = signature.DECODER_VALIDATION_SHAPES
 INT8_MIN_TOP1 = 0.90
 INT8_MAX_PERPLEXITY_CHANGE = 0.05
 
@@ -59,6 +60,33 @@ def source_runner(model):
     return run
 
 
+def tower_runner(model, graph: signature.GraphSignature):
+    """``run(feeds) -> outputs`` for one tower of an image-text model of either backend:
+    the model's own ``get_image_features`` / ``get_text_features`` (with its input checks),
+    the reference an exported tower must match."""
+    from taichu.api import backend_of
+
+    method = {signature.IMAGE_ENCODER: model.get_image_features,
+              signature.TEXT_ENCODER: model.get_text_features}[graph.name]
+    (output,) = graph.output_names
+    if backend_of(model) == "torch":
+        import torch
+
+        def run(feeds):
+            with torch.no_grad():
+                return {output: method(*(torch.from_numpy(feeds[n]) for n in graph.input_names)).numpy()}
+        return run
+
+    import mindspore as ms
+
+    def run(feeds):
+        # int32 ids, as in the MINDIR (export/mindir_export.py).
+        args = [ms.Tensor(feeds[n].astype(np.int32) if feeds[n].dtype == np.int64 else feeds[n])
+                for n in graph.input_names]
+        return {output: method(*args).asnumpy()}
+    return run
+
+
 def compare(source: dict[str, np.ndarray], exported: dict[str, np.ndarray]) -> tuple[str, float]:
     """(worst tensor, its scaled difference) over all outputs."""
     worst, worst_difference = "", -1.0
@@ -73,21 +101,29 @@ def compare(source: dict[str, np.ndarray], exported: dict[str, np.ndarray]) -> t
     return worst, worst_difference
 
 
-def validate_against_source(run_exported, run_source, model_config, label: str,
-                            tolerance: float = TOLERANCE) -> dict:
-    """Compare at VALIDATION_SHAPES; raises ExportValidationError above ``tolerance``."""
+def validate_cases(run_exported, run_source, cases, label: str, tolerance: float = TOLERANCE) -> dict:
+    """Compare on each (shape description, inputs) of ``cases``; raises
+    ExportValidationError, naming the tensor and the shape, above ``tolerance``."""
     results = []
-    for seed, (batch, length, past) in enumerate(VALIDATION_SHAPES):
-        feeds = signature.sample_inputs(model_config, batch, length, past, seed)
+    for shape, feeds in cases:
         worst, difference = compare(run_source(feeds), run_exported(feeds))
-        results.append({"batch": batch, "sequence": length, "past": past,
-                        "worst_tensor": worst, "max_difference": difference})
+        results.append({**shape, "worst_tensor": worst, "max_difference": difference})
         if not difference <= tolerance:
+            where = ", ".join(f"{axis} {size}" for axis, size in shape.items())
             raise ExportValidationError(
                 f"{label} does not match its source: {worst} differs by {difference:.3g} "
-                f"(tolerance {tolerance:g}) at batch {batch}, sequence {length}, past {past}")
+                f"(tolerance {tolerance:g}) at {where}")
     return {"passed": True, "tolerance": tolerance,
             "metric": "max |exported - source| / max(1, max |source|)", "shapes": results}
+
+
+def validate_against_source(run_exported, run_source, model_config, label: str,
+                            tolerance: float = TOLERANCE,
+                            graph: signature.GraphSignature | None = None) -> dict:
+    """Compare ``graph`` (default: the GPT decoder) at its two validation shapes."""
+    graph = signature.decoder_graph(model_config) if graph is None else graph
+    return validate_cases(run_exported, run_source, signature.validation_cases(model_config, graph),
+                          label, tolerance)
 
 
 def _next_token_stats(decoder, sequences: np.ndarray) -> tuple[np.ndarray, float]:

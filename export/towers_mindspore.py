@@ -1,0 +1,59 @@
+"""The two towers of a MindSpore image-text model as cells of their own, for ms.export.
+
+``ms.export`` compiles a cell's ``construct``; an image-text model's ``construct`` takes
+both modalities and returns logits, while a retrieval index embeds images and texts apart.
+These cells compile ``get_image_features`` and ``get_text_features`` instead, the methods
+every image-text family has (mindspore_impl/clip.py; BriVL likewise).
+
+Those methods first run the model's host-side input checks (``_check``: numpy copies of
+the ids, Python exceptions). Compiled into a graph they become a ``raise`` primitive
+whose shape MindSpore cannot infer when the MINDIR is loaded ("Get infer shape function
+failed, primitive name:raise"), so ``input_checks_off`` hides them while the graph is
+compiled; the MINDIR's caller checks its inputs (as export.runtime does for ONNX).
+"""
+from __future__ import annotations
+
+import contextlib
+
+from mindspore import nn
+
+
+class ImageEncoder(nn.Cell):
+    """pixel_values [batch, channels, size, size] -> image_embeds [batch, dim]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def construct(self, pixel_values):
+        return self.model.get_image_features(pixel_values)
+
+
+class TextEncoder(nn.Cell):
+    """input_ids, attention_mask [batch, sequence] int32, right-padded -> text_embeds."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def construct(self, input_ids, attention_mask):
+        return self.model.get_text_features(input_ids, attention_mask)
+
+
+def _no_input_checks(pixel_values=None, input_ids=None, attention_mask=None):
+    return None
+
+
+@contextlib.contextmanager
+def input_checks_off(model):
+    """While compiling: the model's ``_check`` is a no-op on this instance only, restored
+    after (the class and other instances keep theirs). A model without ``_check`` is left
+    as it is."""
+    if not hasattr(model, "_check"):
+        yield
+        return
+    model._check = _no_input_checks
+    try:
+        yield
+    finally:
+        del model._check
