@@ -68,6 +68,10 @@ def _split_problems(p: ParallelConfig, model) -> list[str]:
         if p.model_parallel > 1 or p.pipeline_stages > 1 or p.mode != "data_parallel":
             problems.append("image-text models support data parallelism only: parallel.model_parallel "
                             "and parallel.pipeline_stages must be 1 and parallel.mode data_parallel")
+        if p.fsdp:
+            # BriVL's loss runs its towers directly; FSDP only unshards around forward.
+            problems.append("parallel.fsdp is for the GPT; image-text models train with DDP "
+                            "(parallel.fsdp: false)")
         return problems
     # Megatron splits: q/k/v by heads (whole heads per device), fc_in by MLP width, the
     # row-split out_proj/fc_out by their input width, the tied embedding by vocabulary.

@@ -734,7 +734,8 @@ def evaluate(model_dir: str | Path, backend: str = "torch", data: str | None = N
         **{f"R@{k}": recall_at_k(similarity.T, k, image_groups, caption_groups) for k in ks},
         "chance": {f"R@{k}": chance_recall_at_k(k, query_groups=image_groups, item_groups=caption_groups)
                    for k in ks}}
-    if data is not None and str(data) != str(cfg.source):
+    trained_on = [cfg.source] if isinstance(cfg.source, str) else list(cfg.source)
+    if data is not None and str(data) not in map(str, trained_on):
         values["note"] = (f"data {data} is not the data the model's config trains on ({cfg.source}); "
                           "its split applies the config's validation_fraction and split_seed to it")
     labels = [p.label for p in pairs]

@@ -1,4 +1,4 @@
-"""PyTorch data parallelism for the GPT: DDP or FSDP2 over the processes torchrun starts.
+"""PyTorch data parallelism: DDP (every family) or FSDP2 (the GPT) over torchrun's processes.
 
 The counterpart of mindspore_impl/parallel.py, with less in it: PyTorch runs data
 parallelism only. Tensor (model_parallel) and pipeline splits are MindSpore semi-auto
@@ -30,4 +30,6 @@ def wrap_data_parallel(model: nn.Module, parallel: ParallelConfig, world: int,
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    # Buffers (BriVL's MoCo queues) stay equal on every rank by construction: after_step
+    # enqueues the keys all ranks gathered. Broadcasting them each forward would only cost.
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)

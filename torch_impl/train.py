@@ -17,6 +17,7 @@ import os
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from taichu.families import backend_module, get_family
 from taichu.parallel import validate_batch, validate_parallel
@@ -57,6 +58,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class TrainingStep(nn.Module):
+    """A family's training_loss as a module's forward: what DDP wraps, so that its
+    gradient hooks are armed whichever parts of the model the loss runs (BriVL runs its
+    towers and momentum towers, never its forward)."""
+
+    def __init__(self, model: nn.Module, training_loss):
+        super().__init__()
+        self.model = model
+        self.training_loss = training_loss
+
+    def forward(self, *inputs):
+        return self.training_loss(self.model, *inputs)
+
+
 class Trainer:
     def __init__(self, model, config, decay_names: set[str], rank: int, world: int):
         train = config.train
@@ -70,7 +85,11 @@ class Trainer:
         # Only what the optimizer trains: BriVL's momentum towers follow by after_step.
         self.names = [name for name, p in self.model.named_parameters() if p.requires_grad]
         self.fsdp = world > 1 and config.parallel.fsdp
-        self.module = wrap_data_parallel(self.model, config.parallel, world, self.device)
+        self.step = TrainingStep(self.model, self.family_module.training_loss)
+        # FSDP shards the model itself (root and blocks), and its losses call forward;
+        # DDP wraps the whole loss, so its hooks see every tower the loss runs.
+        self.module = (wrap_data_parallel(self.model, config.parallel, world, self.device)
+                       if self.fsdp else wrap_data_parallel(self.step, config.parallel, world, self.device))
         params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         decay = [p for name, p in params.items() if name in decay_names]
         no_decay = [p for name, p in params.items() if name not in decay_names]
@@ -83,12 +102,14 @@ class Trainer:
                                            enabled=train.precision == "fp16")
 
     def _loss(self, module, batch: dict[str, np.ndarray]):
-        """(loss, *outputs) of the family's training_loss on one micro-batch. ``module``
-        is the DDP/FSDP wrapper in training: training_loss goes through its forward."""
+        """(loss, *outputs) of the family's training_loss on one micro-batch, through
+        ``module``: the DDP-wrapped TrainingStep (or the FSDP model) in training."""
         inputs = [torch.from_numpy(np.ascontiguousarray(x)).to(self.device) for x in batch.values()]
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            return self.family_module.training_loss(module, *inputs)
+            if module is self.model:
+                return self.family_module.training_loss(module, *inputs)
+            return module(*inputs)
 
     def _gather(self, outputs: list[tuple]) -> tuple:
         """Each output of the micro-batches, concatenated, then across ranks in rank order:
@@ -142,7 +163,7 @@ class Trainer:
     def eval_loss(self, batch: dict[str, np.ndarray]) -> float:
         self.model.eval()
         try:
-            return float(self._loss(self.model, batch)[0])
+            return float(self._loss(self.step, batch)[0])
         finally:
             self.model.train()
 
