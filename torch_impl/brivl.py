@@ -1,0 +1,298 @@
+"""WenLan / BriVL in PyTorch (design.md §2.6), mirrored by mindspore_impl/brivl.py.
+
+Two towers, each backbone -> small Transformer head -> mean pooling -> MLP -> L2 norm
+(taichu/families/brivl.py has the architecture and the choices), a momentum copy of
+each tower and a queue of keys per modality (MoCo). The backbones reuse CLIP's
+embeddings and attention (torch_impl/clip.py); the Transformer layers are written here
+because BriVL's activation is chosen from more functions than CLIP's.
+
+Training interface, called by the shared trainer:
+- ``training_loss(model, pixel_values, input_ids, attention_mask)`` -> (loss,
+  image_keys, text_keys): the MoCo loss of the online queries against the momentum keys
+  of the batch and the queues;
+- ``after_step(model, image_keys, text_keys)`` after each optimizer update: enqueue the
+  keys of the global batch, then move the momentum towers towards the online ones.
+State_dict names here are the project's canonical weight names.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from taichu.families.brivl import BriVLConfig, check_inputs
+from torch_impl.clip import Attention, QuickGELU, TextEmbeddings, VisionEmbeddings
+
+ACTIVATIONS = {"gelu": lambda: nn.GELU(approximate="none"),
+               "gelu_new": lambda: nn.GELU(approximate="tanh"),
+               "quick_gelu": QuickGELU,
+               "relu": nn.ReLU}
+
+
+class MLP(nn.Module):
+    def __init__(self, size, config: BriVLConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(size.hidden_size, size.ffn_size)
+        self.act = ACTIVATIONS[config.model.activation]()
+        self.fc2 = nn.Linear(size.ffn_size, size.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, size, config: BriVLConfig):
+        super().__init__()
+        eps = config.model.layer_norm_eps
+        self.self_attn = Attention(size, config)
+        self.layer_norm1 = nn.LayerNorm(size.hidden_size, eps=eps)
+        self.mlp = MLP(size, config)
+        self.layer_norm2 = nn.LayerNorm(size.hidden_size, eps=eps)
+
+    def forward(self, x, attention_bias=None):
+        x = x + self.self_attn(self.layer_norm1(x), attention_bias)
+        x = x + self.mlp(self.layer_norm2(x))
+        return x
+
+
+class Encoder(nn.Module):
+    """Pre-LN layers (the residual stream they leave is not normalised)."""
+
+    def __init__(self, size, config: BriVLConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([EncoderLayer(size, config) for _ in range(size.num_layers)])
+
+    def forward(self, x, attention_bias=None):
+        for layer in self.layers:
+            x = layer(x, attention_bias)
+        return x
+
+
+class Head(nn.Module):
+    """The small Transformer on a backbone's tokens: pre-LN layers, then a LayerNorm."""
+
+    def __init__(self, size, config: BriVLConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([EncoderLayer(size, config) for _ in range(size.num_layers)])
+        self.layer_norm = nn.LayerNorm(size.hidden_size, eps=config.model.layer_norm_eps)
+
+    def forward(self, x, attention_bias=None):
+        for layer in self.layers:
+            x = layer(x, attention_bias)
+        return self.layer_norm(x)
+
+
+class Projection(nn.Module):
+    """Linear, ReLU, Linear into the embedding space."""
+
+    def __init__(self, hidden_size: int, config: BriVLConfig):
+        super().__init__()
+        m = config.model
+        self.fc1 = nn.Linear(hidden_size, m.projection_hidden)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(m.projection_hidden, m.embed_dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class VisionBackbone(nn.Module):
+    """CLIP's vision tower without its class-token pooling: every token, normalised."""
+
+    def __init__(self, config: BriVLConfig):
+        super().__init__()
+        image, eps = config.model.image, config.model.layer_norm_eps
+        self.embeddings = VisionEmbeddings(config)
+        self.pre_layernorm = nn.LayerNorm(image.hidden_size, eps=eps)
+        self.encoder = Encoder(image, config)
+        self.post_layernorm = nn.LayerNorm(image.hidden_size, eps=eps)
+
+    def forward(self, pixel_values):
+        """[batch, 1 + patches, hidden]."""
+        x = self.encoder(self.pre_layernorm(self.embeddings(pixel_values)))
+        return self.post_layernorm(x)
+
+
+class TextBackbone(nn.Module):
+    """CLIP's text tower without the causal mask: every token sees every real token."""
+
+    def __init__(self, config: BriVLConfig):
+        super().__init__()
+        text = config.model.text
+        self.embeddings = TextEmbeddings(config)
+        self.encoder = Encoder(text, config)
+        self.final_layer_norm = nn.LayerNorm(text.hidden_size, eps=config.model.layer_norm_eps)
+
+    def forward(self, input_ids, attention_mask=None):
+        """[batch, length, hidden]; padding positions hold values nobody reads."""
+        x = self.embeddings(input_ids)
+        x = self.encoder(x, padding_attention_bias(attention_mask, x.dtype))
+        return self.final_layer_norm(x)
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, config: BriVLConfig):
+        super().__init__()
+        m = config.model
+        self.backbone = VisionBackbone(config)
+        self.head = Head(m.image_head_size, config)
+        self.projection = Projection(m.image.hidden_size, config)
+
+    def forward(self, pixel_values):
+        """L2-normalised embeddings [batch, embed_dim]; the mean runs over all tokens."""
+        x = self.head(self.backbone(pixel_values))
+        return l2_normalize(self.projection(x.mean(dim=1)))
+
+
+class TextEncoder(nn.Module):
+    def __init__(self, config: BriVLConfig):
+        super().__init__()
+        m = config.model
+        self.backbone = TextBackbone(config)
+        self.head = Head(m.text_head_size, config)
+        self.projection = Projection(m.text.hidden_size, config)
+
+    def forward(self, input_ids, attention_mask=None):
+        """L2-normalised embeddings [batch, embed_dim]; the mean runs over real tokens."""
+        x = self.backbone(input_ids, attention_mask)
+        x = self.head(x, padding_attention_bias(attention_mask, x.dtype))
+        if attention_mask is None:
+            pooled = x.mean(dim=1)
+        else:
+            weights = attention_mask.to(x.dtype).unsqueeze(-1)            # [batch, length, 1]
+            pooled = (x * weights).sum(dim=1) / weights.sum(dim=1)
+        return l2_normalize(self.projection(pooled))
+
+
+class BriVL(nn.Module):
+    def __init__(self, config: BriVLConfig):
+        super().__init__()
+        m = config.model
+        self.config = config
+        # A plain float, as in the MindSpore mirror (where graph mode needs a constant).
+        self.temperature = float(m.moco.temperature)
+        # MoCo's queues start as random unit vectors (negatives until real keys replace
+        # them); persistent buffers, so model directories and checkpoints keep them.
+        self.register_buffer("image_queue", l2_normalize(torch.randn(m.moco.queue_size, m.embed_dim)))
+        self.register_buffer("text_queue", l2_normalize(torch.randn(m.moco.queue_size, m.embed_dim)))
+        # The next slot of both queues (they fill together), int64 in both backends.
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.int64))
+        self.image_encoder = ImageEncoder(config)
+        self.text_encoder = TextEncoder(config)
+        # The key towers: updated by after_step, never by the optimizer.
+        self.image_encoder_m = ImageEncoder(config)
+        self.text_encoder_m = TextEncoder(config)
+        self._init_weights()
+        with torch.no_grad():
+            for online, momentum in self.momentum_pairs():
+                momentum.copy_(online)
+                momentum.requires_grad = False
+
+    def _init_weights(self):
+        std = self.config.model.initializer_range
+        for module in (*self.image_encoder.modules(), *self.text_encoder.modules()):
+            if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.image_encoder.backbone.embeddings.class_embedding, mean=0.0, std=std)
+
+    def momentum_pairs(self):
+        """(online parameter, its momentum copy) for every parameter of both towers."""
+        return [*zip(self.image_encoder.parameters(), self.image_encoder_m.parameters()),
+                *zip(self.text_encoder.parameters(), self.text_encoder_m.parameters())]
+
+    def _check(self, pixel_values=None, input_ids=None, attention_mask=None):
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return
+        check_inputs(self.config, None if pixel_values is None else tuple(pixel_values.shape),
+                     None if input_ids is None else input_ids.detach().cpu().numpy(),
+                     None if attention_mask is None else attention_mask.detach().cpu().numpy())
+
+    def get_image_features(self, pixel_values):
+        """L2-normalised image embeddings [batch, embed_dim] (the online tower)."""
+        self._check(pixel_values=pixel_values)
+        return self.image_encoder(pixel_values)
+
+    def get_text_features(self, input_ids, attention_mask=None):
+        """L2-normalised text embeddings [batch, embed_dim] (the online tower).
+
+        attention_mask: [batch, length], 1 for real tokens, 0 for padding; right-padded.
+        """
+        self._check(input_ids=input_ids, attention_mask=attention_mask)
+        return self.text_encoder(input_ids, attention_mask)
+
+    def forward(self, pixel_values, input_ids, attention_mask=None):
+        """(logits_per_image [images, texts], logits_per_text [texts, images]): cosine
+        similarities of the online embeddings divided by the temperature."""
+        self._check(pixel_values, input_ids, attention_mask)
+        image_embeds = self.image_encoder(pixel_values)
+        text_embeds = self.text_encoder(input_ids, attention_mask)
+        logits_per_image = torch.matmul(image_embeds, text_embeds.T) / self.temperature
+        return logits_per_image, logits_per_image.T
+
+
+def training_loss(model: BriVL, pixel_values, input_ids, attention_mask):
+    """(loss, image_keys, text_keys) of one batch of pairs, pair i = (image i, text i).
+
+    Image queries (online) are classified among [the batch's text keys ; text_queue],
+    text queries among [the batch's image keys ; image_queue], the positive being the
+    pair's own key; loss = mean of the two cross-entropies of logits / temperature.
+    Keys come from the momentum towers and carry no gradient. With queue_size 0 this is
+    the in-batch loss. No input checks: the MindSpore mirror runs inside a compiled graph,
+    and the trainer's batches are checked where they are made.
+    """
+    temperature = model.temperature
+    image_queries = model.image_encoder(pixel_values)
+    text_queries = model.text_encoder(input_ids, attention_mask)
+    with torch.no_grad():
+        image_keys = model.image_encoder_m(pixel_values)
+        text_keys = model.text_encoder_m(input_ids, attention_mask)
+    # Casts keep mixed precision working: the queues stay fp32.
+    text_candidates = torch.cat((text_keys, model.text_queue.to(text_keys.dtype)), dim=0)
+    image_candidates = torch.cat((image_keys, model.image_queue.to(image_keys.dtype)), dim=0)
+    labels = torch.arange(image_queries.shape[0], device=image_queries.device)
+    image_loss = F.cross_entropy(torch.matmul(image_queries, text_candidates.T) / temperature, labels)
+    text_loss = F.cross_entropy(torch.matmul(text_queries, image_candidates.T) / temperature, labels)
+    return (image_loss + text_loss) / 2, image_keys, text_keys
+
+
+@torch.no_grad()
+def after_step(model: BriVL, image_keys, text_keys) -> None:
+    """After an optimizer update: enqueue the global batch's keys, then the momentum update.
+
+    Keys are written one after another at queue_ptr, wrapping around, as if enqueued one
+    at a time: with more keys than slots only the last queue_size survive. The momentum
+    update after step t is MoCo's update before the key forward of step t + 1.
+    """
+    moco = model.config.model.moco
+    size, count = moco.queue_size, image_keys.shape[0]
+    if size > 0:
+        kept = min(count, size)
+        # Slots of keys count - kept .. count - 1: distinct, so the write order is moot.
+        offsets = torch.arange(count - kept, count, device=model.queue_ptr.device)
+        slots = (model.queue_ptr + offsets) % size
+        model.image_queue[slots] = image_keys[count - kept:].to(model.image_queue.dtype)
+        model.text_queue[slots] = text_keys[count - kept:].to(model.text_queue.dtype)
+        model.queue_ptr.copy_((model.queue_ptr + count) % size)
+    m = moco.momentum
+    for online, momentum in model.momentum_pairs():
+        momentum.copy_(m * momentum + (1.0 - m) * online)
+
+
+def l2_normalize(x):
+    return x / x.pow(2).sum(dim=-1, keepdim=True).sqrt()
+
+
+def padding_attention_bias(attention_mask, dtype):
+    """[batch, 1, 1, length]: 0 for real keys, dtype-min for padding; None without a mask.
+
+    Bidirectional: every query sees every real token. Padding queries see the real
+    tokens too, stay finite and are left out of the mean.
+    """
+    if attention_mask is None:
+        return None
+    batch, length = attention_mask.shape
+    allowed = attention_mask.bool().view(batch, 1, 1, length)
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
