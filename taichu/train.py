@@ -352,9 +352,9 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
         # The run's config decides the model (dropout may differ from the init's); the
         # weights must fit it exactly, name for name and shape for shape.
         load_state_dict(model, load_safetensors(init_dir), str(init_dir))
-        init_model = load_config(init_dir).model
-        changed = {k: (v, getattr(config.model, k)) for k, v in init_model.model_dump().items()
-                   if getattr(config.model, k) != v}
+        init_model = load_config(init_dir).model.model_dump()
+        run_model = config.model.model_dump()
+        changed = {k: (v, run_model.get(k)) for k, v in init_model.items() if run_model.get(k) != v}
         if changed and is_main:
             print(f"--init {init_dir}: model fields differ from its config.yaml "
                   f"(init -> this run): {changed}")
