@@ -282,3 +282,42 @@ def test_embedding_runs_with_torch_and_mindspore_blocked(onnx_dir):
     result = json.loads(done.stdout)
     np.testing.assert_allclose(np.array(result["texts"], np.float32), expected_texts, atol=1e-6, rtol=0)
     np.testing.assert_allclose(np.array(result["images"], np.float32), expected_images, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "mindir"])
+def test_brivl_towers_export_and_match_both_backends(tmp_path, tiny_tokenizer, fmt):
+    """BriVL exports through the same path: each tower validated against its source at two
+    batch sizes by `taichu export`, then ONNX / MINDIR embeddings at batch 1 and 6 equal
+    PyTorch's and MindSpore's (BriVL's features are already unit vectors)."""
+    import mindspore as ms
+    import torch
+
+    config = load_config(CONFIGS / "brivl" / "brivl-tiny.yaml")
+    torch.manual_seed(1)
+    model_dir = taichu.save_model(taichu.build_model(config, "torch"), tmp_path / "brivl",
+                                  tokenizer=tiny_tokenizer)
+    out = tmp_path / fmt
+    done = _run_cli("export", model_dir, "--format", fmt, "--out", out)
+    assert done.returncode == 0, done.stderr
+    assert f"validated image_encoder.{fmt}" in done.stdout and f"validated text_encoder.{fmt}" in done.stdout
+    models = {backend: taichu.load_model(model_dir, backend=backend) for backend in ("torch", "mindspore")}
+    image, text = image_text_graphs(config.model)
+    m = config.model
+    for batch, length in ((1, 5), (6, 32)):
+        feeds = {"image_encoder": image_inputs(m, batch, seed=batch),
+                 "text_encoder": text_inputs(m, batch, length, seed=50 + batch)}
+        if fmt == "onnx":
+            encoder = OnnxImageTextEncoder(out, threads=1)
+            actual = {"image_encoder": encoder.image_features(feeds["image_encoder"]["pixel_values"]),
+                      "text_encoder": encoder.text_features(feeds["text_encoder"]["input_ids"],
+                                                            feeds["text_encoder"]["attention_mask"])}
+        else:
+            actual = {g.name: MindirGraph(out / f"{g.name}.mindir", g).run(feeds[g.name])[g.output_names[0]]
+                      for g in (image, text)}
+        for graph in (image, text):
+            (name,) = graph.output_names
+            assert actual[graph.name].shape == (batch, m.embed_dim)
+            for backend, model in models.items():
+                expected = tower_runner(model, graph)(feeds[graph.name])[name]
+                np.testing.assert_allclose(actual[graph.name], expected, atol=TOLERANCE, rtol=0,
+                                           err_msg=f"{fmt} {graph.name} batch {batch} vs {backend}")
