@@ -90,6 +90,19 @@ class TokenizerConfig(Section):
     def required_vocab(self) -> int:
         return 4 + (256 if self.byte_fallback else 0)
 
+    def check_vocab(self, vocab_size: int, key: str) -> None:
+        """Raise ValueError if the model's vocabulary (config key ``key``) cannot hold the
+        special tokens, the byte-fallback pieces, or the configured special ids."""
+        needed = self.required_vocab()
+        if vocab_size < needed:
+            raise ValueError(
+                f"{key} {vocab_size} is smaller than the 4 special tokens"
+                f"{' + 256 byte-fallback pieces' if self.byte_fallback else ''} ({needed})")
+        for name in ("pad_id", "unk_id", "bos_id", "eos_id"):
+            if getattr(self.special_tokens, name) >= vocab_size:
+                raise ValueError(f"tokenizer.special_tokens.{name} "
+                                 f"{getattr(self.special_tokens, name)} >= {key} {vocab_size}")
+
 
 class DataConfig(Section):
     """Where the text comes from and how it is cut into training blocks."""

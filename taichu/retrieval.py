@@ -31,6 +31,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from taichu.fileio import sha256_file
+
 EMBED_BACKENDS = ("torch", "mindspore", "onnx")
 INDEX_BACKENDS = ("auto", "faiss", "numpy")
 INDEX_FORMAT = "taichu-vector-index"
@@ -56,14 +58,6 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def model_fingerprint(model_dir: str | Path) -> str:
     """sha256 of what decides a model's embeddings: the config's ``model`` section, the
     weight files (safetensors, or an ONNX export's graphs) and the tokenizer. An index
@@ -85,7 +79,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
     else:
         files = weight_files(path) + [p for p in [path / "tokenizer.model"] if p.is_file()]
     for file in files:
-        h.update(f"\n{file.name}:{_sha256_file(file)}".encode())
+        h.update(f"\n{file.name}:{sha256_file(file)}".encode())
     return h.hexdigest()
 
 
@@ -448,7 +442,7 @@ class VectorIndex:
             _write_synced(tmp / ITEMS, lambda h: h.write(lines.encode("utf-8")))
             manifest = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "dim": self.dim,
                         "count": len(self), "metric": "inner_product", "built_with": self.backend,
-                        "files": {VECTORS: _sha256_file(tmp / VECTORS), ITEMS: _sha256_file(tmp / ITEMS)},
+                        "files": {VECTORS: sha256_file(tmp / VECTORS), ITEMS: sha256_file(tmp / ITEMS)},
                         "metadata": self.metadata}
             text = json.dumps(manifest, ensure_ascii=False, indent=2) + "\n"
             _write_synced(tmp / MANIFEST, lambda h: h.write(text.encode("utf-8")))
@@ -490,7 +484,7 @@ class VectorIndex:
             file = path / name
             if not file.is_file():
                 raise CorruptIndexError(f"{path}: {name} is missing")
-            if _sha256_file(file) != files.get(name):
+            if sha256_file(file) != files.get(name):
                 raise CorruptIndexError(f"{file}: contents differ from the sha256 in {MANIFEST} "
                                         "(truncated or modified); rebuild the index")
         try:

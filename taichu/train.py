@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from taichu.config import dump_config
+from taichu.fileio import sha256_file
 from taichu.weights import contiguous
 
 CHECKPOINTS = "checkpoints"
@@ -89,14 +90,6 @@ def micro_batches(indices: np.ndarray, rank: int, world: int, accum: int) -> lis
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -125,7 +118,7 @@ def write_checkpoint(out_dir: Path, step: int, config, model_arrays: dict, optim
     _save_arrays(optimizer_arrays, tmp / OPTIMIZER_FILE)
     (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
     files = sorted(p for p in tmp.iterdir() if p.is_file())
-    manifest = {"step": step, "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    manifest = {"step": step, "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                                         for p in files}}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     for p in tmp.iterdir():
@@ -165,7 +158,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != entry["bytes"]:
             return f"{name} has {file.stat().st_size} bytes, the manifest says {entry['bytes']}"
-        if _sha256(file) != entry["sha256"]:
+        if sha256_file(file) != entry["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None
 

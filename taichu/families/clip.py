@@ -109,17 +109,7 @@ class CLIPConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "CLIPConfig":
-        vocab = self.model.text.vocab_size
-        needed = self.tokenizer.required_vocab()
-        if vocab < needed:
-            raise ValueError(
-                f"model.text.vocab_size {vocab} is smaller than the 4 special tokens"
-                f"{' + 256 byte-fallback pieces' if self.tokenizer.byte_fallback else ''} ({needed})")
-        special = self.tokenizer.special_tokens
-        for name in ("pad_id", "unk_id", "bos_id", "eos_id"):
-            if getattr(special, name) >= vocab:
-                raise ValueError(f"tokenizer.special_tokens.{name} {getattr(special, name)} "
-                                 f">= model.text.vocab_size {vocab}")
+        self.tokenizer.check_vocab(self.model.text.vocab_size, "model.text.vocab_size")
         return self
 
 

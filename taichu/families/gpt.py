@@ -39,16 +39,7 @@ class GPTConfig(Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> "GPTConfig":
-        needed = self.tokenizer.required_vocab()
-        if self.model.vocab_size < needed:
-            raise ValueError(
-                f"model.vocab_size {self.model.vocab_size} is smaller than the 4 special tokens"
-                f"{' + 256 byte-fallback pieces' if self.tokenizer.byte_fallback else ''} ({needed})")
-        special = self.tokenizer.special_tokens
-        for name in ("pad_id", "unk_id", "bos_id", "eos_id"):
-            if getattr(special, name) >= self.model.vocab_size:
-                raise ValueError(f"tokenizer.special_tokens.{name} {getattr(special, name)} "
-                                 f">= model.vocab_size {self.model.vocab_size}")
+        self.tokenizer.check_vocab(self.model.vocab_size, "model.vocab_size")
         if self.data.seq_len > self.model.max_position_embeddings:
             raise ValueError(f"data.seq_len {self.data.seq_len} exceeds "
                              f"model.max_position_embeddings {self.model.max_position_embeddings}")
