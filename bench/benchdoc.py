@@ -76,10 +76,11 @@ def wait_until_idle(limit: float, window: float = 2.0, threshold: float = 0.05) 
     return time.monotonic() - start
 
 
-def settle() -> None:
-    """With --wait-idle: before anything timed, wait until the other processes are quiet."""
+def settle(window: float = 2.0) -> None:
+    """With --wait-idle: before anything timed, wait until the other processes are quiet
+    (measured over ``window`` seconds; a shorter window suits many short timed calls)."""
     if WAIT_IDLE[0]:
-        WAIT_IDLE[1] += wait_until_idle(WAIT_IDLE[0])
+        WAIT_IDLE[1] += wait_until_idle(WAIT_IDLE[0], window)
 
 
 def publish(name: str, heading: str, text: str, no_doc: bool) -> None:
