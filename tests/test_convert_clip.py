@@ -130,9 +130,6 @@ def test_hf_clip_converts_to_the_same_outputs(hf_dir, tmp_path, capsys):
         for seed, (n_images, lengths) in enumerate(SHAPES):
             batch = inputs(seed, n_images, lengths)
             diffs = max_diffs(our_outputs(model, backend, *batch), hf_outputs(hf_model, *batch))
-            with capsys.disabled():  # shown with -s although run_cli captures
-                print(f"[HF -> {backend}, {n_images} images x {len(lengths)} texts] max |ours - HF| "
-                      f"image/text features, logits per image/text: {diffs}")
             assert max(diffs) <= TOL, (backend, diffs)
 
 
@@ -175,9 +172,6 @@ def test_our_clip_loads_in_hugging_face_and_round_trips(tmp_path, capsys):
         for seed, (n_images, lengths) in enumerate(SHAPES):
             batch = inputs(seed, n_images, lengths)
             diffs = max_diffs(hf_outputs(hf_model, *batch), our_outputs(model, backend, *batch))
-            with capsys.disabled():
-                print(f"[{backend} -> HF, {n_images} images x {len(lengths)} texts] max |HF - ours| "
-                      f"image/text features, logits per image/text: {diffs}")
             assert max(diffs) <= TOL, (backend, diffs)
 
     run_cli(capsys, tmp_path / "hf", tmp_path / "back")
