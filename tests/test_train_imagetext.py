@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import taichu
+from taichu.imagetext import load_data_config
 from taichu.parallel import launch_command
 from taichu.train import TASK_DATA, read_metrics, run_training
 from conftest import CONFIGS
@@ -48,11 +49,26 @@ def losses(run_dir):
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
-def max_state_difference(a_dir, b_dir) -> float:
+def state_differences(a_dir, b_dir) -> dict[str, float]:
+    """Max |a - b| per canonical tensor of two model directories."""
     a = taichu.state_dict(taichu.load_model(a_dir, backend="torch"))
     b = taichu.state_dict(taichu.load_model(b_dir, backend="torch"))
     assert set(a) == set(b)
-    return max(float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a)
+    return {k: float(np.abs(a[k].astype(np.float64) - b[k]).max()) for k in a}
+
+
+def final_features(model_dir, backend) -> tuple[np.ndarray, np.ndarray]:
+    """Image and text features of 8 held-out digit pairs, from the model in ``backend``."""
+    from taichu.retrieval import Embedder
+
+    embedder = Embedder(model_dir, backend)
+    pairs = load_data_config(embedder.config.data).test[:8]
+    return (embedder.embed_images([p.image for p in pairs]),
+            embedder.embed_texts([p.text for p in pairs]))
+
+
+def max_state_difference(a_dir, b_dir) -> float:
+    return max(state_differences(a_dir, b_dir).values())
 
 
 @pytest.mark.slow
@@ -73,7 +89,16 @@ def test_first_20_losses_agree_across_backends(tmp_path, imagetext_cache, config
     relative = np.abs(torch_losses - ms_losses) / np.abs(torch_losses)
     assert relative.max() <= 1e-4, f"worst relative difference {relative.max():.2e} at step {relative.argmax() + 1}"
     assert torch_losses[-5:].mean() < torch_losses[:5].mean() - 0.1     # it really trained
-    assert max_state_difference(tmp_path / "torch" / "final", tmp_path / "mindspore" / "final") < 1e-3
+    # The attention key bias adds q.b to every score of a query: softmax ignores it, its true
+    # gradient is 0, and AdamW turns each framework's ~1e-10 rounding noise into steps of
+    # ~lr. Those tensors wander apart without changing any output; every other tensor agrees.
+    differences = state_differences(tmp_path / "torch" / "final", tmp_path / "mindspore" / "final")
+    agreeing = {k: v for k, v in differences.items() if not k.endswith("k_proj.bias")}
+    worst = max(agreeing, key=agreeing.get)
+    assert agreeing[worst] < 1e-4, (worst, agreeing[worst])
+    features = [final_features(tmp_path / backend / "final", backend) for backend in ("torch", "mindspore")]
+    for ours, theirs in zip(*features):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
 
 
 def test_brivl_queue_is_saved_and_survives_resume(tmp_path, imagetext_cache):
