@@ -89,3 +89,21 @@ def publish(name: str, heading: str, text: str, no_doc: bool) -> None:
     if not no_doc:
         write_section(name, heading, text)
         print(f"\nwrote {DOC.relative_to(DOC.parents[1])}", file=sys.stderr)
+
+
+def drive(args, argv, name: str, heading: str, serve, run, report) -> None:
+    """The shared end of a benchmark's main(): a ``--worker`` process serves its one
+    framework; the driver runs the workers, builds the report and publishes it."""
+    import os
+    import time
+    from pathlib import Path
+
+    WAIT_IDLE[0] = args.wait_idle
+    os.chdir(Path(__file__).resolve().parents[1])
+    if args.worker:
+        serve(args)
+        return
+    args.passthrough = [a for a in argv if a != "--no-doc"]
+    start = time.perf_counter()
+    results, extras = run(args)
+    publish(name, heading, report(args, results, extras, time.perf_counter() - start), args.no_doc)

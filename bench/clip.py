@@ -58,7 +58,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchdoc import CORES, WAIT_IDLE, cpu_ticks, machine, others_share, publish, settle
+from benchdoc import CORES, WAIT_IDLE, cpu_ticks, drive, machine, others_share, settle
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: taichu is the checkout's
@@ -430,16 +430,7 @@ def main(argv=None) -> None:
             "configs/clip/clip-tiny.yaml", 2, 2, 2000, True
     if min(args.repeats, args.mindspore_repeats, args.paragraphs) < 1:
         parser.error("need --repeats, --mindspore-repeats and --paragraphs >= 1")
-    WAIT_IDLE[0] = args.wait_idle
-    os.chdir(ROOT)
-    if args.worker:
-        serve(args)
-        return
-    args.passthrough = [a for a in argv if a != "--no-doc"]
-    start = time.perf_counter()
-    rows, extras = run(args)
-    text = report(args, rows, extras, time.perf_counter() - start)
-    publish(NAME, SECTION, text, args.no_doc)
+    drive(args, argv, NAME, SECTION, serve, run, report)
 
 
 if __name__ == "__main__":

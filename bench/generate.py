@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchdoc import CORES, WAIT_IDLE, cpu_ticks, machine, others_share, publish, settle
+from benchdoc import CORES, WAIT_IDLE, cpu_ticks, drive, machine, others_share, settle
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: taichu is the checkout's
@@ -440,16 +440,7 @@ def main(argv=None) -> None:
             or args.mindspore_new_tokens < 0:
         parser.error("need --prompt-len >= 1 and --new-tokens >= 2 (decode = tokens 2..N); "
                      "--mindspore-new-tokens 0 (skip) or >= 2")
-    WAIT_IDLE[0] = args.wait_idle
-    os.chdir(ROOT)
-    if args.worker:
-        serve(args)
-        return
-    args.passthrough = [a for a in argv if a != "--no-doc"]
-    start = time.perf_counter()
-    rows, extras = run(args)
-    text = report(args, rows, extras, time.perf_counter() - start)
-    publish(NAME, SECTION, text, args.no_doc)
+    drive(args, argv, NAME, SECTION, serve, run, report)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchdoc import CORES, WAIT_IDLE, cpu_ticks, machine, others_share, publish, settle
+from benchdoc import CORES, WAIT_IDLE, cpu_ticks, drive, machine, others_share, settle
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "train_gpt"
@@ -480,16 +480,7 @@ def main(argv=None) -> None:
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
-    WAIT_IDLE[0] = args.wait_idle
-    os.chdir(ROOT)
-    if args.worker:
-        serve(args)
-        return
-    args.passthrough = [a for a in argv if a != "--no-doc"]
-    start = time.perf_counter()
-    runs, extras = run(args)
-    text = report(args, runs, extras, time.perf_counter() - start)
-    publish(NAME, SECTION, text, args.no_doc)
+    drive(args, argv, NAME, SECTION, serve, run, report)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import numpy as np
 
 from export.signature import input_names, output_names, position_ids
 from taichu.generate import SamplingConfig, generate_ids
+from taichu.retrieval import l2_normalize
 
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
@@ -138,11 +139,6 @@ class OnnxGraph:
         return dict(zip(self.output_names, outputs))
 
 
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length, float32 (a zero row stays zero, as torch's F.normalize)."""
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
-
 
 class OnnxImageTextEncoder:
     """Image and text embeddings from an image-text export (``taichu export CLIP_DIR
@@ -243,7 +239,7 @@ class OnnxImageTextEncoder:
         from taichu.images import preprocess
 
         images = self._as_list(images, "images", batch_size)
-        rows = [l2_normalise(self.image_features(preprocess(images[i:i + batch_size], self.image_size)))
+        rows = [l2_normalize(self.image_features(preprocess(images[i:i + batch_size], self.image_size)))
                 for i in range(0, len(images), batch_size)]
         return np.concatenate(rows) if rows else np.zeros((0, self.embed_dim), np.float32)
 
@@ -256,7 +252,7 @@ class OnnxImageTextEncoder:
         if not texts:
             return np.zeros((0, self.embed_dim), np.float32)
         input_ids, attention_mask = caption_ids(self.tokenizer, texts, self.context_length)
-        rows = [l2_normalise(self.text_features(input_ids[i:i + batch_size], attention_mask[i:i + batch_size]))
+        rows = [l2_normalize(self.text_features(input_ids[i:i + batch_size], attention_mask[i:i + batch_size]))
                 for i in range(0, len(texts), batch_size)]
         return np.concatenate(rows)
 

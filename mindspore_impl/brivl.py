@@ -2,9 +2,9 @@
 
 Two towers, each backbone -> small Transformer head -> mean pooling -> MLP -> L2 norm
 (taichu/families/brivl.py has the architecture and the choices), a momentum copy of
-each tower and a queue of keys per modality (MoCo). The backbones reuse CLIP's
-embeddings and attention (mindspore_impl/clip.py); the Transformer layers are written
-here because BriVL's activation is chosen from more functions than CLIP's.
+each tower and a queue of keys per modality (MoCo). The backbones and heads are built
+from CLIP's embeddings and pre-LN encoder layers (mindspore_impl/clip.py, whose
+activation table covers BriVL's four activations).
 
 Training interface, called by the shared trainer:
 - ``training_loss(model, pixel_values, input_ids, attention_mask)`` -> (loss,
@@ -28,53 +28,8 @@ from mindspore import nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from taichu.families.brivl import BriVLConfig, check_inputs
-from mindspore_impl.clip import Attention, QuickGELU, TextEmbeddings, VisionEmbeddings
+from mindspore_impl.clip import Encoder, EncoderLayer, TextEmbeddings, VisionEmbeddings
 from mindspore_impl.gpt import _dtype_min
-
-ACTIVATIONS = {"gelu": lambda: nn.GELU(approximate=False),
-               "gelu_new": lambda: nn.GELU(approximate=True),
-               "quick_gelu": QuickGELU,
-               "relu": nn.ReLU}
-
-
-class MLP(nn.Cell):
-    def __init__(self, size, config: BriVLConfig):
-        super().__init__()
-        self.fc1 = nn.Dense(size.hidden_size, size.ffn_size)
-        self.act = ACTIVATIONS[config.model.activation]()
-        self.fc2 = nn.Dense(size.ffn_size, size.hidden_size)
-
-    def construct(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class EncoderLayer(nn.Cell):
-    def __init__(self, size, config: BriVLConfig):
-        super().__init__()
-        eps = config.model.layer_norm_eps
-        self.self_attn = Attention(size, config)
-        self.layer_norm1 = nn.LayerNorm((size.hidden_size,), epsilon=eps)
-        self.mlp = MLP(size, config)
-        self.layer_norm2 = nn.LayerNorm((size.hidden_size,), epsilon=eps)
-
-    def construct(self, x, attention_bias=None):
-        x = x + self.self_attn(self.layer_norm1(x), attention_bias)
-        x = x + self.mlp(self.layer_norm2(x))
-        return x
-
-
-class Encoder(nn.Cell):
-    """Pre-LN layers (the residual stream they leave is not normalised)."""
-
-    def __init__(self, size, config: BriVLConfig):
-        super().__init__()
-        self.layers = nn.CellList([EncoderLayer(size, config) for _ in range(size.num_layers)])
-
-    def construct(self, x, attention_bias=None):
-        for layer in self.layers:
-            x = layer(x, attention_bias)
-        return x
-
 
 class Head(nn.Cell):
     """The small Transformer on a backbone's tokens: pre-LN layers, then a LayerNorm."""

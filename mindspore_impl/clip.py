@@ -33,7 +33,9 @@ class QuickGELU(nn.Cell):
         return x * ops.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": lambda: nn.GELU(approximate=False)}
+# CLIP's config allows quick_gelu and gelu; BriVL, whose layers are these, all four.
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": lambda: nn.GELU(approximate=False),
+               "gelu_new": lambda: nn.GELU(approximate=True), "relu": nn.ReLU}
 
 
 class Attention(nn.Cell):

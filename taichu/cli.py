@@ -317,6 +317,15 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _add_embed_inputs(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """MODEL and what to embed, for `taichu embed` and `taichu index`."""
+    parser.add_argument("model", help=model_help)
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--images", nargs="+", metavar="DIR_OR_FILE",
+                        help="image files, or directories (image files found recursively)")
+    inputs.add_argument("--texts", metavar="FILE", help="UTF-8 file, one caption per line")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taichu", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -408,11 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
     image_text_model = "image-text model directory (clip, brivl), or its ONNX export with --backend onnx"
     embed = commands.add_parser("embed", help="embed images or captions with an image-text model "
                                               "(L2-normalised float32 .npy + a .jsonl of the rows)")
-    embed.add_argument("model", help=image_text_model)
-    embed_inputs = embed.add_mutually_exclusive_group(required=True)
-    embed_inputs.add_argument("--images", nargs="+", metavar="DIR_OR_FILE",
-                              help="image files, or directories (image files found recursively)")
-    embed_inputs.add_argument("--texts", metavar="FILE", help="UTF-8 file, one caption per line")
+    _add_embed_inputs(embed, image_text_model)
     embed.add_argument("--out", required=True, help="embeddings .npy (rows listed in the same name .jsonl)")
     embed.add_argument("--backend", choices=embed_backends, default="torch")
     embed.add_argument("--batch-size", type=int, default=64)
@@ -420,11 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = commands.add_parser("index", help="build a vector index of images or captions for "
                                               "taichu search")
-    index.add_argument("model", help=image_text_model)
-    index_inputs = index.add_mutually_exclusive_group(required=True)
-    index_inputs.add_argument("--images", nargs="+", metavar="DIR_OR_FILE",
-                              help="image files, or directories (image files found recursively)")
-    index_inputs.add_argument("--texts", metavar="FILE", help="UTF-8 file, one caption per line")
+    _add_embed_inputs(index, image_text_model)
     index.add_argument("--out", required=True, help="index directory to write (replaced atomically)")
     index.add_argument("--backend", choices=embed_backends, default="torch")
     index.add_argument("--index-backend", choices=("auto", "faiss", "numpy"), default="auto",

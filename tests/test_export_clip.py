@@ -12,11 +12,12 @@ import pytest
 
 import taichu
 from export.mindir_export import MindirGraph
-from export.runtime import OnnxImageTextEncoder, l2_normalise
+from export.runtime import OnnxImageTextEncoder
 from export.signature import image_inputs, image_text_graphs, text_inputs
 from export.validate import ExportValidationError, tower_runner, validate_against_source
 from taichu.cli import main as cli_main
 from taichu.config import load_config
+from taichu.retrieval import l2_normalize
 from taichu.images import preprocess
 from taichu.imagetext import caption_ids, draw_scene, make_scene
 from taichu.tokenizer import Tokenizer
@@ -156,12 +157,12 @@ def test_onnx_embeddings_match_mindspore_and_torch(onnx_dir, ms_model, torch_mod
     pixels = preprocess(images, 32)
     ids, mask = caption_ids(tokenizer, TEXTS, 32)
     assert mask[3].all() and ids[3, -1] == tokenizer.eos_id               # truncated, keeps eos
-    expected_ms = (l2_normalise(ms_model.get_image_features(ms.Tensor(pixels)).asnumpy()),
-                   l2_normalise(ms_model.get_text_features(ms.Tensor(ids.astype(np.int32)),
+    expected_ms = (l2_normalize(ms_model.get_image_features(ms.Tensor(pixels)).asnumpy()),
+                   l2_normalize(ms_model.get_text_features(ms.Tensor(ids.astype(np.int32)),
                                                            ms.Tensor(mask.astype(np.int32))).asnumpy()))
     with torch.no_grad():
-        expected_torch = (l2_normalise(torch_model.get_image_features(torch.from_numpy(pixels)).numpy()),
-                          l2_normalise(torch_model.get_text_features(torch.from_numpy(ids),
+        expected_torch = (l2_normalize(torch_model.get_image_features(torch.from_numpy(pixels)).numpy()),
+                          l2_normalize(torch_model.get_text_features(torch.from_numpy(ids),
                                                                      torch.from_numpy(mask)).numpy()))
     for expected in (expected_ms, expected_torch):
         np.testing.assert_allclose(image_embeds, expected[0], atol=TOLERANCE, rtol=0)

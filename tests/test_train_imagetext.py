@@ -91,11 +91,14 @@ def test_first_20_losses_agree_across_backends(tmp_path, imagetext_cache, config
     assert torch_losses[-5:].mean() < torch_losses[:5].mean() - 0.1     # it really trained
     # The attention key bias adds q.b to every score of a query: softmax ignores it, its true
     # gradient is 0, and AdamW turns each framework's ~1e-10 rounding noise into steps of
-    # ~lr. Those tensors wander apart without changing any output; every other tensor agrees.
+    # ~lr. Those tensors wander apart without changing any output. Every other tensor agrees
+    # to 1e-3 (as in test_train.py): rows of rarely seen tokens get small gradients whose
+    # last bits depend on the CPU reduction order, which AdamW's normalisation magnifies
+    # (measured 2e-5 to 1.2e-4 between runs); the features below are held to 1e-4.
     differences = state_differences(tmp_path / "torch" / "final", tmp_path / "mindspore" / "final")
     agreeing = {k: v for k, v in differences.items() if not k.endswith("k_proj.bias")}
     worst = max(agreeing, key=agreeing.get)
-    assert agreeing[worst] < 1e-4, (worst, agreeing[worst])
+    assert agreeing[worst] < 1e-3, (worst, agreeing[worst])
     features = [final_features(tmp_path / backend / "final", backend) for backend in ("torch", "mindspore")]
     for ours, theirs in zip(*features):
         np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)

@@ -2,9 +2,9 @@
 
 Two towers, each backbone -> small Transformer head -> mean pooling -> MLP -> L2 norm
 (taichu/families/brivl.py has the architecture and the choices), a momentum copy of
-each tower and a queue of keys per modality (MoCo). The backbones reuse CLIP's
-embeddings and attention (torch_impl/clip.py); the Transformer layers are written here
-because BriVL's activation is chosen from more functions than CLIP's.
+each tower and a queue of keys per modality (MoCo). The backbones and heads are built
+from CLIP's embeddings and pre-LN encoder layers (torch_impl/clip.py, whose activation
+table covers BriVL's four activations).
 
 Training interface, called by the shared trainer:
 - ``training_loss(model, pixel_values, input_ids, attention_mask)`` -> (loss,
@@ -21,52 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from taichu.families.brivl import BriVLConfig, check_inputs
-from torch_impl.clip import Attention, QuickGELU, TextEmbeddings, VisionEmbeddings
-
-ACTIVATIONS = {"gelu": lambda: nn.GELU(approximate="none"),
-               "gelu_new": lambda: nn.GELU(approximate="tanh"),
-               "quick_gelu": QuickGELU,
-               "relu": nn.ReLU}
-
-
-class MLP(nn.Module):
-    def __init__(self, size, config: BriVLConfig):
-        super().__init__()
-        self.fc1 = nn.Linear(size.hidden_size, size.ffn_size)
-        self.act = ACTIVATIONS[config.model.activation]()
-        self.fc2 = nn.Linear(size.ffn_size, size.hidden_size)
-
-    def forward(self, x):
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class EncoderLayer(nn.Module):
-    def __init__(self, size, config: BriVLConfig):
-        super().__init__()
-        eps = config.model.layer_norm_eps
-        self.self_attn = Attention(size, config)
-        self.layer_norm1 = nn.LayerNorm(size.hidden_size, eps=eps)
-        self.mlp = MLP(size, config)
-        self.layer_norm2 = nn.LayerNorm(size.hidden_size, eps=eps)
-
-    def forward(self, x, attention_bias=None):
-        x = x + self.self_attn(self.layer_norm1(x), attention_bias)
-        x = x + self.mlp(self.layer_norm2(x))
-        return x
-
-
-class Encoder(nn.Module):
-    """Pre-LN layers (the residual stream they leave is not normalised)."""
-
-    def __init__(self, size, config: BriVLConfig):
-        super().__init__()
-        self.layers = nn.ModuleList([EncoderLayer(size, config) for _ in range(size.num_layers)])
-
-    def forward(self, x, attention_bias=None):
-        for layer in self.layers:
-            x = layer(x, attention_bias)
-        return x
-
+from torch_impl.clip import Encoder, EncoderLayer, TextEmbeddings, VisionEmbeddings
 
 class Head(nn.Module):
     """The small Transformer on a backbone's tokens: pre-LN layers, then a LayerNorm."""

@@ -30,7 +30,9 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": lambda: nn.GELU(approximate="none")}
+# CLIP's config allows quick_gelu and gelu; BriVL, whose layers are these, all four.
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": lambda: nn.GELU(approximate="none"),
+               "gelu_new": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU}
 
 
 class Attention(nn.Module):

@@ -42,7 +42,8 @@ from pydantic import Field, StrictInt, model_validator
 
 from taichu.config import Section, TokenizerConfig, TrainConfig, TransformerSize
 from taichu.families import Family, TensorSpec, layer_norm_specs, linear_specs
-from taichu.families.clip import CLIPImageConfig, ImageTextDataConfig
+from taichu.families.clip import (CLIPImageConfig, ImageTextDataConfig, encoder_specs,
+                                  text_embedding_specs, vision_embedding_specs)
 from taichu.parallel import ParallelConfig
 
 ACTIVATIONS = ("gelu", "gelu_new", "quick_gelu", "relu")
@@ -151,42 +152,24 @@ def tensor_specs(config: BriVLConfig) -> dict[str, TensorSpec]:
     def layer_norm(prefix: str, width: int) -> None:
         specs.update(layer_norm_specs(prefix, width))
 
-    def layers(prefix: str, size: TransformerSize) -> None:
-        hidden = size.hidden_size
-        for i in range(size.num_layers):
-            p = f"{prefix}.layers.{i}"
-            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                linear(f"{p}.self_attn.{proj}", hidden, hidden)
-            layer_norm(f"{p}.layer_norm1", hidden)
-            linear(f"{p}.mlp.fc1", hidden, size.ffn_size)
-            linear(f"{p}.mlp.fc2", size.ffn_size, hidden)
-            layer_norm(f"{p}.layer_norm2", hidden)
-
     def head_and_projection(prefix: str, head: TransformerSize) -> None:
-        layers(f"{prefix}.head", head)
+        specs.update(encoder_specs(f"{prefix}.head", head))
         layer_norm(f"{prefix}.head.layer_norm", head.hidden_size)
         linear(f"{prefix}.projection.fc1", head.hidden_size, m.projection_hidden)
         linear(f"{prefix}.projection.fc2", m.projection_hidden, m.embed_dim)
 
     def image_tower(prefix: str) -> None:
         b = f"{prefix}.backbone"
-        specs[f"{b}.embeddings.class_embedding"] = TensorSpec((image.hidden_size,), "parameter")
-        specs[f"{b}.embeddings.patch_embedding.weight"] = TensorSpec(
-            (image.hidden_size, image.num_channels, image.patch_size, image.patch_size), "conv2d")
-        specs[f"{b}.embeddings.position_embedding.weight"] = TensorSpec(
-            (image.num_positions, image.hidden_size), "embedding")
+        specs.update(vision_embedding_specs(f"{b}.embeddings", image))
         layer_norm(f"{b}.pre_layernorm", image.hidden_size)
-        layers(f"{b}.encoder", image)
+        specs.update(encoder_specs(f"{b}.encoder", image))
         layer_norm(f"{b}.post_layernorm", image.hidden_size)
         head_and_projection(prefix, m.image_head_size)
 
     def text_tower(prefix: str) -> None:
         b = f"{prefix}.backbone"
-        specs[f"{b}.embeddings.token_embedding.weight"] = TensorSpec(
-            (text.vocab_size, text.hidden_size), "embedding")
-        specs[f"{b}.embeddings.position_embedding.weight"] = TensorSpec(
-            (text.max_position_embeddings, text.hidden_size), "embedding")
-        layers(f"{b}.encoder", text)
+        specs.update(text_embedding_specs(f"{b}.embeddings", text))
+        specs.update(encoder_specs(f"{b}.encoder", text))
         layer_norm(f"{b}.final_layer_norm", text.hidden_size)
         head_and_projection(prefix, m.text_head_size)
 

@@ -113,6 +113,36 @@ class CLIPConfig(Section):
         return self
 
 
+def encoder_specs(prefix: str, size: TransformerSize) -> dict[str, TensorSpec]:
+    """The pre-LN layers of torch_impl.clip.Encoder (``prefix.layers.i...``); BriVL's
+    backbones and heads are made of the same layers."""
+    specs: dict[str, TensorSpec] = {}
+    hidden = size.hidden_size
+    for i in range(size.num_layers):
+        p = f"{prefix}.layers.{i}"
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            specs.update(linear_specs(f"{p}.self_attn.{proj}", hidden, hidden))
+        specs.update(layer_norm_specs(f"{p}.layer_norm1", hidden))
+        specs.update(linear_specs(f"{p}.mlp.fc1", hidden, size.ffn_size))
+        specs.update(linear_specs(f"{p}.mlp.fc2", size.ffn_size, hidden))
+        specs.update(layer_norm_specs(f"{p}.layer_norm2", hidden))
+    return specs
+
+
+def text_embedding_specs(prefix: str, text: CLIPTextConfig) -> dict[str, TensorSpec]:
+    return {f"{prefix}.token_embedding.weight": TensorSpec((text.vocab_size, text.hidden_size), "embedding"),
+            f"{prefix}.position_embedding.weight": TensorSpec(
+                (text.max_position_embeddings, text.hidden_size), "embedding")}
+
+
+def vision_embedding_specs(prefix: str, image: CLIPImageConfig) -> dict[str, TensorSpec]:
+    return {f"{prefix}.class_embedding": TensorSpec((image.hidden_size,), "parameter"),
+            f"{prefix}.patch_embedding.weight": TensorSpec(
+                (image.hidden_size, image.num_channels, image.patch_size, image.patch_size), "conv2d"),
+            f"{prefix}.position_embedding.weight": TensorSpec(
+                (image.num_positions, image.hidden_size), "embedding")}
+
+
 def tensor_specs(config: CLIPConfig) -> dict[str, TensorSpec]:
     m = config.model
     image, text = m.image, m.text
@@ -124,31 +154,13 @@ def tensor_specs(config: CLIPConfig) -> dict[str, TensorSpec]:
     def layer_norm(prefix: str, width: int) -> None:
         specs.update(layer_norm_specs(prefix, width))
 
-    def encoder(prefix: str, tower: TransformerSize) -> None:
-        hidden = tower.hidden_size
-        for i in range(tower.num_layers):
-            p = f"{prefix}.encoder.layers.{i}"
-            for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-                linear(f"{p}.self_attn.{proj}", hidden, hidden)
-            layer_norm(f"{p}.layer_norm1", hidden)
-            linear(f"{p}.mlp.fc1", hidden, tower.ffn_size)
-            linear(f"{p}.mlp.fc2", tower.ffn_size, hidden)
-            layer_norm(f"{p}.layer_norm2", hidden)
-
     # Registration order of torch_impl.clip.CLIP (its state_dict order).
-    specs["text_model.embeddings.token_embedding.weight"] = TensorSpec(
-        (text.vocab_size, text.hidden_size), "embedding")
-    specs["text_model.embeddings.position_embedding.weight"] = TensorSpec(
-        (text.max_position_embeddings, text.hidden_size), "embedding")
-    encoder("text_model", text)
+    specs.update(text_embedding_specs("text_model.embeddings", text))
+    specs.update(encoder_specs("text_model.encoder", text))
     layer_norm("text_model.final_layer_norm", text.hidden_size)
-    specs["vision_model.embeddings.class_embedding"] = TensorSpec((image.hidden_size,), "parameter")
-    specs["vision_model.embeddings.patch_embedding.weight"] = TensorSpec(
-        (image.hidden_size, image.num_channels, image.patch_size, image.patch_size), "conv2d")
-    specs["vision_model.embeddings.position_embedding.weight"] = TensorSpec(
-        (image.num_positions, image.hidden_size), "embedding")
+    specs.update(vision_embedding_specs("vision_model.embeddings", image))
     layer_norm("vision_model.pre_layernorm", image.hidden_size)
-    encoder("vision_model", image)
+    specs.update(encoder_specs("vision_model.encoder", image))
     layer_norm("vision_model.post_layernorm", image.hidden_size)
     linear("visual_projection", image.hidden_size, m.projection_dim, bias=False)
     linear("text_projection", text.hidden_size, m.projection_dim, bias=False)
