@@ -1,13 +1,15 @@
 """Does BriVL's MoCo queue help? In-batch loss (queue 0) against a queue of momentum keys,
 same everything else, at small batches on the scenes set.
 
-Default: brivl-tiny, batch 8 and 16, queue 0 / 16 / 64 / 256, momentum 0.99, AdamW lr 3e-4,
-1,500 steps, seeds 0 and 1: 16 arms of about 30 s each on 2 idle cores (~10 min).
+Default: brivl-tiny, batch 8 and 16, queue 0 / 64 / 256, the queue joining the loss at
+update 0 (MoCo) or 500 (`model.moco.queue_start_step`), momentum 0.99, AdamW lr 3e-4,
+1,500 steps, seeds 0, 1, 2: 30 arms of about 30 s each on 2 idle cores (~16 min).
 
 Each arm trains BriVL with `taichu.train.run_training` on the torch
 backend, on `scenes` (drawn shapes with exact Chinese captions, --scenes pictures, 20% held
 out by image key), then `taichu.retrieval.evaluate` (what `taichu eval` runs) measures
-Recall@1/5 both ways on the held-out split. Arms differ only in `model.moco.queue_size`:
+Recall@1/5 both ways on the held-out split. Arms differ only in `model.moco.queue_size`
+and `model.moco.queue_start_step`:
 
 - the same starting towers per seed: built once with `torch.manual_seed(seed)` and copied
   into every arm's init directory (a config's queue size alone would change them: the queues
@@ -25,6 +27,7 @@ evaluation, on a machine that may be shared): not a speed measurement.
     .venv/bin/python bench/brivl_queue.py           # table to stdout and docs/benchmarks.md
     .venv/bin/python bench/brivl_queue.py --quick   # a smoke run, doc untouched
     .venv/bin/python bench/brivl_queue.py --no-doc --lr 1e-3 --momenta 0.99 0.999 --seeds 1
+    .venv/bin/python bench/brivl_queue.py --no-doc --queues 16 --starts 0 250 500 --batches 8
 """
 from __future__ import annotations
 
@@ -45,7 +48,7 @@ CONFIGS = ROOT / "configs" / "brivl"
 EVAL_BATCH = 64
 
 
-def base_overrides(args, batch: int, queue: int, momentum: float, seed: int) -> list[str]:
+def base_overrides(args, batch: int, queue: int, start: int, momentum: float, seed: int) -> list[str]:
     held_out = math.ceil(args.scenes * 0.2)
     return [f"data.cache_dir={args.work_dir / 'cache'}", "data.source=scenes",
             f"data.scene_count={args.scenes}", f"train.batch_size={batch}",
@@ -54,7 +57,8 @@ def base_overrides(args, batch: int, queue: int, momentum: float, seed: int) -> 
             f"train.seed={seed}", f"train.log_interval={args.steps}",
             f"train.eval_interval={args.steps}", f"train.checkpoint_interval={args.steps}",
             f"train.eval_batches={math.ceil(held_out / batch)}", "train.keep_checkpoints=1",
-            f"model.moco.queue_size={queue}", f"model.moco.momentum={momentum}",
+            f"model.moco.queue_size={queue}", f"model.moco.queue_start_step={start}",
+            f"model.moco.momentum={momentum}",
             f"model.moco.temperature={args.temperature}"]
 
 
@@ -71,10 +75,10 @@ def init_dir(config, towers_config, seed: int, out: Path) -> Path:
     towers = taichu.build_model(towers_config, "torch")
     torch.manual_seed(seed + 1)
     model = taichu.build_model(config, "torch")
-    shared = {k: v for k, v in towers.state_dict().items()
-              if k not in ("image_queue", "text_queue", "queue_ptr")}
+    own = {"image_queue", "text_queue", "queue_ptr", "num_updates"}
+    shared = {k: v for k, v in towers.state_dict().items() if k not in own}
     missing, unexpected = model.load_state_dict(shared, strict=False)
-    assert not unexpected and set(missing) == {"image_queue", "text_queue", "queue_ptr"}, (missing, unexpected)
+    assert not unexpected and set(missing) == own, (missing, unexpected)
     return taichu.save_model(model, out, tokenizer=tokenizer.path)
 
 
@@ -107,26 +111,26 @@ def in_batch_val_loss(model_dir: Path) -> float:
     return total / rows
 
 
-def run_arm(args, batch: int, queue: int, momentum: float, seed: int) -> dict:
+def run_arm(args, batch: int, queue: int, start: int, momentum: float, seed: int) -> dict:
     import taichu
     from taichu.retrieval import evaluate
     from taichu.train import run_training
 
-    name = f"b{batch}-q{queue}-m{momentum}-s{seed}"
+    name = f"b{batch}-q{queue}-from{start}-m{momentum}-s{seed}"
     out = args.work_dir / "runs" / name
     shutil.rmtree(out, ignore_errors=True)
-    config = taichu.load_config(args.config, base_overrides(args, batch, queue, momentum, seed))
-    towers_config = taichu.load_config(args.config, base_overrides(args, batch, 0, momentum, seed))
-    start, ticks = time.perf_counter(), cpu_ticks()
+    config = taichu.load_config(args.config, base_overrides(args, batch, queue, start, momentum, seed))
+    towers_config = taichu.load_config(args.config, base_overrides(args, batch, 0, 0, momentum, seed))
+    began, ticks = time.perf_counter(), cpu_ticks()
     init = init_dir(config, towers_config, seed, out / "init")
     result = run_training(config, "torch", out / "train", init_dir=init, progress=False)
     metrics = evaluate(result.final_dir, "torch", data="scenes").values
-    row = {"batch": batch, "queue": queue, "momentum": momentum, "seed": seed,
+    row = {"batch": batch, "queue": queue, "start": start, "momentum": momentum, "seed": seed,
            "steps": result.steps, "loss": result.last_loss, "val_loss": result.val_loss,
            "in_batch_val": in_batch_val_loss(result.final_dir),
            "t2i": metrics["text_to_image"], "i2t": metrics["image_to_text"],
            "images": metrics["images"], "captions": metrics["unique_captions"],
-           "seconds": time.perf_counter() - start}
+           "seconds": time.perf_counter() - began}
     row["other_load"] = others_share(ticks, cpu_ticks(), row["seconds"])
     print(f"  {name}: loss {row['loss']:.3f}, val {row['val_loss']:.3f}, in-batch val "
           f"{row['in_batch_val']:.3f}, R@1 t->i {row['t2i']['R@1']:.1%} i->t {row['i2t']['R@1']:.1%}, "
@@ -141,11 +145,12 @@ def pct(x: float) -> str:
 
 
 def table(rows: list[dict]) -> list[str]:
-    lines = ["| batch | queue | momentum | seed | steps | train loss | val loss (own queue) | in-batch val "
-             "| R@1 t→i | R@5 t→i | R@1 i→t | R@5 i→t | wall s | other load |",
-             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| batch | queue | from update | momentum | seed | steps | train loss | val loss (own queue) "
+             "| in-batch val | R@1 t→i | R@5 t→i | R@1 i→t | R@5 i→t | wall s | other load |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['queue']} | {r['momentum']} | {r['seed']} | {r['steps']} "
+        start = "—" if r["queue"] == 0 else r["start"]
+        lines.append(f"| {r['batch']} | {r['queue']} | {start} | {r['momentum']} | {r['seed']} | {r['steps']} "
                      f"| {r['loss']:.3f} | {r['val_loss']:.3f} | {r['in_batch_val']:.3f} "
                      f"| {pct(r['t2i']['R@1'])} | {pct(r['t2i']['R@5'])} "
                      f"| {pct(r['i2t']['R@1'])} | {pct(r['i2t']['R@5'])} | {r['seconds']:.0f} | {r['other_load']:.0%} |")
@@ -157,19 +162,21 @@ def summary(rows: list[dict]) -> list[str]:
     seed (same towers, same batches)."""
     groups: dict[tuple, dict[int, dict]] = {}
     for r in rows:
-        groups.setdefault((r["batch"], r["momentum"], r["queue"]), {})[r["seed"]] = r
-    lines = ["| batch | momentum | queue | mean R@1 t→i | mean R@1 i→t | Δ R@1 t→i vs queue 0 (per seed) "
-             "| Δ R@1 i→t vs queue 0 (per seed) |",
-             "| ---: | ---: | ---: | ---: | ---: | --- | --- |"]
-    for (batch, momentum, queue), by_seed in sorted(groups.items()):
-        base = groups.get((batch, momentum, 0), {})
+        start = r["start"] if r["queue"] else 0
+        groups.setdefault((r["batch"], r["momentum"], r["queue"], start), {})[r["seed"]] = r
+    lines = ["| batch | momentum | queue | from update | mean R@1 t→i | mean R@1 i→t "
+             "| Δ R@1 t→i vs queue 0 (per seed) | Δ R@1 i→t vs queue 0 (per seed) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    for (batch, momentum, queue, start), by_seed in sorted(groups.items()):
+        base = groups.get((batch, momentum, 0, 0), {})
         mean = {d: statistics.mean(r[d]["R@1"] for r in by_seed.values()) for d in ("t2i", "i2t")}
         deltas = {}
         for d in ("t2i", "i2t"):
             per_seed = [by_seed[s][d]["R@1"] - base[s][d]["R@1"] for s in sorted(by_seed) if s in base]
             deltas[d] = "—" if queue == 0 or not per_seed else " / ".join(
                 f"{100 * x:+.1f}" for x in per_seed)
-        lines.append(f"| {batch} | {momentum} | {queue} | {pct(mean['t2i'])} | {pct(mean['i2t'])} "
+        lines.append(f"| {batch} | {momentum} | {queue} | {'—' if queue == 0 else start} "
+                     f"| {pct(mean['t2i'])} | {pct(mean['i2t'])} "
                      f"| {deltas['t2i']} | {deltas['i2t']} |")
     return lines
 
@@ -178,9 +185,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=CONFIGS / "brivl-tiny.yaml")
     parser.add_argument("--batches", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--queues", type=int, nargs="+", default=[0, 16, 64, 256])
+    parser.add_argument("--queues", type=int, nargs="+", default=[0, 64, 256])
+    parser.add_argument("--starts", type=int, nargs="+", default=[0, 500],
+                        help="model.moco.queue_start_step values of each queue arm")
     parser.add_argument("--momenta", type=float, nargs="+", default=[0.99])
-    parser.add_argument("--seeds", type=int, default=2, help="seeds 0 .. N-1 (default 2)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (default 3)")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--warmup", type=int, default=20)
@@ -197,6 +206,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.steps, args.seeds, args.warmup, args.scenes, args.no_doc = 30, 1, 3, 400, True
+        args.starts = [0, 10]
         args.batches = args.batches[:1]
     args.work_dir.mkdir(parents=True, exist_ok=True)
     if 0 not in args.queues:
@@ -212,7 +222,8 @@ def main() -> None:
         for momentum in args.momenta:
             for seed in range(args.seeds):
                 for queue in args.queues:
-                    rows.append(run_arm(args, batch, queue, momentum, seed))
+                    for start in (args.starts if queue else [0]):
+                        rows.append(run_arm(args, batch, queue, start, momentum, seed))
     total = time.perf_counter() - started
     first = rows[0]
     chance = (f"chance R@1 t→i {pct(first['t2i']['chance']['R@1'])}%, i→t {pct(first['i2t']['chance']['R@1'])}%; "
@@ -224,8 +235,9 @@ def main() -> None:
         f"`{args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}` on "
         f"`scenes` ({args.scenes} pictures; held out: {first['images']} images, {first['captions']} "
         f"distinct captions; {chance}). AdamW lr {args.lr:g} (warmup {args.warmup}, cosine to "
-        f"{args.lr / 20:g}), temperature {args.temperature}, {args.steps} steps; per seed every arm "
-        "starts from the same towers and sees the same batches. Recall in %.",
+        f"{args.lr / 20:g}), temperature {args.temperature}, {args.steps} steps; \"from update\" is "
+        "`model.moco.queue_start_step` (the loss is in-batch before it, while the queue fills); per "
+        "seed every arm starts from the same towers and sees the same batches. Recall in %.",
         "",
         *table(rows),
         "",

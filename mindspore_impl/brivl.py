@@ -132,8 +132,9 @@ class BriVL(nn.Cell):
         super().__init__()
         m = config.model
         self.config = config
-        # A plain float, so graph mode reads a constant instead of the pydantic config.
+        # Plain numbers, so graph mode reads constants instead of the pydantic config.
         self.temperature = float(m.moco.temperature)
+        self.queue_start_step = int(m.moco.queue_start_step)
         # MoCo's queues start as random unit vectors (negatives until real keys replace
         # them); non-trainable Parameters, so model directories and checkpoints keep them.
         self.image_queue = ms.Parameter(_random_unit_rows(m.moco.queue_size, m.embed_dim),
@@ -143,6 +144,10 @@ class BriVL(nn.Cell):
         # The next slot of both queues (they fill together), int64 in both backends.
         self.queue_ptr = ms.Parameter(ms.Tensor(np.zeros(1, np.int64)), name="queue_ptr",
                                       requires_grad=False)
+        # Optimizer updates so far (after_step counts them): moco.queue_start_step compares
+        # with it, and a resumed run goes on from where it was.
+        self.num_updates = ms.Parameter(ms.Tensor(np.zeros(1, np.int64)), name="num_updates",
+                                        requires_grad=False)
         self.image_encoder = ImageEncoder(config)
         self.text_encoder = TextEncoder(config)
         # The key towers: updated by after_step, never by the optimizer.
@@ -208,9 +213,10 @@ def training_loss(model: BriVL, pixel_values, input_ids, attention_mask):
     Image queries (online) are classified among [the batch's text keys ; text_queue],
     text queries among [the batch's image keys ; image_queue], the positive being the
     pair's own key; loss = mean of the two cross-entropies of logits / temperature.
-    Keys come from the momentum towers and carry no gradient. With queue_size 0 this is
-    the in-batch loss. No input checks: this runs inside a compiled graph, and the
-    trainer's batches are checked where they are made.
+    Keys come from the momentum towers and carry no gradient. With queue_size 0, and
+    before update moco.queue_start_step (the candidates stop at the batch), this is the
+    in-batch loss. No input checks: this runs inside a compiled graph, and the trainer's
+    batches are checked where they are made.
     """
     temperature = model.temperature
     image_queries = model.image_encoder(pixel_values)
@@ -221,13 +227,22 @@ def training_loss(model: BriVL, pixel_values, input_ids, attention_mask):
     text_candidates = ops.cat((text_keys, model.text_queue.astype(text_keys.dtype)), axis=0)
     image_candidates = ops.cat((image_keys, model.image_queue.astype(image_keys.dtype)), axis=0)
     labels = ops.arange(0, image_queries.shape[0], dtype=ms.int32)
-    image_loss = ops.cross_entropy(ops.matmul(image_queries, text_candidates.T) / temperature, labels)
-    text_loss = ops.cross_entropy(ops.matmul(text_queries, image_candidates.T) / temperature, labels)
-    return (image_loss + text_loss) / 2, image_keys, text_keys
+    image_logits = ops.matmul(image_queries, text_candidates.T) / temperature
+    text_logits = ops.matmul(text_queries, image_candidates.T) / temperature
+    loss = (ops.cross_entropy(image_logits, labels) + ops.cross_entropy(text_logits, labels)) / 2
+    if model.queue_start_step > 0:
+        # Both losses, one picked by the counter: a branch on a tensor's value would split
+        # this compiled graph.
+        batch = labels.shape[0]
+        in_batch = (ops.cross_entropy(image_logits[:, :batch], labels)
+                    + ops.cross_entropy(text_logits[:, :batch], labels)) / 2
+        loss = ops.where(model.num_updates[0] >= model.queue_start_step, loss, in_batch)
+    return loss, image_keys, text_keys
 
 
 def after_step(model: BriVL, image_keys, text_keys) -> None:
-    """After an optimizer update: enqueue the global batch's keys, then the momentum update.
+    """After an optimizer update: enqueue the global batch's keys, count the update, then
+    the momentum update.
 
     Keys are written one after another at queue_ptr, wrapping around, as if enqueued one
     at a time: with more keys than slots only the last queue_size survive. The momentum
@@ -245,6 +260,7 @@ def after_step(model: BriVL, image_keys, text_keys) -> None:
         ops.assign(model.text_queue, ops.tensor_scatter_update(
             model.text_queue, slots, text_keys[count - kept:].astype(model.text_queue.dtype)))
         ops.assign(model.queue_ptr, (model.queue_ptr + count) % size)
+    ops.assign(model.num_updates, model.num_updates + 1)
     m = moco.momentum
     for online, momentum in model.momentum_pairs():
         ops.assign(momentum, m * momentum + (1.0 - m) * online)

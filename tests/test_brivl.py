@@ -62,7 +62,8 @@ def build(config, backend, seed=0):
 def distinct_state(config, seed=0):
     """A canonical state whose momentum towers differ from the online ones and whose
     queues and pointer are not the initial ones, so that a test which mixed up online
-    and momentum tensors, or ignored the queues, would fail."""
+    and momentum tensors, or ignored the queues, would fail; its update count (7) is past
+    brivl-tiny's queue_start_step (3), so the queues count in the loss."""
     arrays = taichu.state_dict(build(config, "torch", seed))
     rng = np.random.default_rng(seed + 100)
     for name, array in arrays.items():
@@ -71,6 +72,7 @@ def distinct_state(config, seed=0):
     queue_size = config.model.moco.queue_size
     if queue_size:
         arrays["queue_ptr"] = np.array([queue_size // 3], np.int64)
+    arrays["num_updates"] = np.array([7], np.int64)
     return arrays
 
 
@@ -326,6 +328,63 @@ def test_queue_size_zero_is_the_in_batch_loss(brivl_config):
     assert losses["queue"] > losses["none"] + 1e-3
 
 
+def test_queue_joins_the_loss_at_queue_start_step(brivl_config):
+    """brivl-tiny's queue_start_step is 3: after 2 updates the loss (and its gradient) is
+    the in-batch one, after 3 the full MoCo loss, in both backends, in numpy terms. The
+    MindSpore step is compiled once and reads the counter on every call, as in training
+    (where after_step assigns it; set_data from outside would not reach a compiled graph)."""
+    import mindspore as ms
+    import torch
+
+    from mindspore_impl.brivl import training_loss as ms_training_loss
+    from torch_impl.brivl import training_loss as torch_training_loss
+
+    assert brivl_config.model.moco.queue_start_step == 3
+    arrays = distinct_state(brivl_config, seed=13)
+    torch_model, ms_model = build(brivl_config, "torch"), build(brivl_config, "mindspore")
+    rng = np.random.default_rng(14)
+    pixels, (ids, mask) = images(rng, 5, brivl_config), caption_batch(rng, [3, 7, 12, 5, 9])
+    taichu.load_state_dict(torch_model, arrays)
+    with torch.no_grad():
+        pixels_t, ids_t, mask_t = to_torch(pixels, ids, mask)
+        keys = (torch_model.image_encoder_m(pixels_t).numpy(), torch_model.text_encoder_m(ids_t, mask_t).numpy())
+    queries = (image_features(torch_model, pixels), text_features(torch_model, ids, mask))
+    no_queue = np.zeros((0, 24))
+    expected = {2: numpy_moco_loss(*queries, *keys, no_queue, no_queue, 0.07),
+                3: numpy_moco_loss(*queries, *keys, arrays["image_queue"], arrays["text_queue"], 0.07)}
+
+    def ms_loss(pixel_values, input_ids, attention_mask):
+        return ms_training_loss(ms_model, pixel_values, input_ids, attention_mask)[0]
+
+    ms_step = ms.jit(ms_loss)
+    got = {}
+    for updates in (2, 3):
+        state = {**arrays, "num_updates": np.array([updates], np.int64)}
+        taichu.load_state_dict(torch_model, state)
+        if updates == 2:
+            taichu.load_state_dict(ms_model, state)
+        else:
+            ms.ops.assign(ms_model.num_updates, ms.Tensor(state["num_updates"]))
+        torch_model.zero_grad()
+        loss = torch_training_loss(torch_model, pixels_t, ids_t, mask_t)[0]
+        loss.backward()
+        queue_free = torch_model.image_encoder.projection.fc2.weight.grad.clone()
+        got[updates] = (loss.item(), float(ms_step(*to_ms(pixels, ids, mask)).asnumpy()), queue_free)
+    print({u: (expected[u], got[u][:2]) for u in expected})
+    for updates in (2, 3):
+        torch_loss, ms_loss, _ = got[updates]
+        assert abs(torch_loss - expected[updates]) <= TOL and abs(ms_loss - expected[updates]) <= TOL
+    assert expected[3] > expected[2] + 1e-3
+    # The in-batch gradient is the one of a model without a queue, the full one is not.
+    bare = build(load_config(TINY, ["model.moco.queue_size=0"]), "torch")
+    taichu.load_state_dict(bare, {**taichu.state_dict(bare),
+                                  **{k: v for k, v in arrays.items() if not k.endswith("_queue")}})
+    torch_training_loss(bare, pixels_t, ids_t, mask_t)[0].backward()
+    reference = bare.image_encoder.projection.fc2.weight.grad
+    assert torch.allclose(got[2][2], reference, atol=1e-7, rtol=1e-5)
+    assert not torch.allclose(got[3][2], reference, atol=1e-5, rtol=1e-3)
+
+
 # (3) after_step: queues and momentum ----------------------------------------------------
 
 def numpy_after_step(state, image_keys, text_keys, queue_size, momentum):
@@ -336,6 +395,7 @@ def numpy_after_step(state, image_keys, text_keys, queue_size, momentum):
         state["image_queue"][slot] = image_keys[i]
         state["text_queue"][slot] = text_keys[i]
         state["queue_ptr"][0] = (slot + 1) % queue_size
+    state["num_updates"][0] += 1
     for name in state:
         top, _, rest = name.partition(".")
         if top.endswith("_m"):
@@ -372,7 +432,7 @@ def test_after_step_same_in_both_backends_and_numpy(queue_size):
         pointers.append(int(expected["queue_ptr"][0]))
         for backend, model in models.items():
             got = taichu.state_dict(model)
-            assert got["queue_ptr"].dtype == np.int64
+            assert got["queue_ptr"].dtype == got["num_updates"].dtype == np.int64
             diffs = {k: float(np.abs(got[k].astype(np.float64) - expected[k]).max(initial=0.0))
                      for k in expected}
             worst = max(diffs, key=diffs.get)
@@ -380,6 +440,7 @@ def test_after_step_same_in_both_backends_and_numpy(queue_size):
     print(f"[queue {queue_size}] pointers after each step {pointers}")
     # From 5 (distinct_state): + 7; + 13 wraps inside the batch; + 20, more keys than slots.
     assert pointers == ([12, 9, 13] if queue_size else [0])
+    assert expected["num_updates"].tolist() == [7 + len(pointers)]
 
 
 def test_momentum_towers_are_not_trained(brivl_config):
@@ -394,7 +455,7 @@ def test_momentum_towers_are_not_trained(brivl_config):
             assert np.array_equal(arrays[name], arrays[f"{top}_m.{rest}"])
         assert np.allclose(np.linalg.norm(arrays["image_queue"], axis=1), 1, atol=1e-6)
         assert not np.array_equal(arrays["image_queue"], arrays["text_queue"])
-        assert arrays["queue_ptr"].tolist() == [0]
+        assert arrays["queue_ptr"].tolist() == arrays["num_updates"].tolist() == [0]
     trained = sorted(n for n, p in torch_model.named_parameters() if p.requires_grad)
     from mindspore_impl.weights import canonical_parameters
 
@@ -413,6 +474,7 @@ def test_save_load_round_trip_keeps_queues(brivl_config, tmp_path, source):
     assert taichu.load_config(path) == brivl_config
     expected = taichu.state_dict(model)
     assert expected["queue_ptr"].tolist() == [5] and expected["queue_ptr"].dtype == np.int64
+    assert expected["num_updates"].tolist() == [7] and expected["num_updates"].dtype == np.int64
     for backend in ("torch", "mindspore"):
         got = taichu.state_dict(taichu.load_model(path, backend=backend))
         assert set(got) == set(expected)
@@ -429,7 +491,7 @@ def test_queue_size_zero_round_trip(tmp_path):
 
 
 def test_tensor_specs_equal_built_models(brivl_config):
-    """Specs list every tensor (online, momentum, queues, pointer) in torch's state_dict
+    """Specs list every tensor (online, momentum, queues, counters) in torch's state_dict
     order, and MindSpore's names differ from them only in leaves."""
     specs = get_family("brivl").tensor_specs(brivl_config)
     torch_arrays = taichu.state_dict(build(brivl_config, "torch"))
@@ -440,7 +502,7 @@ def test_tensor_specs_equal_built_models(brivl_config):
     assert {k: v.shape for k, v in taichu.state_dict(ms_model).items()} == \
         {k: s.shape for k, s in specs.items()}
     ms_names = {p.name for p in ms_model.get_parameters()}
-    assert {"image_queue", "text_queue", "queue_ptr",
+    assert {"image_queue", "text_queue", "queue_ptr", "num_updates",
             "image_encoder_m.backbone.embeddings.class_embedding",
             "text_encoder_m.backbone.embeddings.token_embedding.embedding_table",
             "text_encoder.head.layer_norm.gamma",
@@ -454,7 +516,7 @@ def test_config_sizes():
 
     counts = count_groups(small)
     assert counts["image_encoder"] + counts["text_encoder"] == counts["momentum"] == 3_236_608
-    assert num_parameters(small) == 6_505_985
+    assert num_parameters(small) == 6_505_986
 
 
 def test_info_command_describes_brivl():
@@ -463,14 +525,15 @@ def test_info_command_describes_brivl():
     out = subprocess.run([str(script), "info", str(TINY)], check=True, capture_output=True,
                          text=True).stdout
     assert "family:     brivl" in out
-    assert "queue 16 per modality, momentum 0.99, temperature 0.07" in out
-    assert "parameters: 498,273 (498.27 K)" in out
+    assert "queue 16 per modality, momentum 0.99, temperature 0.07, queue from update 3" in out
+    assert "parameters: 498,274 (498.27 K)" in out
 
 
 @pytest.mark.parametrize("edit, expected", [
     (lambda r: r["model"]["moco"].update(queue_size=-1), r"model\.moco\.queue_size: Input should be greater than or equal to 0"),
     (lambda r: r["model"]["moco"].update(momentum=1.0), r"model\.moco\.momentum: Input should be less than 1"),
     (lambda r: r["model"]["moco"].update(temperature=0), r"model\.moco\.temperature: Input should be greater than 0"),
+    (lambda r: r["model"]["moco"].update(queue_start_step=-1), r"model\.moco\.queue_start_step: Input should be greater than or equal to 0"),
     (lambda r: r["model"]["text_head"].update(num_heads=3),
      r"text_head\.num_heads 3 does not divide the text tower's hidden_size 32"),
     (lambda r: r["model"].update(activation="swish"), r"model\.activation: Input should be"),

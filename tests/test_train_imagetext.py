@@ -118,6 +118,9 @@ def test_brivl_queue_is_saved_and_survives_resume(tmp_path, imagetext_cache):
     start = taichu.state_dict(taichu.load_model(init, "torch"))
     # 3 steps x 8 keys went into a 16-slot queue: it was written and wrapped around.
     assert int(step3["queue_ptr"].reshape(-1)[0]) == (3 * 8) % 16
+    # The update count is saved too: brivl-tiny's queue joins the loss at update 3, so a
+    # resumed run that restarted the count would take different steps 4-6.
+    assert step3["num_updates"].tolist() == [3]
     assert not np.array_equal(step3["image_queue"], start["image_queue"])
     run_training(config, "torch", tmp_path / "cut", init_dir=init, resume=True, progress=False)
     assert losses(tmp_path / "cut") == losses(tmp_path / "full")

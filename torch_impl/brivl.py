@@ -124,14 +124,18 @@ class BriVL(nn.Module):
         super().__init__()
         m = config.model
         self.config = config
-        # A plain float, as in the MindSpore mirror (where graph mode needs a constant).
+        # Plain numbers, as in the MindSpore mirror (where graph mode needs constants).
         self.temperature = float(m.moco.temperature)
+        self.queue_start_step = int(m.moco.queue_start_step)
         # MoCo's queues start as random unit vectors (negatives until real keys replace
         # them); persistent buffers, so model directories and checkpoints keep them.
         self.register_buffer("image_queue", l2_normalize(torch.randn(m.moco.queue_size, m.embed_dim)))
         self.register_buffer("text_queue", l2_normalize(torch.randn(m.moco.queue_size, m.embed_dim)))
         # The next slot of both queues (they fill together), int64 in both backends.
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.int64))
+        # Optimizer updates so far (after_step counts them): moco.queue_start_step compares
+        # with it, and a resumed run goes on from where it was.
+        self.register_buffer("num_updates", torch.zeros(1, dtype=torch.int64))
         self.image_encoder = ImageEncoder(config)
         self.text_encoder = TextEncoder(config)
         # The key towers: updated by after_step, never by the optimizer.
@@ -193,8 +197,9 @@ def training_loss(model: BriVL, pixel_values, input_ids, attention_mask):
     Image queries (online) are classified among [the batch's text keys ; text_queue],
     text queries among [the batch's image keys ; image_queue], the positive being the
     pair's own key; loss = mean of the two cross-entropies of logits / temperature.
-    Keys come from the momentum towers and carry no gradient. With queue_size 0 this is
-    the in-batch loss. No input checks: the MindSpore mirror runs inside a compiled graph,
+    Keys come from the momentum towers and carry no gradient. With queue_size 0, and
+    before update moco.queue_start_step (the candidates stop at the batch), this is the
+    in-batch loss. No input checks: the MindSpore mirror runs inside a compiled graph,
     and the trainer's batches are checked where they are made.
     """
     temperature = model.temperature
@@ -207,14 +212,23 @@ def training_loss(model: BriVL, pixel_values, input_ids, attention_mask):
     text_candidates = torch.cat((text_keys, model.text_queue.to(text_keys.dtype)), dim=0)
     image_candidates = torch.cat((image_keys, model.image_queue.to(image_keys.dtype)), dim=0)
     labels = torch.arange(image_queries.shape[0], device=image_queries.device)
-    image_loss = F.cross_entropy(torch.matmul(image_queries, text_candidates.T) / temperature, labels)
-    text_loss = F.cross_entropy(torch.matmul(text_queries, image_candidates.T) / temperature, labels)
-    return (image_loss + text_loss) / 2, image_keys, text_keys
+    image_logits = torch.matmul(image_queries, text_candidates.T) / temperature
+    text_logits = torch.matmul(text_queries, image_candidates.T) / temperature
+    loss = (F.cross_entropy(image_logits, labels) + F.cross_entropy(text_logits, labels)) / 2
+    if model.queue_start_step > 0:
+        # Both losses, one picked by the counter: the MindSpore mirror is one compiled
+        # graph, where a branch on a tensor's value would split it.
+        batch = labels.shape[0]
+        in_batch = (F.cross_entropy(image_logits[:, :batch], labels)
+                    + F.cross_entropy(text_logits[:, :batch], labels)) / 2
+        loss = torch.where(model.num_updates[0] >= model.queue_start_step, loss, in_batch)
+    return loss, image_keys, text_keys
 
 
 @torch.no_grad()
 def after_step(model: BriVL, image_keys, text_keys) -> None:
-    """After an optimizer update: enqueue the global batch's keys, then the momentum update.
+    """After an optimizer update: enqueue the global batch's keys, count the update, then
+    the momentum update.
 
     Keys are written one after another at queue_ptr, wrapping around, as if enqueued one
     at a time: with more keys than slots only the last queue_size survive. The momentum
@@ -230,6 +244,7 @@ def after_step(model: BriVL, image_keys, text_keys) -> None:
         model.image_queue[slots] = image_keys[count - kept:].to(model.image_queue.dtype)
         model.text_queue[slots] = text_keys[count - kept:].to(model.text_queue.dtype)
         model.queue_ptr.copy_((model.queue_ptr + count) % size)
+    model.num_updates.add_(1)
     m = moco.momentum
     for online, momentum in model.momentum_pairs():
         momentum.copy_(m * momentum + (1.0 - m) * online)

@@ -27,8 +27,10 @@ initializer_range), biases zero, LayerNorms one/zero, queue rows random unit vec
 Canonical names are the state_dict names of ``torch_impl.brivl.BriVL``: online towers
 ``image_encoder`` / ``text_encoder``, momentum towers ``image_encoder_m`` /
 ``text_encoder_m`` (ALBEF's suffix), buffers ``image_queue``, ``text_queue`` (float32
-[queue_size, embed_dim]) and ``queue_ptr`` (int64 [1], in both backends). All of them are
-in model directories and checkpoints, so training resumes with the same negatives.
+[queue_size, embed_dim]), ``queue_ptr`` and ``num_updates`` (int64 [1], in both
+backends: the next slot, and the updates counted so far, which ``moco.queue_start_step``
+compares with). All of them are in model directories and checkpoints, so training resumes
+with the same negatives.
 Backbone names equal CLIP's ``vision_model`` / ``text_model`` below ``backbone``, so CLIP
 tower weights move over by renaming. The temperature is a fixed config value (MoCo's),
 not a learned logit scale as in CLIP.
@@ -80,6 +82,12 @@ class MoCoConfig(Section):
     momentum: float = Field(0.99, ge=0.0, lt=1.0)
     # Fixed (not learned) softmax temperature of the contrastive loss and of the logits.
     temperature: float = Field(0.07, gt=0.0)
+    # The first optimizer update whose loss uses the queues; earlier updates use the
+    # in-batch loss while their keys fill the queues. 0 = from the first update (MoCo, and
+    # the release, whose towers start pretrained). Towers trained from scratch move fast at
+    # first, so old keys are unlike fresh ones and a queue of them teaches the model to tell
+    # key ages apart rather than to match pairs (docs/benchmarks.md, BriVL's MoCo queue).
+    queue_start_step: StrictInt = Field(0, ge=0)
 
 
 class BriVLModelConfig(Section):
@@ -178,6 +186,7 @@ def tensor_specs(config: BriVLConfig) -> dict[str, TensorSpec]:
     specs["image_queue"] = TensorSpec((m.moco.queue_size, m.embed_dim), "parameter")
     specs["text_queue"] = TensorSpec((m.moco.queue_size, m.embed_dim), "parameter")
     specs["queue_ptr"] = TensorSpec((1,), "parameter")     # int64, the next slot of both
+    specs["num_updates"] = TensorSpec((1,), "parameter")   # int64, updates so far
     image_tower("image_encoder")
     text_tower("text_encoder")
     image_tower("image_encoder_m")
@@ -212,11 +221,12 @@ def describe(config: BriVLConfig) -> dict:
                  f"{m.text_head.num_heads} heads ({counts['text_encoder']:,} parameters)"),
         "embedding": f"{m.embed_dim} (MLP hidden {m.projection_hidden}), L2-normalised",
         "moco": (f"queue {m.moco.queue_size} per modality, momentum {m.moco.momentum}, "
-                 f"temperature {m.moco.temperature}"),
+                 f"temperature {m.moco.temperature}"
+                 + (f", queue from update {m.moco.queue_start_step}" if m.moco.queue_start_step else "")),
         "activation": m.activation,
         # `parameters` below counts every tensor of the model directory.
         "trained":  f"{trained:,} parameters (momentum copies {counts['momentum']:,}, "
-                    f"queues and pointer {counts['queues']:,} values)",
+                    f"queues and counters {counts['queues']:,} values)",
     }
 
 
