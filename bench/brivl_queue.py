@@ -225,11 +225,12 @@ def main() -> None:
                     for start in (args.starts if queue else [0]):
                         rows.append(run_arm(args, batch, queue, start, momentum, seed))
     total = time.perf_counter() - started
+    threads = torch.get_num_threads()
     first = rows[0]
     chance = (f"chance R@1 t→i {pct(first['t2i']['chance']['R@1'])}%, i→t {pct(first['i2t']['chance']['R@1'])}%; "
               f"R@5 t→i {pct(first['t2i']['chance']['R@5'])}%, i→t {pct(first['i2t']['chance']['R@5'])}%")
     text = "\n".join([
-        f"{datetime.date.today()}, torch {torch.__version__} ({torch.get_num_threads()} threads), {machine()}; "
+        f"{datetime.date.today()}, torch {torch.__version__} ({threads} thread{'s' * (threads != 1)}), {machine()}; "
         f"{total / 60:.1f} min in all.",
         "",
         f"`{args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config}` on "

@@ -88,7 +88,10 @@ def test_first_20_losses_agree_across_backends(tmp_path, imagetext_cache, config
     ms_losses = np.array([runs["mindspore"][s] for s in range(1, 21)])
     relative = np.abs(torch_losses - ms_losses) / np.abs(torch_losses)
     assert relative.max() <= 1e-4, f"worst relative difference {relative.max():.2e} at step {relative.argmax() + 1}"
-    assert torch_losses[-5:].mean() < torch_losses[:5].mean() - 0.1     # it really trained
+    # It really trained: compared within one loss (BriVL's queue joins at update 3).
+    first = getattr(getattr(config.model, "moco", None), "queue_start_step", 0)
+    print(f"torch losses {np.round(torch_losses, 3).tolist()}")
+    assert torch_losses[-5:].mean() < torch_losses[first:first + 5].mean() - 0.1
     # The attention key bias adds q.b to every score of a query: softmax ignores it, its true
     # gradient is 0, and AdamW turns each framework's ~1e-10 rounding noise into steps of
     # ~lr. Those tensors wander apart without changing any output. Every other tensor agrees
