@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import random
 import re
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -113,6 +114,26 @@ def check_tokenizer(tokenizer: Tokenizer, tokenizer_config, vocab_size: int) -> 
                          + "; ".join(problems) + " (delete the file to retrain it)")
 
 
+def sample_lines(lines: Iterable[str], size: int, seed: int = 0) -> list[str]:
+    """At most ``size`` of ``lines``, the same ones on every run, in their input order.
+
+    Reservoir sampling (memory: ``size`` lines) with a fixed seed. SentencePiece's own
+    sampling (input_sentence_size + shuffle_input_sentence) picked other lines in every
+    process even after spm.set_random_generator_seed, so equal configs trained different
+    tokenizers.
+    """
+    rng = random.Random(seed)
+    reservoir: list[tuple[int, str]] = []
+    for index, line in enumerate(lines):
+        if index < size:
+            reservoir.append((index, line))
+        else:
+            slot = rng.randrange(index + 1)
+            if slot < size:
+                reservoir[slot] = (index, line)
+    return [line for _, line in sorted(reservoir)]
+
+
 def train_tokenizer(texts: Iterable[str], tokenizer_config, vocab_size: int,
                     out_path: str | Path) -> Tokenizer:
     """Train SentencePiece on ``texts`` and write the model atomically to ``out_path``."""
@@ -124,15 +145,15 @@ def train_tokenizer(texts: Iterable[str], tokenizer_config, vocab_size: int,
         raise ValueError(f"model.vocab_size {vocab_size} is smaller than the {cfg.required_vocab()} "
                          "special and byte-fallback pieces")
     # SentencePiece reads lines; a newline inside a document is left to byte fallback.
-    lines = (line for text in texts for line in text.split("\n") if line)
+    lines = sample_lines((line for text in texts for line in text.split("\n") if line),
+                         cfg.max_training_sentences)
     model = io.BytesIO()
-    spm.set_random_generator_seed(0)  # the sentence sampling of input_sentence_size
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=lines, model_writer=model,
+            sentence_iterator=iter(lines), model_writer=model,
             model_type=cfg.model_type, vocab_size=vocab_size, byte_fallback=cfg.byte_fallback,
             character_coverage=cfg.character_coverage,
-            input_sentence_size=cfg.max_training_sentences, shuffle_input_sentence=True,
+            input_sentence_size=0, shuffle_input_sentence=False,
             max_sentence_length=MAX_SENTENCE_BYTES,
             # Exact round trip: no NFKC, no added leading space, whitespace preserved; the
             # space mark is always a piece so ' ' never goes through byte fallback.
