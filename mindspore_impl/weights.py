@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import mindspore as ms
-from mindspore import nn
+from mindspore import nn, ops
 
 from taichu.weights import contiguous, from_mindspore_array, from_mindspore_name, to_mindspore_array
 
@@ -40,8 +40,10 @@ def canonical_state_dict(net: nn.Cell) -> dict[str, np.ndarray]:
 def load_canonical_state_dict(net: nn.Cell, arrays: dict[str, np.ndarray]) -> None:
     """Load arrays already checked against the config (taichu.weights.check_tensors).
 
-    Every tensor is converted and shape-checked before the first set_data, so a failure
-    loads nothing (load_param_into_net would cast and skip silently).
+    Every tensor is converted and shape-checked before the first write, so a failure
+    loads nothing (load_param_into_net would cast and skip silently). Values are written
+    into each parameter's buffer (assign), so graphs compiled before the load see them:
+    set_data gives the parameter a new buffer that a compiled graph never reads.
     """
     params = canonical_parameters(net)
     if set(params) != set(arrays):
@@ -54,4 +56,9 @@ def load_canonical_state_dict(net: nn.Cell, arrays: dict[str, np.ndarray]) -> No
             raise ValueError(f"{name}: shape {array.shape} does not fit parameter {param.shape}")
         staged.append((param, ms.Tensor(contiguous(array), dtype=param.dtype)))
     for param, tensor in staged:
-        param.set_data(tensor)
+        # set_data only where assign cannot run: a parameter whose lazy init never ran,
+        # and bfloat16 (MindSpore 2.10 has no CPU Assign kernel for it).
+        if param.has_init or param.dtype == ms.bfloat16:
+            param.set_data(tensor)
+        else:
+            ops.assign(param, tensor)

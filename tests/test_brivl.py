@@ -331,8 +331,7 @@ def test_queue_size_zero_is_the_in_batch_loss(brivl_config):
 def test_queue_joins_the_loss_at_queue_start_step(brivl_config):
     """brivl-tiny's queue_start_step is 3: after 2 updates the loss (and its gradient) is
     the in-batch one, after 3 the full MoCo loss, in both backends, in numpy terms. The
-    MindSpore step is compiled once and reads the counter on every call, as in training
-    (where after_step assigns it; set_data from outside would not reach a compiled graph)."""
+    MindSpore step is compiled once and reads the counter on every call, as in training."""
     import mindspore as ms
     import torch
 
@@ -361,10 +360,7 @@ def test_queue_joins_the_loss_at_queue_start_step(brivl_config):
     for updates in (2, 3):
         state = {**arrays, "num_updates": np.array([updates], np.int64)}
         taichu.load_state_dict(torch_model, state)
-        if updates == 2:
-            taichu.load_state_dict(ms_model, state)
-        else:
-            ms.ops.assign(ms_model.num_updates, ms.Tensor(state["num_updates"]))
+        taichu.load_state_dict(ms_model, state)
         torch_model.zero_grad()
         loss = torch_training_loss(torch_model, pixels_t, ids_t, mask_t)[0]
         loss.backward()
