@@ -11,9 +11,9 @@ Training interface, called by the shared trainer:
   image_keys, text_keys): the MoCo loss of the online queries against the momentum keys
   of the batch and the queues; compiles in graph mode (mindspore.jit around
   value_and_grad(..., has_aux=True) over the trainable parameters);
-- ``after_step(model, image_keys, text_keys)`` after each optimizer update (PyNative):
-  enqueue the keys of the global batch, then move the momentum towers towards the
-  online ones.
+- ``after_step(model, image_keys, text_keys)`` after each optimizer update: enqueue the
+  keys of the global batch (PyNative), count the update, then move the momentum towers
+  towards the online ones (one compiled graph).
 Attribute paths equal the PyTorch module's, so canonical weight names differ only in
 leaves (gamma/beta, embedding_table), mapped in taichu/weights.py. The momentum towers,
 queues and pointer are Parameters with requires_grad=False: outside trainable_params(),
@@ -21,6 +21,8 @@ inside the canonical state dict. Uses mindspore.nn/ops rather than mint: mint ha
 kernels for these layers.
 """
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 import mindspore as ms
@@ -261,9 +263,35 @@ def after_step(model: BriVL, image_keys, text_keys) -> None:
             model.text_queue, slots, text_keys[count - kept:].astype(model.text_queue.dtype)))
         ops.assign(model.queue_ptr, (model.queue_ptr + count) % size)
     ops.assign(model.num_updates, model.num_updates + 1)
-    m = moco.momentum
-    for online, momentum in model.momentum_pairs():
-        ops.assign(momentum, m * momentum + (1.0 - m) * online)
+    if model not in _MOMENTUM_UPDATES:
+        _MOMENTUM_UPDATES[model] = ms.jit(MomentumUpdate(model.momentum_pairs(), moco.momentum))
+    _MOMENTUM_UPDATES[model]()
+
+
+class MomentumUpdate(nn.Cell):
+    """p_k = m p_k + (1 - m) p_q for every (online, momentum) parameter pair, compiled once.
+
+    Measured in `taichu train` at brivl-small (183 pairs, 2 CPU cores): op by op
+    (PyNative) 0.12 s per step, about 15 % of the step; compiled 0.03 s, after a one-time
+    compile of ~4 s. Kept outside the model's cells, so that the model's parameter names
+    stay the canonical ones.
+    """
+
+    def __init__(self, pairs, momentum: float):
+        super().__init__()
+        self.online = ms.ParameterTuple([online for online, _ in pairs])
+        self.moving = ms.ParameterTuple([moving for _, moving in pairs])
+        self.momentum = float(momentum)
+
+    def construct(self):
+        m = self.momentum
+        for online, moving in zip(self.online, self.moving):
+            ops.assign(moving, m * moving + (1.0 - m) * online)
+        return m
+
+
+# One compiled update per model, created by its first after_step and dropped with it.
+_MOMENTUM_UPDATES: "weakref.WeakKeyDictionary[BriVL, MomentumUpdate]" = weakref.WeakKeyDictionary()
 
 
 def l2_normalize(x):
