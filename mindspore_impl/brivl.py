@@ -271,7 +271,7 @@ def after_step(model: BriVL, image_keys, text_keys) -> None:
 class MomentumUpdate(nn.Cell):
     """p_k = m p_k + (1 - m) p_q for every (online, momentum) parameter pair, compiled once.
 
-    Measured in `taichu train` at brivl-small (183 pairs, 2 CPU cores): op by op
+    Measured in `taichu train` at brivl-small (183 parameter pairs, 2 CPU cores): op by op
     (PyNative) 0.12 s per step, about 15 % of the step; compiled 0.03 s, after a one-time
     compile of ~4 s. Kept outside the model's cells, so that the model's parameter names
     stay the canonical ones.
