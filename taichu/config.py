@@ -83,7 +83,8 @@ class TokenizerConfig(Section):
     # Share of characters covered by learned pieces (the rest go to byte fallback);
     # SentencePiece refuses values below 0.98.
     character_coverage: float = Field(0.9995, ge=0.98, le=1.0)
-    # Sentences sampled from the corpus for training (SentencePiece's input_sentence_size).
+    # Lines the tokenizer trains on: a longer corpus is sampled down to this many, the
+    # same lines on every run (taichu.tokenizer.sample_lines).
     max_training_sentences: StrictInt = Field(300_000, gt=0)
     special_tokens: SpecialTokens = SpecialTokens()
 
