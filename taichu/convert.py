@@ -1037,6 +1037,21 @@ class Source:
     tokenizer: Path | None = None
 
 
+def _effective_fields(section, prefix: str = "") -> dict:
+    """A config section as flat ``dotted.name: value`` pairs with defaults resolved: a null
+    intermediate_size is its stack's ffn_size, so null and an explicit 4 * hidden_size,
+    the same model, compare equal."""
+    fields = {}
+    for name, value in section:
+        if hasattr(value, "model_fields"):
+            fields.update(_effective_fields(value, f"{prefix}{name}."))
+        elif name == "intermediate_size" and value is None and hasattr(section, "ffn_size"):
+            fields[prefix + name] = section.ffn_size
+        else:
+            fields[prefix + name] = value
+    return fields
+
+
 def open_source(path: str | Path, config=None, allow_pickle: bool = False,
                 overrides: Iterable[str] = ()) -> Source:
     """Detect, read headers, check every tensor against the config; reads no weights yet."""
@@ -1067,10 +1082,12 @@ def open_source(path: str | Path, config=None, allow_pickle: bool = False,
             notes += HF_FAMILIES[derived.family].notes(hf)
         if config is not None:
             given = _resolve_config(config, path, "", overrides)
-            if derived is not None and given.model != derived.model:
-                diff = {k: (v, getattr(given.model, k)) for k, v in derived.model if getattr(given.model, k) != v}
-                raise ConfigError(f"{path}: --config disagrees with config.json on {diff} "
-                                  "(config.json value, --config value)")
+            if derived is not None:
+                theirs, ours = _effective_fields(derived.model), _effective_fields(given.model)
+                diff = {k: (v, ours.get(k)) for k, v in theirs.items() if ours.get(k) != v}
+                if diff:
+                    raise ConfigError(f"{path}: --config disagrees with config.json on {diff} "
+                                      "(config.json value, --config value)")
             config = given
         elif derived is None:
             config = _resolve_config(None, path, "a Hugging Face weights file", overrides)

@@ -421,3 +421,20 @@ def test_trained_model_continues_the_same_in_hugging_face(tmp_path, trained_tiny
     text = generator("中国人民", max_new_tokens=20, do_sample=False, repetition_penalty=1.5,
                      return_full_text=False)[0]["generated_text"]
     assert text == tokenizer.decode(hf_out) and text
+
+
+def test_config_is_compared_with_config_json_by_meaning(ours, tmp_path):
+    """--config with intermediate_size null (4 x hidden) matches a config.json whose n_inner
+    says 256 for hidden 64; a real difference is refused, naming the field and both values."""
+    convert.convert(ours, tmp_path / "hf", to="hf")
+    path = tmp_path / "hf" / "config.json"
+    hf = json.loads(path.read_text())
+    hf.pop("taichu_config")
+    assert small_config().model.intermediate_size is None
+    path.write_text(json.dumps({**hf, "n_inner": 256}))
+    config, arrays = convert.load(tmp_path / "hf", config=small_config())
+    assert config.model.intermediate_size is None
+    assert bits(arrays) == bits(convert.load(ours)[1])
+    path.write_text(json.dumps({**hf, "n_inner": 128}))
+    with pytest.raises(ConfigError, match=r"disagrees with config.json on \{'intermediate_size': \(128, 256\)\}"):
+        convert.load(tmp_path / "hf", config=small_config())
