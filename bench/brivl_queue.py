@@ -75,7 +75,8 @@ def init_dir(config, towers_config, seed: int, out: Path) -> Path:
     towers = taichu.build_model(towers_config, "torch")
     torch.manual_seed(seed + 1)
     model = taichu.build_model(config, "torch")
-    own = {"image_queue", "text_queue", "queue_ptr", "num_updates"}
+    # The model's own tensors (queues and counters) are the ones outside the towers.
+    own = {k for k in model.state_dict() if "." not in k}
     shared = {k: v for k, v in towers.state_dict().items() if k not in own}
     missing, unexpected = model.load_state_dict(shared, strict=False)
     assert not unexpected and set(missing) == own, (missing, unexpected)
@@ -162,8 +163,7 @@ def summary(rows: list[dict]) -> list[str]:
     seed (same towers, same batches)."""
     groups: dict[tuple, dict[int, dict]] = {}
     for r in rows:
-        start = r["start"] if r["queue"] else 0
-        groups.setdefault((r["batch"], r["momentum"], r["queue"], start), {})[r["seed"]] = r
+        groups.setdefault((r["batch"], r["momentum"], r["queue"], r["start"]), {})[r["seed"]] = r
     lines = ["| batch | momentum | queue | from update | mean R@1 t→i | mean R@1 i→t "
              "| Δ R@1 t→i vs queue 0 (per seed) | Δ R@1 i→t vs queue 0 (per seed) |",
              "| ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]

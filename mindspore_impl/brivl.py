@@ -30,8 +30,10 @@ from mindspore import nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from taichu.families.brivl import BriVLConfig, check_inputs
-from mindspore_impl.clip import Encoder, EncoderLayer, TextEmbeddings, VisionEmbeddings
+from mindspore_impl.clip import (Encoder, EncoderLayer, TextEmbeddings, VisionEmbeddings,
+                                 contrastive_loss)
 from mindspore_impl.gpt import _dtype_min
+
 
 class Head(nn.Cell):
     """The small Transformer on a backbone's tokens: pre-LN layers, then a LayerNorm."""
@@ -228,16 +230,14 @@ def training_loss(model: BriVL, pixel_values, input_ids, attention_mask):
     # Casts keep mixed precision working: the queues stay fp32.
     text_candidates = ops.cat((text_keys, model.text_queue.astype(text_keys.dtype)), axis=0)
     image_candidates = ops.cat((image_keys, model.image_queue.astype(image_keys.dtype)), axis=0)
-    labels = ops.arange(0, image_queries.shape[0], dtype=ms.int32)
     image_logits = ops.matmul(image_queries, text_candidates.T) / temperature
     text_logits = ops.matmul(text_queries, image_candidates.T) / temperature
-    loss = (ops.cross_entropy(image_logits, labels) + ops.cross_entropy(text_logits, labels)) / 2
+    loss = contrastive_loss(image_logits, text_logits)
     if model.queue_start_step > 0:
         # Both losses, one picked by the counter: a branch on a tensor's value would split
         # this compiled graph.
-        batch = labels.shape[0]
-        in_batch = (ops.cross_entropy(image_logits[:, :batch], labels)
-                    + ops.cross_entropy(text_logits[:, :batch], labels)) / 2
+        batch = image_logits.shape[0]
+        in_batch = contrastive_loss(image_logits[:, :batch], text_logits[:, :batch])
         loss = ops.where(model.num_updates[0] >= model.queue_start_step, loss, in_batch)
     return loss, image_keys, text_keys
 

@@ -245,12 +245,16 @@ class CLIP(nn.Cell):
         return logits_per_image, logits_per_image.T
 
 
-def contrastive_loss(logits_per_image):
-    """Symmetric cross-entropy of a square [n, n] logit matrix whose pair i is (i, i):
-    the mean of image->text and text->image classification losses."""
+def contrastive_loss(logits_per_image, logits_per_text=None):
+    """Symmetric cross-entropy of n pairs: the mean of the image->text and text->image
+    classification losses, row i's right answer being column i. CLIP's square [n, n]
+    logits give the text side as their transpose (the default); BriVL's rows also score
+    queue columns after the batch's n."""
+    if logits_per_text is None:
+        logits_per_text = logits_per_image.T
     labels = ops.arange(0, logits_per_image.shape[0], dtype=ms.int32)
     image_loss = ops.cross_entropy(logits_per_image, labels)
-    text_loss = ops.cross_entropy(logits_per_image.T, labels)
+    text_loss = ops.cross_entropy(logits_per_text, labels)
     return (image_loss + text_loss) / 2
 
 

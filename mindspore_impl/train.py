@@ -15,7 +15,7 @@ import mindspore as ms
 from mindspore import nn, ops
 from mindspore.experimental.optim import AdamW
 
-from mindspore_impl.weights import canonical_parameters
+from mindspore_impl.weights import canonical_parameters, write_parameters
 from taichu.families import backend_module, get_family
 from taichu.parallel import validate_batch, validate_parallel
 
@@ -257,9 +257,8 @@ class Trainer:
             for param, moment in zip(self.optimizer.parameters, moments):
                 array = to_mindspore_array(arrays[f"{key}/{self.names[param.name]}"], self.kinds[param.name])
                 staged.append((moment, ms.Tensor(contiguous(array), moment.dtype)))
-        for moment, value in staged:
-            moment.set_data(value)
-        self.optimizer.state_step.set_data(ms.Tensor(int(arrays["step"][0]), ms.int32))
+        staged.append((self.optimizer.state_step, ms.Tensor(int(arrays["step"][0]), ms.int32)))
+        write_parameters(staged)
 
     def extra_state(self) -> dict:
         """JSON-able state beside the weights: the fp16 loss scale.

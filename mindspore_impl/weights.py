@@ -41,9 +41,8 @@ def load_canonical_state_dict(net: nn.Cell, arrays: dict[str, np.ndarray]) -> No
     """Load arrays already checked against the config (taichu.weights.check_tensors).
 
     Every tensor is converted and shape-checked before the first write, so a failure
-    loads nothing (load_param_into_net would cast and skip silently). Values are written
-    into each parameter's buffer (assign), so graphs compiled before the load see them:
-    set_data gives the parameter a new buffer that a compiled graph never reads.
+    loads nothing (load_param_into_net would cast and skip silently); graphs compiled
+    before the load see the loaded values (write_parameters).
     """
     params = canonical_parameters(net)
     if set(params) != set(arrays):
@@ -55,9 +54,15 @@ def load_canonical_state_dict(net: nn.Cell, arrays: dict[str, np.ndarray]) -> No
         if tuple(array.shape) != tuple(param.shape):
             raise ValueError(f"{name}: shape {array.shape} does not fit parameter {param.shape}")
         staged.append((param, ms.Tensor(contiguous(array), dtype=param.dtype)))
+    write_parameters(staged)
+
+
+def write_parameters(staged: list[tuple[ms.Parameter, ms.Tensor]]) -> None:
+    """Write each tensor into its parameter's buffer (ops.assign), so that graphs compiled
+    before the write read the new values: set_data gives a parameter a new buffer that a
+    compiled graph never sees. set_data only where assign cannot run: a parameter whose
+    lazy init never ran, and bfloat16 (MindSpore 2.10 has no CPU Assign kernel for it)."""
     for param, tensor in staged:
-        # set_data only where assign cannot run: a parameter whose lazy init never ran,
-        # and bfloat16 (MindSpore 2.10 has no CPU Assign kernel for it).
         if param.has_init or param.dtype == ms.bfloat16:
             param.set_data(tensor)
         else:

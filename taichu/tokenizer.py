@@ -26,6 +26,10 @@ MIN_CHARACTER_COVERAGE = 0.98
 # Longer training lines are skipped by SentencePiece; People's Daily's longest is ~3 KB.
 MAX_SENTENCE_BYTES = 1 << 16
 SPECIAL_NAMES = ("pad", "unk", "bos", "eos")
+# Part of the tokenizer cache key (taichu.train): raised whenever the same texts and
+# config train a different tokenizer, so no cache serves one from the old procedure.
+# 2: the lines are sampled by sample_lines, not by SentencePiece.
+TRAINING_VERSION = 2
 
 
 class Tokenizer:

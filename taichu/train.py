@@ -227,7 +227,7 @@ def _tokenizer_for(config, texts, fingerprint: str, name: str, init_dir: Path | 
     """The init model's tokenizer, else the config's, trained once on ``texts`` and cached
     by content (``fingerprint`` names the texts)."""
     from taichu.data import default_cache_dir
-    from taichu.tokenizer import Tokenizer, check_tokenizer, train_tokenizer
+    from taichu.tokenizer import TRAINING_VERSION, Tokenizer, check_tokenizer, train_tokenizer
 
     vocab_size = text_vocab_size(config)
     if init_dir is not None and (init_dir / "tokenizer.model").is_file():
@@ -235,7 +235,7 @@ def _tokenizer_for(config, texts, fingerprint: str, name: str, init_dir: Path | 
         check_tokenizer(tokenizer, config.tokenizer, vocab_size)
         return tokenizer
     key = hashlib.sha256(json.dumps([fingerprint, config.tokenizer.model_dump(mode="json"),
-                                     vocab_size]).encode()).hexdigest()[:16]
+                                     vocab_size, TRAINING_VERSION]).encode()).hexdigest()[:16]
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
     path = cache_dir.parent / "tokenizers" / f"{name}-{vocab_size}-{key}.model"
     if rank != 0:

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from taichu.families.brivl import BriVLConfig, check_inputs
-from torch_impl.clip import Encoder, EncoderLayer, TextEmbeddings, VisionEmbeddings
+from torch_impl.clip import (Encoder, EncoderLayer, TextEmbeddings, VisionEmbeddings,
+                             contrastive_loss)
+
 
 class Head(nn.Module):
     """The small Transformer on a backbone's tokens: pre-LN layers, then a LayerNorm."""
@@ -211,16 +212,14 @@ def training_loss(model: BriVL, pixel_values, input_ids, attention_mask):
     # Casts keep mixed precision working: the queues stay fp32.
     text_candidates = torch.cat((text_keys, model.text_queue.to(text_keys.dtype)), dim=0)
     image_candidates = torch.cat((image_keys, model.image_queue.to(image_keys.dtype)), dim=0)
-    labels = torch.arange(image_queries.shape[0], device=image_queries.device)
     image_logits = torch.matmul(image_queries, text_candidates.T) / temperature
     text_logits = torch.matmul(text_queries, image_candidates.T) / temperature
-    loss = (F.cross_entropy(image_logits, labels) + F.cross_entropy(text_logits, labels)) / 2
+    loss = contrastive_loss(image_logits, text_logits)
     if model.queue_start_step > 0:
         # Both losses, one picked by the counter: the MindSpore mirror is one compiled
         # graph, where a branch on a tensor's value would split it.
-        batch = labels.shape[0]
-        in_batch = (F.cross_entropy(image_logits[:, :batch], labels)
-                    + F.cross_entropy(text_logits[:, :batch], labels)) / 2
+        batch = image_logits.shape[0]
+        in_batch = contrastive_loss(image_logits[:, :batch], text_logits[:, :batch])
         loss = torch.where(model.num_updates[0] >= model.queue_start_step, loss, in_batch)
     return loss, image_keys, text_keys
 
