@@ -67,3 +67,52 @@ def trained_tiny(tmp_path_factory, tiny_tokenizer):
     torch.manual_seed(0)
     init = taichu.save_model(taichu.build_model(config, "torch"), root / "init", tokenizer=tiny_tokenizer)
     return run_training(config, "torch", root / "run", init_dir=init, progress=False).final_dir
+
+
+def _machine_lines() -> list[str]:
+    """CPU, thread counts and library versions, so that a failure report says which machine
+    and which kernels it came from (float32 results differ by kernel choice)."""
+    import os
+    import platform
+    from importlib import metadata
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    simd = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile")
+            if f in flags]
+    versions = []
+    for package in ("torch", "mindspore", "numpy", "onnxruntime", "onnx", "transformers", "sentencepiece"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{package} missing")
+    threads = [f"cpus {os.cpu_count()}"] + [f"{k}={os.environ[k]}" for k in (
+        "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ATEN_CPU_CAPABILITY",
+        "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE") if k in os.environ]
+    try:
+        import torch
+
+        threads.append(f"torch threads {torch.get_num_threads()} "
+                       f"(cpu capability {torch.backends.cpu.get_cpu_capability()})")
+    except ImportError:
+        pass
+    return [f"cpu: {cpu}; {' '.join(simd) or 'no simd flags read'}; {platform.machine()} {platform.system()}",
+            f"threads: {', '.join(threads)}",
+            f"versions: python {platform.python_version()}, {', '.join(versions)}"]
+
+
+def pytest_sessionstart(session):
+    # Written through the terminal reporter so that it shows under -q too (report headers do not).
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        for line in _machine_lines():
+            reporter.write_line(line)

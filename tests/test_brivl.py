@@ -14,6 +14,7 @@ import taichu
 from taichu.api import backend_of
 from taichu.config import load_config, validate_config
 from taichu.families import get_family, num_parameters
+from tolerance import unit_norm_tolerance
 from conftest import CONFIGS
 
 TINY = CONFIGS / "brivl" / "brivl-tiny.yaml"
@@ -161,8 +162,9 @@ def test_same_weights_same_embeddings_and_logits(brivl_config, ms_mode):
         # The logits are the cosine similarities of unit vectors over the temperature.
         logits_per_image, logits_per_text, image_embeds, text_embeds = \
             torch_outputs(models["torch"], pixels, ids, mask, True)
-        assert np.allclose(np.linalg.norm(image_embeds, axis=1), 1, atol=1e-6)
-        assert np.allclose(np.linalg.norm(text_embeds, axis=1), 1, atol=1e-6)
+        norm_tol = unit_norm_tolerance(brivl_config.model.embed_dim)
+        assert np.allclose(np.linalg.norm(image_embeds, axis=1), 1, atol=norm_tol, rtol=0)
+        assert np.allclose(np.linalg.norm(text_embeds, axis=1), 1, atol=norm_tol, rtol=0)
         expected = image_embeds.astype(np.float64) @ text_embeds.T / 0.07
         assert logits_per_image.shape == (n_images, len(lengths))
         assert np.abs(logits_per_image - expected).max() <= TOL
@@ -361,24 +363,39 @@ def test_queue_joins_the_loss_at_queue_start_step(brivl_config):
         state = {**arrays, "num_updates": np.array([updates], np.int64)}
         taichu.load_state_dict(torch_model, state)
         taichu.load_state_dict(ms_model, state)
-        torch_model.zero_grad()
         loss = torch_training_loss(torch_model, pixels_t, ids_t, mask_t)[0]
-        loss.backward()
-        queue_free = torch_model.image_encoder.projection.fc2.weight.grad.clone()
-        got[updates] = (loss.item(), float(ms_step(*to_ms(pixels, ids, mask)).asnumpy()), queue_free)
-    print({u: (expected[u], got[u][:2]) for u in expected})
+        got[updates] = (loss.item(), float(ms_step(*to_ms(pixels, ids, mask)).asnumpy()))
+    print({u: (expected[u], got[u]) for u in expected})
     for updates in (2, 3):
-        torch_loss, ms_loss, _ = got[updates]
+        torch_loss, ms_loss = got[updates]
         assert abs(torch_loss - expected[updates]) <= TOL and abs(ms_loss - expected[updates]) <= TOL
     assert expected[3] > expected[2] + 1e-3
+
     # The in-batch gradient is the one of a model without a queue, the full one is not.
+    # Same math through different graphs (the queue model computes both losses and selects
+    # one), so the claim is checked in float64, where rounding cannot decide it: float32
+    # differed by 2.2e-7 on 1.1e-3 on one machine, a rounding difference, not a model one.
+    def fc2_gradient(model, state):
+        taichu.load_state_dict(model, state)
+        model.double().zero_grad()
+        torch_training_loss(model, *to_torch(pixels.astype(np.float64), ids, mask))[0].backward()
+        gradient = model.image_encoder.projection.fc2.weight.grad.clone()
+        model.float()
+        return gradient
+
     bare = build(load_config(TINY, ["model.moco.queue_size=0"]), "torch")
-    taichu.load_state_dict(bare, {**taichu.state_dict(bare),
-                                  **{k: v for k, v in arrays.items() if not k.endswith("_queue")}})
-    torch_training_loss(bare, pixels_t, ids_t, mask_t)[0].backward()
-    reference = bare.image_encoder.projection.fc2.weight.grad
-    assert torch.allclose(got[2][2], reference, atol=1e-7, rtol=1e-5)
-    assert not torch.allclose(got[3][2], reference, atol=1e-5, rtol=1e-3)
+    reference = fc2_gradient(bare, {**taichu.state_dict(bare),
+                                    **{k: v for k, v in arrays.items() if not k.endswith("_queue")}})
+    in_batch = fc2_gradient(torch_model, {**arrays, "num_updates": np.array([2], np.int64)})
+    full = fc2_gradient(torch_model, {**arrays, "num_updates": np.array([3], np.int64)})
+    scale = float(reference.abs().max())
+    print("float64 gradient differences / scale:", float((in_batch - reference).abs().max()) / scale,
+          float((full - reference).abs().max()) / scale)
+    # float64 carries 2^-53 = 1.1e-16 relative; a few hundred roundings of this short graph
+    # stay below 1e-12 of the gradient's scale, while the queue's share is of the order of
+    # the gradient itself (the assertion after).
+    assert float((in_batch - reference).abs().max()) <= 1e-12 * scale
+    assert float((full - reference).abs().max()) >= 1e-3 * scale
 
 
 # (3) after_step: queues and momentum ----------------------------------------------------
@@ -449,7 +466,8 @@ def test_momentum_towers_are_not_trained(brivl_config):
         for name in online:
             top, _, rest = name.partition(".")
             assert np.array_equal(arrays[name], arrays[f"{top}_m.{rest}"])
-        assert np.allclose(np.linalg.norm(arrays["image_queue"], axis=1), 1, atol=1e-6)
+        assert np.allclose(np.linalg.norm(arrays["image_queue"], axis=1), 1,
+                           atol=unit_norm_tolerance(arrays["image_queue"].shape[1]), rtol=0)
         assert not np.array_equal(arrays["image_queue"], arrays["text_queue"])
         assert arrays["queue_ptr"].tolist() == arrays["num_updates"].tolist() == [0]
     trained = sorted(n for n, p in torch_model.named_parameters() if p.requires_grad)

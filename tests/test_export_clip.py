@@ -23,6 +23,7 @@ from taichu.imagetext import caption_ids, draw_scene, make_scene
 from taichu.tokenizer import Tokenizer
 
 from conftest import CONFIGS
+from tolerance import clip_embedding_tolerances, unit_norm_tolerance
 
 TEXTS = ["中国人民", "今天上午，国务院总理在北京会见了外国客人", "经济", "中国" * 40]
 TOLERANCE = 1e-4
@@ -152,8 +153,8 @@ def test_onnx_embeddings_match_mindspore_and_torch(onnx_dir, ms_model, torch_mod
     image_embeds, text_embeds = encoder.embed_images(images, batch_size=2), encoder.embed_texts(TEXTS)
     assert image_embeds.shape == (5, 32) and text_embeds.shape == (4, 32)
     assert image_embeds.dtype == text_embeds.dtype == np.float32
-    np.testing.assert_allclose(np.linalg.norm(image_embeds, axis=1), 1, atol=1e-6)
-    np.testing.assert_allclose(np.linalg.norm(text_embeds, axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(image_embeds, axis=1), 1, atol=unit_norm_tolerance(32), rtol=0)
+    np.testing.assert_allclose(np.linalg.norm(text_embeds, axis=1), 1, atol=unit_norm_tolerance(32), rtol=0)
     pixels = preprocess(images, 32)
     ids, mask = caption_ids(tokenizer, TEXTS, 32)
     assert mask[3].all() and ids[3, -1] == tokenizer.eos_id               # truncated, keeps eos
@@ -281,8 +282,10 @@ def test_embedding_runs_with_torch_and_mindspore_blocked(onnx_dir):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    np.testing.assert_allclose(np.array(result["texts"], np.float32), expected_texts, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(np.array(result["images"], np.float32), expected_images, atol=1e-6, rtol=0)
+    # One thread there, the default here: other kernels, the rounding of each tower's chain.
+    image_tol, text_tol = clip_embedding_tolerances(load_config(onnx_dir / "config.yaml").model)
+    np.testing.assert_allclose(np.array(result["texts"], np.float32), expected_texts, atol=text_tol, rtol=0)
+    np.testing.assert_allclose(np.array(result["images"], np.float32), expected_images, atol=image_tol, rtol=0)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "mindir"])
