@@ -11,6 +11,7 @@ from taichu.config import load_config, validate_config
 from taichu.families import get_family, num_parameters
 from taichu.weights import CheckpointError
 from conftest import CONFIGS
+from tolerance import scaled_differences
 
 TINY = CONFIGS / "clip" / "clip-tiny.yaml"
 PAD_ID, EOS_ID = 0, 3     # taichu.config.SpecialTokens defaults
@@ -68,8 +69,9 @@ OUTPUTS = {"torch": torch_outputs, "mindspore": ms_outputs}
 
 
 def max_diffs(a, b):
-    """Max |a - b| of image features, text features, logits_per_image, logits_per_text."""
-    return [float(np.abs(x - y).max()) for x, y in zip((a[0], a[1], *a[2]), (b[0], b[1], *b[2]))]
+    """Max |a - b| / max(1, max |b|) of image features, text features, logits_per_image,
+    logits_per_text."""
+    return scaled_differences((a[0], a[1], *a[2]), (b[0], b[1], *b[2]))
 
 
 def build(config, backend, seed=0):
@@ -106,7 +108,7 @@ def test_same_weights_same_features_and_logits(clip_config, ms_mode, source):
         got = {b: OUTPUTS[b](models[b], pixels, ids, mask) for b in models}
         diffs = max_diffs(got["torch"], got["mindspore"])
         print(f"[{ms_mode}, {source}->{target}, {n_images} images x {len(lengths)} texts] max "
-              f"|torch - mindspore| image/text features, logits per image/text: {diffs}")
+              f"|torch - mindspore| / max(1, |.|) image/text features, logits per image/text: {diffs}")
         assert max(diffs) <= TOL, diffs
         logits_per_image, logits_per_text = got["torch"][2]
         assert logits_per_image.shape == (n_images, len(lengths))
@@ -436,6 +438,6 @@ def test_hugging_face_clip_is_an_oracle(hf_clip, ms_mode):
             model = build(config, backend)
             taichu.load_state_dict(model, arrays, source="Hugging Face CLIPModel")
             diffs = max_diffs(OUTPUTS[backend](model, pixels, ids, mask), expected)
-            print(f"[{backend}, {ms_mode}, {n_images} images x {len(lengths)} texts] max |ours - HF| "
+            print(f"[{backend}, {ms_mode}, {n_images} images x {len(lengths)} texts] max |ours - HF| / max(1, |.|) "
                   f"image/text features, logits per image/text: {diffs}")
             assert max(diffs) <= TOL, (backend, diffs)

@@ -16,6 +16,8 @@ twice it. These are worst-case bounds: observed differences are typically 10-100
 so a test within them still fails for any real difference (a leaked padding token or a wrong
 weight moves outputs by 1e-2 or more).
 """
+import numpy as np
+
 U32 = 2.0 ** -24   # unit roundoff of float32
 
 
@@ -56,3 +58,12 @@ def clip_embedding_tolerances(model) -> tuple[float, float]:
     image_terms = encoder_chain_terms(image, patches + 1, image.num_channels * image.patch_size ** 2)
     text_terms = encoder_chain_terms(text, text.max_position_embeddings)
     return float32_tolerance(1.0, image_terms), float32_tolerance(1.0, text_terms)
+
+
+def scaled_differences(a, b) -> list[float]:
+    """max |x - y| / max(1, max |y|) for each pair of outputs: relative to the output's own
+    magnitude, as float32 rounding is. Similarity logits carry the temperature (x14 to x20 in
+    the image-text tests) on top of the cosines, so an absolute 1e-5 on them would ask the
+    towers for ~20x less rounding than the same 1e-5 on their features (seen between
+    backends: features 1e-6 apart, logits 5.8e-6)."""
+    return [float(np.abs(x - y).max() / max(1.0, np.abs(y).max())) for x, y in zip(a, b)]
