@@ -97,7 +97,8 @@ def _machine_lines() -> list[str]:
             versions.append(f"{package} missing")
     threads = [f"cpus {os.cpu_count()}"] + [f"{k}={os.environ[k]}" for k in (
         "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ATEN_CPU_CAPABILITY",
-        "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE") if k in os.environ]
+        "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "OPENBLAS_CORETYPE",
+        "TAICHU_TEST_MS_THREADS") if k in os.environ]
     try:
         import torch
 
@@ -111,6 +112,13 @@ def _machine_lines() -> list[str]:
 
 
 def pytest_sessionstart(session):
+    import os
+
+    # `make shake` runs the parity tests with MindSpore's op threads set too (its default is 25).
+    if os.environ.get("TAICHU_TEST_MS_THREADS"):
+        import mindspore as ms
+
+        ms.device_context.cpu.op_tuning.threads_num(int(os.environ["TAICHU_TEST_MS_THREADS"]))
     # Written through the terminal reporter so that it shows under -q too (report headers do not).
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
