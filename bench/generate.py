@@ -2,7 +2,7 @@
 
 One random GPT (gpt-small with gelu_new, so it is exactly GPT-2's architecture; fixed seed)
 is saved as a model directory in a temp dir, converted to a Hugging Face GPT-2 directory
-(`taichu.convert`) and exported to ONNX fp32 + int8 (`export.exporter.export_model`). Then,
+(`taichu.convert`) and exported to ONNX fp32 + int8 and to MINDIR (`export.exporter.export_model`). Then,
 at batch 1 and 8, greedy decoding of --new-tokens tokens after a --prompt-len token prompt
 (random ids; eos never stops a row) runs on:
 
@@ -10,9 +10,13 @@ at batch 1 and 8, greedy decoding of --new-tokens tokens after a --prompt-len to
 - torch_impl without a cache: every step reruns the whole sequence so far (written here);
 - Hugging Face `GPT2LMHeadModel.generate` on the converted directory;
 - ONNX Runtime fp32 and int8: `export.runtime.OnnxDecoder.step`;
-- MindSpore (mindspore_impl, PyNative, KV cache): `model_step` of the MindSpore model, what
-  `taichu generate --backend mindspore` runs; ~0.5 s a step on 2 cores, so it decodes only
-  --mindspore-new-tokens (8) tokens.
+- MindSpore graph mode over a static cache: `model_step` of the MindSpore model (jit-compiled
+  StaticCachePrefill and StaticCacheDecoder), what `taichu generate --backend mindspore` runs;
+- MINDIR: the exported prefill.mindir and decode.mindir in `nn.GraphCell`
+  (`export.runtime.MindirGenerator`), what `taichu generate EXPORT --backend mindir` runs;
+- MindSpore PyNative with the growing cache (`model_step(model, static_cache=False)`, what
+  `--backend mindspore` ran before): ~0.5 s a step on 2 cores, so it decodes only
+  --mindspore-new-tokens (8) tokens, in a worker of its own.
 
 Ours all run through `taichu.generate.generate_ids` with a wrapped `step` that times each
 call: prefill = the first call (the prompt pass), decode tokens/s = batch x (new tokens - 1)
@@ -52,7 +56,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: taichu is the ch
 NAME = "generate"
 SECTION = "## Generation (bench/generate.py)"
 BATCHES = (1, 8)
-WORKERS = ("torch", "onnx", "mindspore")
+WORKERS = ("torch", "onnx", "mindspore", "pynative")
 REFERENCE, HF = "torch_impl (cache)", "Hugging Face generate"
 
 
@@ -194,25 +198,48 @@ def onnx_worker(args, model_dir: Path):
         contextlib.nullcontext
 
 
-def mindspore_worker(args, model_dir: Path):
-    import contextlib
-
+def mindspore_setup():
     import mindspore as ms
 
     ms.set_device("CPU")
     # The CPU kernel pool defaults to 25 threads whatever the core count: use the cores.
     ms.device_context.cpu.op_tuning.threads_num(CORES)
-    ms.set_context(mode=ms.PYNATIVE_MODE)  # what `taichu generate --backend mindspore` runs
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # the default context of `taichu generate`
+    return ms
+
+
+def mindspore_worker(args, model_dir: Path):
+    """The static-cache graphs: compiled from mindspore_impl (ms.jit) and loaded from MINDIR."""
+    import contextlib
+
+    ms = mindspore_setup()
     import taichu
+    from export.runtime import mindir_step
     from taichu.generate import model_step
 
     config = load_config(args)
     ids = prompts(config, args)
     model = taichu.load_model(model_dir / "model", backend="mindspore")
+    n, positions = args.new_tokens, config.model.max_position_embeddings
+    runs = {"MindSpore graph (static cache)": (step_runner(model_step(model), ids, n, positions), n),
+            "MINDIR (static cache)": (step_runner(mindir_step(model_dir / "mindir"), ids, n, positions), n)}
+    return {"mindspore_version": ms.__version__, "threads": CORES}, runs, contextlib.nullcontext
+
+
+def pynative_worker(args, model_dir: Path):
+    """mindspore_impl in PyNative with the growing cache, as `--backend mindspore` ran before."""
+    import contextlib
+
+    mindspore_setup()
+    import taichu
+    from taichu.generate import model_step
+
+    config = load_config(args)
+    model = taichu.load_model(model_dir / "model", backend="mindspore")
     n = args.mindspore_new_tokens
-    run = step_runner(model_step(model), ids, n, config.model.max_position_embeddings)
-    return ({"mindspore_version": ms.__version__, "threads": CORES},
-            {"MindSpore PyNative (cache)": (run, n)}, contextlib.nullcontext)
+    run = step_runner(model_step(model, static_cache=False), prompts(config, args), n,
+                      config.model.max_position_embeddings)
+    return {"threads": CORES}, {"MindSpore PyNative (growing cache)": (run, n)}, contextlib.nullcontext
 
 
 def serve(args) -> None:
@@ -220,9 +247,10 @@ def serve(args) -> None:
     # Libraries print to stdout; keep the real stdout for the result, the rest to stderr.
     result = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    setup = {"torch": torch_worker, "onnx": onnx_worker, "mindspore": mindspore_worker}
+    setup = {"torch": torch_worker, "onnx": onnx_worker, "mindspore": mindspore_worker,
+             "pynative": pynative_worker}
     info, runners, context = setup[args.worker](args, Path(args.model_dir))
-    repeats = args.repeats if args.worker != "mindspore" else args.mindspore_repeats
+    repeats = args.repeats if args.worker != "pynative" else args.mindspore_repeats
     rows = {f"{name}|{batch}": {"name": name, "batch": batch, "new_tokens": n, "runs": [],
                                 "threads": info["threads"]}
             for name, (_, n) in runners.items() for batch in BATCHES}
@@ -252,7 +280,8 @@ def serve(args) -> None:
 # ---------------------------------------------------------------- orchestration
 
 def prepare(args, folder: Path) -> dict:
-    """The model directory, its Hugging Face conversion and its ONNX export, in ``folder``."""
+    """The model directory, its Hugging Face conversion, its ONNX and MINDIR exports, in
+    ``folder``."""
     import torch
 
     import taichu
@@ -267,6 +296,8 @@ def prepare(args, folder: Path) -> dict:
     log = []
     export = export_model(folder / "model", "onnx", folder / "onnx", quantize="int8",
                           log=lambda line: (log.append(line), print(f"  {line}", file=sys.stderr)))
+    export_model(folder / "model", "mindir", folder / "mindir",
+                 log=lambda line: (log.append(line), print(f"  {line}", file=sys.stderr)))
     return {"params": taichu.num_parameters(config), "seconds": time.perf_counter() - start,
             "int8_validation": export.get("int8_validation")}
 
@@ -284,12 +315,12 @@ def run_worker(kind: str, args, folder: Path) -> dict:
 def run(args) -> tuple[list, dict]:
     folder = Path(tempfile.mkdtemp(prefix="taichu-bench-generate-"))
     try:
-        print("[prepare] random model, Hugging Face conversion, ONNX fp32 + int8 export",
+        print("[prepare] random model, Hugging Face conversion, ONNX fp32 + int8 and MINDIR export",
               file=sys.stderr, flush=True)
         extras = {"prepare": prepare(args, folder), "waited": 0.0}
         rows = []
         for kind in WORKERS:
-            if kind == "mindspore" and not args.mindspore_new_tokens:
+            if kind == "pynative" and not args.mindspore_new_tokens:
                 continue
             out = run_worker(kind, args, folder)
             rows += out.pop("rows")
@@ -330,6 +361,8 @@ def first_difference(tokens: list, reference: list) -> str:
 
 
 def report(args, rows: list, extras: dict, wall: float) -> str:
+    from taichu.generate import MIN_CACHE, PROMPT_BUCKET, bucket
+
     config = load_config(args)
     m = config.model
     table = {(r["name"], r["batch"]): r for r in rows}
@@ -367,13 +400,18 @@ def report(args, rows: list, extras: dict, wall: float) -> str:
         f"hidden {m.hidden_size}, {m.num_layers} layers, {m.num_heads} heads, vocab "
         f"{m.vocab_size}: {extras['prepare']['params']:,} parameters, random init (torch seed "
         f"0), fp32. The same weights in every runtime: our model directory, its `taichu "
-        f"convert --to hf` copy, and its `taichu export --format onnx --quantize int8` graphs.",
-        f"- Greedy decoding of {args.new_tokens} new tokens (MindSpore: "
+        f"convert --to hf` copy, its `taichu export --format onnx --quantize int8` graphs and "
+        f"its `taichu export --format mindir` graphs.",
+        f"- Greedy decoding of {args.new_tokens} new tokens (MindSpore PyNative: "
         f"{args.mindspore_new_tokens}) after a {args.prompt_len}-token prompt of random ids; "
         "eos never stops a row (eos_id -1; Hugging Face: min_new_tokens = max_new_tokens). "
         "Batch 8 = 8 different prompts, batch 1 = the first of them.",
         f"- Timing: 1 warm-up generation, then the median of {args.repeats} "
-        f"({args.mindspore_repeats} for MindSpore). Ours: prefill = the prompt step of "
+        f"({args.mindspore_repeats} for MindSpore PyNative). The static-cache rows compile "
+        "their graphs in the warm-up (prefill per batch, decode per batch and cache length: the "
+        f"{args.prompt_len}-token prompt fills a bucket of "
+        f"{bucket(args.prompt_len, PROMPT_BUCKET)}, the cache holds "
+        f"{bucket(bucket(args.prompt_len, PROMPT_BUCKET) + 1, MIN_CACHE)} slots). Ours: prefill = the prompt step of "
         "`taichu.generate.generate_ids`, decode tokens/s = batch x (N - 1) / time of the steps "
         "that produced tokens 2..N (step calls only; numpy sampling excluded). Hugging Face: "
         "prefill = `generate(max_new_tokens=1)`, decode = `generate(max_new_tokens=N)` minus "
@@ -383,10 +421,15 @@ def report(args, rows: list, extras: dict, wall: float) -> str:
         f"- Threads: {CORES} everywhere (`torch.set_num_threads`, onnxruntime "
         "`intra_op_num_threads`, MindSpore `op_tuning.threads_num`). torch_impl and Hugging "
         "Face run in one worker process under `torch.inference_mode()`, alternating run by "
-        "run; ONNX Runtime and MindSpore (PyNative, as `taichu generate --backend mindspore`) "
-        f"in their own processes after it. Hugging Face attention: `{extras.get('hf_attention')}`.",
+        "run; ONNX Runtime, MindSpore graph + MINDIR (alternating likewise) and MindSpore "
+        "PyNative in their own processes after it. torch_impl's prompt pass projects only the "
+        "last position onto the vocabulary (`logits_to_keep=1`), as the static-cache graphs do; "
+        "the ONNX graph returns every position's logits (optimum's signature). "
+        f"Hugging Face attention: `{extras.get('hf_attention')}`.",
         f"- Same greedy tokens, torch_impl (cache) vs ONNX Runtime fp32: "
-        f"{compare('ONNX Runtime fp32', REFERENCE)}.",
+        f"{compare('ONNX Runtime fp32', REFERENCE)}; vs MindSpore graph (static cache): "
+        f"{compare('MindSpore graph (static cache)', REFERENCE)}; vs MINDIR (static cache): "
+        f"{compare('MINDIR (static cache)', REFERENCE)}.",
         f"- ONNX Runtime int8 vs fp32 tokens: {compare('ONNX Runtime int8', 'ONNX Runtime fp32')}."
         + (f" The export's own int8 check: top-1 agreement {int8['top1_agreement']:.3f} on "
            f"{int8['tokens']} tokens of {int8['text']}, perplexity {int8['perplexity_fp32']:.1f} "

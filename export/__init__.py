@@ -2,15 +2,18 @@
 source model, ONNX Runtime generation (GPT) and embedding (image-text towers).
 
 ``export.OnnxGenerator`` needs only numpy, onnxruntime and sentencepiece,
-``export.OnnxImageTextEncoder`` those and pillow; the exporters import their framework when
-called. Names load on first use.
+``export.OnnxImageTextEncoder`` those and pillow; ``export.MindirGenerator`` and
+``export.MindirImageTextEncoder`` mindspore but no model code; the exporters import their
+framework when called. Names load on first use.
 """
 import importlib
 
 _LAZY = {"OnnxGenerator": "export.runtime", "OnnxDecoder": "export.runtime",
          "OnnxImageTextEncoder": "export.runtime", "OnnxGraph": "export.runtime",
          "export_model": "export.exporter", "ExportValidationError": "export.validate",
-         "MindirDecoder": "export.mindir_export", "MindirGraph": "export.mindir_export"}
+         "MindirDecoder": "export.mindir_export", "MindirGraph": "export.mindir_export",
+         "MindirGenerator": "export.runtime", "MindirImageTextEncoder": "export.runtime",
+         "ImageTextEncoder": "export.runtime", "ExportGenerator": "export.runtime"}
 __all__ = sorted(_LAZY)
 
 

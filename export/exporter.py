@@ -6,6 +6,12 @@ image-text family (CLIP, BriVL) becomes two towers, ``image_encoder`` and ``text
 (``.onnx`` / ``.mindir``), listed with their inputs, outputs and validation under
 ``graphs`` in export_info.json.
 
+An ONNX export folder is self-contained: beside the graphs it holds ``config.yaml`` and
+``tokenizer.model`` (ours), the Hugging Face ``config.json`` of the family's HF architecture
+(GPT -> GPT2LMHeadModel, CLIP -> CLIPModel; none for a family HF lacks, such as BriVL, which
+export_info.json says under ``huggingface``) and the Hugging Face tokenizer files, so that
+optimum's loaders and plain onnxruntime users start from the folder alone.
+
 The export is built in a staging directory beside ``out`` and only moved to ``out`` once
 every file has been checked against its source model; an export that fails validation is
 kept as ``<out>.rejected`` (with its export_info.json saying why) and never replaces a
@@ -76,6 +82,8 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | 
         shutil.copy2(model_dir / "config.yaml", staging / "config.yaml")
         if (model_dir / TOKENIZER_FILE).is_file():
             shutil.copy2(model_dir / TOKENIZER_FILE, staging / TOKENIZER_FILE)
+        if fmt == "onnx":
+            info["huggingface"] = _write_huggingface_files(config, staging, log)
         info["files"] = sorted(p.name for p in staging.iterdir()) + [INFO_FILE]
     except ExportValidationError as error:
         info["validation_error"] = str(error)
@@ -97,6 +105,38 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | 
     return info
 
 
+def _write_huggingface_files(config, staging: Path, log) -> dict:
+    """config.json (where Hugging Face has the family) and the tokenizer files in ``staging``,
+    which already holds tokenizer.model; what was written, for export_info.json."""
+    from taichu import convert
+    from taichu.fileio import atomic_write_bytes
+
+    written = {"config": None, "tokenizer_files": []}
+    if config.family in convert.HF_FAMILIES:
+        family = convert.HF_FAMILIES[config.family]
+        # The graphs are fp32 whatever the source directory's dtype.
+        atomic_write_bytes(staging / convert.HF_CONFIG, _json(convert.config_to_hf(config, "float32")))
+        written.update(config=convert.HF_CONFIG, architecture=family.architecture, model_type=family.model_type)
+    else:
+        written["note"] = (f"Hugging Face transformers has no {config.family} architecture: no "
+                           f"{convert.HF_CONFIG} is written")
+    if (staging / TOKENIZER_FILE).is_file():
+        from taichu.config import ConfigError
+        from taichu.convert.hf_tokenizer import write_hf_tokenizer
+
+        before = {p.name for p in staging.iterdir()}
+        try:
+            written["tokenizer_notes"] = write_hf_tokenizer(staging / TOKENIZER_FILE, staging, config)
+        except ConfigError as error:
+            # The graphs are valid and tokenizer.model is there: say why, do not fail.
+            written["tokenizer_error"] = str(error)
+            log(f"no Hugging Face tokenizer files: {error}")
+        written["tokenizer_files"] = sorted({p.name for p in staging.iterdir()} - before)
+    log(f"wrote {', '.join(filter(None, [written['config'], *written['tokenizer_files']])) or 'no'} "
+        f"Hugging Face files" + (f" ({written['note']})" if "note" in written else ""))
+    return written
+
+
 def _install(staging: Path, out: Path) -> None:
     """Replace ``out`` with ``staging`` without a moment where neither exists complete."""
     if out.exists():
@@ -115,14 +155,14 @@ def _export_onnx(model, config, model_dir, staging, opset, quantize, validate, i
     import onnxruntime
     import torch
 
-    from export.onnx_export import MIN_OPSET, export_onnx, quantize_int8
+    from export.onnx_export import EXPORTER, MIN_OPSET, export_onnx, quantize_int8
     from export.runtime import OnnxDecoder
     from export.validate import source_runner, validate_against_source, validate_int8
 
     opset = MIN_OPSET if opset is None else opset
     files = export_onnx(model, staging / MODEL_FILE, opset)
     log(f"exported {MODEL_FILE} (opset {opset}, {'external data' if len(files) > 1 else 'one file'})")
-    info.update(opset=opset, exporter=f"torch.onnx TorchScript exporter (dynamo=False), torch {torch.__version__}",
+    info.update(opset=opset, exporter=_onnx_exporter(EXPORTER, torch),
                 runtime=f"onnxruntime {onnxruntime.__version__}", platform=platform.platform())
     decoder = OnnxDecoder(staging / MODEL_FILE)
     if validate:
@@ -151,6 +191,7 @@ def _export_mindir(model, config, staging, validate, info, log):
     import mindspore as ms
 
     from export.mindir_export import MODEL_FILE as MINDIR_FILE, MindirDecoder, export_mindir
+    from export.mindir_export import export_generation_graphs
     from export.validate import source_runner, validate_against_source
 
     export_mindir(model, staging / MINDIR_FILE)
@@ -163,6 +204,8 @@ def _export_mindir(model, config, staging, validate, info, log):
                                                      source_runner(model), config.model,
                                                      f"{MINDIR_FILE} in mindspore.nn.GraphCell")
         log(f"validated {MINDIR_FILE} against mindspore_impl: {_summary(info['validation'])}")
+    # The graphs `taichu generate --backend mindir` runs (export.runtime.MindirGenerator).
+    info["graphs"] = export_generation_graphs(model, staging, validate, log)
 
 
 def _export_towers(model, config, fmt, staging, opset, validate, info, log):
@@ -174,13 +217,13 @@ def _export_towers(model, config, fmt, staging, opset, validate, info, log):
         import onnxruntime
         import torch
 
-        from export.onnx_export import MIN_OPSET, export_onnx_towers
+        from export.onnx_export import EXPORTER, MIN_OPSET, export_onnx_towers
         from export.runtime import OnnxGraph
 
         opset = MIN_OPSET if opset is None else opset
         files = export_onnx_towers(model, staging, opset)
         detail = f"opset {opset}"
-        info.update(opset=opset, exporter=f"torch.onnx TorchScript exporter (dynamo=False), torch {torch.__version__}",
+        info.update(opset=opset, exporter=_onnx_exporter(EXPORTER, torch),
                     runtime=f"onnxruntime {onnxruntime.__version__}")
         runtime, source, int_dtype = "onnxruntime", "torch_impl", "int64"
 
@@ -212,6 +255,12 @@ def _export_towers(model, config, fmt, staging, opset, validate, info, log):
                 load(staging / file, graph), tower_runner(model, graph), config.model,
                 f"{file} in {runtime}", graph=graph)
             log(f"validated {file} against {source}: {_summary(entry['validation'])}")
+
+
+def _onnx_exporter(exporter: str, torch) -> str:
+    import onnxscript
+
+    return f"{exporter}, torch {torch.__version__}, onnxscript {onnxscript.__version__}"
 
 
 def _summary(validation: dict) -> str:

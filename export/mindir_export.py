@@ -5,7 +5,10 @@ ONNX comes from PyTorch and MindSpore exports MINDIR with the same signatures as
 graphs (export/signature.py) except that token ids, masks and positions are int32:
 
 - GPT: ``model.mindir``, the decoder, every batch, sequence and past axis dynamic, and an
-  empty past for prefill;
+  empty past for prefill; and the two graphs of generation over a static cache,
+  ``prefill.mindir`` and ``decode.mindir`` (mindspore_impl.gpt's StaticCachePrefill and
+  StaticCacheDecoder, signatures in ``static_cache_graphs``), which ``MindirGenerator``
+  (export/runtime.py) runs with mindspore alone;
 - image-text families: ``image_encoder.mindir`` (dynamic batch) and ``text_encoder.mindir``
   (dynamic batch and sequence).
 """
@@ -13,11 +16,92 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from export import signature
-from export.signature import input_names, output_names
+from export.signature import BATCH, SEQUENCE, GraphSignature, TensorInfo, input_names, output_names
 
 MODEL_FILE = "model.mindir"
 SUFFIX = ".mindir"
+PREFILL, DECODE = "prefill", "decode"
+CACHE = "cache_sequence"
+# Validation shapes: (batch, prompt) of the prefill, (batch, cache, write position) of decode.
+PREFILL_VALIDATION_SHAPES = ((2, 7), (3, 16))
+DECODE_VALIDATION_SHAPES = ((2, 64, 20), (3, 128, 70))
+
+
+def static_cache_graphs(model_config) -> tuple[GraphSignature, GraphSignature]:
+    """The prefill and decode graphs of generation over a static cache (int32 ids):
+
+    - ``prefill``: ``input_ids``, ``attention_mask`` [batch, sequence], left-padded ->
+      ``logits`` [batch, vocab] of the last position, ``present.{i}.key`` / ``.value``
+      [batch, heads, sequence, head_dim];
+    - ``decode``: ``input_ids`` [batch, 1], ``attention_mask`` [batch, cache] (1 for the real
+      tokens up to and with this one), ``write_position`` (scalar: the slot this token's key
+      and value go to), ``past_key_values.{i}.key`` / ``.value`` [batch, heads, cache,
+      head_dim] -> ``logits`` [batch, vocab] and the cache with that slot written.
+    """
+    m = model_config
+
+    def cache(names, length):
+        return tuple(TensorInfo(n, "float32", (BATCH, m.num_heads, length, m.head_dim)) for n in names)
+    logits = TensorInfo("logits", "float32", (BATCH, m.vocab_size))
+    past, present = input_names(m.num_layers)[3:], output_names(m.num_layers)[1:]
+    prefill = GraphSignature(PREFILL, (TensorInfo("input_ids", "int32", (BATCH, SEQUENCE)),
+                                       TensorInfo("attention_mask", "int32", (BATCH, SEQUENCE))),
+                             (logits,) + cache(present, SEQUENCE))
+    decode = GraphSignature(DECODE, (TensorInfo("input_ids", "int32", (BATCH, 1)),
+                                     TensorInfo("attention_mask", "int32", (BATCH, CACHE)),
+                                     TensorInfo("write_position", "int32", ())) + cache(past, CACHE),
+                            (logits,) + cache(present, CACHE))
+    return prefill, decode
+
+
+def static_cache_cases(model_config, graph: GraphSignature) -> list[tuple[dict, dict[str, np.ndarray]]]:
+    """(shape description, random inputs) at the two shapes each static-cache graph is
+    validated at: left padding in row 0, a random cache written up to the position."""
+    m = model_config
+    cases = []
+    shapes = PREFILL_VALIDATION_SHAPES if graph.name == PREFILL else DECODE_VALIDATION_SHAPES
+    for seed, shape in enumerate(shapes):
+        rng = np.random.default_rng(seed)
+        batch, width = shape[:2]
+        length = 1 if graph.name == DECODE else width
+        mask = np.zeros((batch, width), np.int32)
+        mask[:, :length if graph.name == PREFILL else shape[2] + 1] = 1
+        mask[0, :2] = 0
+        feeds = {"input_ids": rng.integers(4, m.vocab_size, (batch, length)).astype(np.int32),
+                 "attention_mask": mask}
+        if graph.name == DECODE:
+            feeds["write_position"] = np.array(shape[2], np.int32)
+            for name in graph.input_names[3:]:
+                feeds[name] = rng.standard_normal((batch, m.num_heads, width, m.head_dim)).astype(np.float32)
+        cases.append((dict(zip(("batch", "sequence") if graph.name == PREFILL else
+                               ("batch", "cache", "write_position"), shape)), feeds))
+    return cases
+
+
+def _placeholders(graph: GraphSignature) -> list:
+    """ms.export inputs: every axis named in the signature dynamic (None), the others fixed;
+    a scalar as a value."""
+    import mindspore as ms
+
+    dtypes = {"float32": ms.float32, "int32": ms.int32, "int64": ms.int32}
+    return [ms.Tensor(shape=[None if isinstance(d, str) else d for d in t.shape], dtype=dtypes[t.dtype])
+            if t.shape else ms.Tensor(np.zeros((), np.int32)) for t in graph.inputs]
+
+
+def run_cell(cell, graph: GraphSignature, feeds: dict) -> dict:
+    """Run a MindSpore cell (a model's or a loaded MINDIR's) on numpy feeds by name;
+    int64 arrays go in as int32, as exported."""
+    import mindspore as ms
+
+    args = [ms.Tensor(feeds[n].astype(np.int32) if feeds[n].dtype == np.int64 else feeds[n])
+            for n in graph.input_names]
+    outputs = cell(*args)
+    if not isinstance(outputs, (tuple, list)):
+        outputs = (outputs,)
+    return {name: tensor.asnumpy() for name, tensor in zip(graph.output_names, outputs)}
 
 
 def export_mindir(model, out_file: Path) -> list[Path]:
@@ -50,18 +134,65 @@ def export_mindir_towers(model, directory: Path) -> dict[str, list[Path]]:
     image, text = signature.image_text_graphs(model.config.model)
     model.set_train(False)
     cells = {image.name: ImageEncoder(model), text.name: TextEncoder(model)}
-    written = {}
     with input_checks_off(model):
-        for graph in (image, text):
-            cell = cells[graph.name]
-            cell.set_train(False)
-            # Every axis named in the signature is dynamic (None); the others are fixed.
-            inputs = [ms.Tensor(shape=[None if isinstance(d, str) else d for d in t.shape],
-                                dtype=ms.float32 if t.dtype == "float32" else ms.int32)
-                      for t in graph.inputs]
-            out_file = directory / f"{graph.name}{SUFFIX}"
-            ms.export(cell, *inputs, file_name=str(out_file.with_suffix("")), file_format="MINDIR")
-            written[graph.name] = [out_file]
+        return _export_cells(cells, (image, text), directory)
+
+
+def export_mindir_static_cache(model, directory: Path) -> dict[str, list[Path]]:
+    """Write the MindSpore GPT ``model``'s static-cache generation graphs, ``prefill.mindir``
+    and ``decode.mindir`` (batch, prompt and cache length dynamic), in ``directory``."""
+    from mindspore_impl.gpt import StaticCacheDecoder, StaticCachePrefill
+
+    model.set_train(False)
+    graphs = static_cache_graphs(model.config.model)
+    return _export_cells({PREFILL: StaticCachePrefill(model), DECODE: StaticCacheDecoder(model)},
+                         graphs, directory)
+
+
+def static_cache_runner(model, graph: GraphSignature):
+    """``run(feeds) -> outputs`` of mindspore_impl's cell for ``graph`` (prefill or decode),
+    the reference its MINDIR must match."""
+    from mindspore_impl.gpt import StaticCacheDecoder, StaticCachePrefill
+
+    cell = (StaticCachePrefill if graph.name == PREFILL else StaticCacheDecoder)(model)
+    cell.set_train(False)
+    return lambda feeds: run_cell(cell, graph, feeds)
+
+
+def export_generation_graphs(model, directory: Path, validate: bool, log) -> list[dict]:
+    """Export prefill.mindir and decode.mindir, validate each (when ``validate``) against
+    mindspore_impl at its two shapes (``static_cache_cases``) and return their entries for
+    export_info.json's ``graphs`` (name, file, inputs, outputs, validation)."""
+    from export.exporter import _summary
+    from export.validate import validate_cases
+
+    files = export_mindir_static_cache(model, directory)
+    log(f"exported {', '.join(f[0].name for f in files.values())} (static cache: dynamic batch, "
+        f"prompt and cache length)")
+    entries = []
+    for graph in static_cache_graphs(model.config.model):
+        file = files[graph.name][0]
+        entry = {"name": graph.name, "file": file.name, **graph.describe()}
+        entries.append(entry)
+        if validate:
+            entry["validation"] = validate_cases(
+                MindirGraph(file, graph).run, static_cache_runner(model, graph),
+                static_cache_cases(model.config.model, graph), f"{file.name} in mindspore.nn.GraphCell")
+            log(f"validated {file.name} against mindspore_impl: {_summary(entry['validation'])}")
+    return entries
+
+
+def _export_cells(cells: dict, graphs, directory: Path) -> dict[str, list[Path]]:
+    import mindspore as ms
+
+    written = {}
+    for graph in graphs:
+        cell = cells[graph.name]
+        cell.set_train(False)
+        out_file = directory / f"{graph.name}{SUFFIX}"
+        # ms.export appends ".mindir" to the name it is given.
+        ms.export(cell, *_placeholders(graph), file_name=str(out_file.with_suffix("")), file_format="MINDIR")
+        written[graph.name] = [out_file]
     return written
 
 
@@ -77,15 +208,7 @@ class MindirGraph:
         self.cell = nn.GraphCell(ms.load(str(self.path)))
 
     def run(self, feeds: dict) -> dict:
-        import mindspore as ms
-        import numpy as np
-
-        args = [ms.Tensor(feeds[n].astype(np.int32) if feeds[n].dtype == np.int64 else feeds[n])
-                for n in self.graph.input_names]
-        outputs = self.cell(*args)
-        if not isinstance(outputs, (tuple, list)):
-            outputs = (outputs,)
-        return {name: tensor.asnumpy() for name, tensor in zip(self.graph.output_names, outputs)}
+        return run_cell(self.cell, self.graph, feeds)
 
 
 class MindirDecoder:

@@ -1,25 +1,41 @@
 """ONNX from the PyTorch model: one decoder graph with a KV cache (GPT), optional int8, or
 an image encoder and a text encoder graph (image-text families).
 
-The exporter is chosen explicitly: torch.onnx's TorchScript exporter (``dynamo=False``).
-The dynamo exporter needs onnxscript and specialises axes whose example size is 0 or 1,
-which a graph that takes an empty past for prefill cannot afford; the TorchScript exporter
-traces once with sizes that are all distinct and marks batch, sequence and past dynamic.
+The exporter is torch.onnx's dynamo exporter (``torch.onnx.export(..., dynamo=True)``, which
+needs onnxscript), the one PyTorch supports; the TorchScript exporter (``dynamo=False``) is
+deprecated and no graph of ours needs it any more. Every dynamic axis is an explicit
+``torch.export.Dim`` named after the axis in export/signature.py (``batch``, ``sequence``,
+``past_sequence``, ``total_sequence``), one Dim object per name, so inputs that share an axis
+share its symbol and the saved graph carries the names; what the exporter derives itself
+(the present cache's ``past_sequence + sequence``) is renamed to the signature's name
+(``total_sequence``) in the graph's inputs, outputs and value_info (name_axes).
+
+torch.export specialises an axis whose example size is 0 or 1 to that constant. The
+examples are therefore traced at sizes that are all distinct and >= 2 (decoder: batch 2,
+3 new tokens after a past of 4; towers: batch 2, 5 tokens), and name_axes refuses a graph in
+which a named axis came out as a constant. The empty past of prefill (size 0) and batch 1 are
+then checked by validation, which runs both (export/validate.py).
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import tempfile
 import warnings
 from pathlib import Path
 
 from export import signature
+from export.validate import ExportValidationError
 
 # Protocol buffers cannot exceed 2 GiB; above this many bytes of weights the tensors go to
 # one external data file beside the graph (ONNX's external data format).
 EXTERNAL_DATA_THRESHOLD = 2 ** 31 - 2 ** 26
 EXTERNAL_DATA_SUFFIX = ".data"
-MIN_OPSET = 17
+# The dynamo exporter's lowest opset with implementations of its own (it converts down to
+# older ones through onnx's version converter, which it warns may fail).
+MIN_OPSET = 18
+EXPORTER = "torch.onnx dynamo exporter (dynamo=True, dynamic_shapes of named torch.export.Dim)"
 
 
 def export_onnx(model, out_file: Path, opset: int = MIN_OPSET,
@@ -29,6 +45,7 @@ def export_onnx(model, out_file: Path, opset: int = MIN_OPSET,
 
     m = model.config.model
     graph = signature.decoder_graph(m)
+    # Distinct sizes >= 2 on every axis (batch 2, sequence 3, past 4, total 7): see above.
     example = signature.sample_inputs(m, batch=2, length=3, past=4, seed=0)
     return export_graph(DecoderForExport(model).eval(), graph, example, out_file, opset,
                         external_data_threshold)
@@ -55,32 +72,119 @@ def export_onnx_towers(model, directory: Path, opset: int = MIN_OPSET,
 
 def export_graph(module, graph: signature.GraphSignature, example: dict, out_file: Path,
                  opset: int = MIN_OPSET, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
-    """Trace ``module`` on ``example`` (inputs by name) into ``out_file`` with ``graph``'s
-    names and dynamic axes; the files written."""
+    """Export ``module`` on ``example`` (inputs by name) into ``out_file`` with ``graph``'s
+    names and named dynamic axes; the files written."""
     import onnx
     import torch
 
     if opset < MIN_OPSET:
-        raise ValueError(f"opset {opset} is too old: taichu exports opset >= {MIN_OPSET}")
+        raise ValueError(f"opset {opset} is too old: taichu exports opset >= {MIN_OPSET} "
+                         f"(the dynamo exporter's lowest)")
+    args = tuple(torch.from_numpy(example[n]) for n in graph.input_names)
     with tempfile.TemporaryDirectory(dir=out_file.parent) as scratch:
         traced_file = Path(scratch) / "traced.onnx"
-        with warnings.catch_warnings(), torch.no_grad():
-            # The TorchScript exporter announces its own deprecation on every call.
-            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-            warnings.filterwarnings("ignore", message="The feature will be removed.*")
-            torch.onnx.export(module, tuple(torch.from_numpy(example[n]) for n in graph.input_names),
-                              str(traced_file), dynamo=False, opset_version=opset,
-                              input_names=graph.input_names, output_names=graph.output_names,
-                              dynamic_axes=graph.dynamic_axes(), do_constant_folding=True)
-        # Re-save from the scratch copy: one graph file, plus one data file when large
-        # (the exporter itself may scatter one file per tensor for big models).
+        with _quiet_exporter(), torch.no_grad():
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset,
+                                        input_names=graph.input_names, output_names=graph.output_names,
+                                        dynamic_shapes=dynamic_shapes(module, graph), verbose=False,
+                                        optimize=True)
+            # Always external while in scratch: a graph over 2 GiB cannot be one protobuf.
+            program.save(str(traced_file), external_data=True)
         model = onnx.load(str(traced_file), load_external_data=True)
+        name_axes(model, graph)
+        # Re-save: one graph file, plus one data file when large.
         weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
         external = weight_bytes > external_data_threshold
         data_file = out_file.with_name(out_file.name + EXTERNAL_DATA_SUFFIX)
+        # Small tensors stay in the graph: onnxruntime reads shape operands (Slice starts,
+        # Reshape shapes) only from tensors inside it.
         onnx.save_model(model, str(out_file), save_as_external_data=external,
-                        all_tensors_to_one_file=True, location=data_file.name, size_threshold=0)
+                        all_tensors_to_one_file=True, location=data_file.name, size_threshold=1024)
     return [out_file, data_file] if external else [out_file]
+
+
+def dynamic_shapes(module, graph: signature.GraphSignature) -> tuple:
+    """torch.onnx.export's ``dynamic_shapes`` for ``graph``: per input {axis: Dim}, one
+    ``torch.export.Dim`` per axis name (so equal names are one symbol), grouped as
+    ``module.forward`` takes its arguments (a ``*past`` takes the trailing inputs as one tuple)."""
+    from torch.export import Dim
+
+    dims: dict[str, Dim] = {}
+    axes = graph.dynamic_axes()
+    per_input = [{axis: dims.setdefault(name, Dim(name)) for axis, name in axes[t.name].items()}
+                 if t.name in axes else None for t in graph.inputs]
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    for position, parameter in enumerate(parameters):
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            return tuple(per_input[:position]) + (tuple(per_input[position:]),)
+    if len(parameters) != len(per_input):
+        raise ValueError(f"{type(module).__name__}.forward takes {len(parameters)} arguments, "
+                         f"the {graph.name} graph has {len(per_input)} inputs")
+    return tuple(per_input)
+
+
+def name_axes(model, graph: signature.GraphSignature) -> dict[str, str]:
+    """Give the axes of the ONNX ``model``'s inputs and outputs the names in ``graph`` and
+    rename the same symbols in value_info; returns {exporter's symbol: name}.
+
+    Raises ExportValidationError where the exported graph disagrees with the signature: a
+    named axis exported as a constant (a specialisation), a fixed size that differs, or one
+    exporter symbol standing for two named axes."""
+    expected = {t.name: t for t in graph.inputs + graph.outputs}
+    renames: dict[str, str] = {}
+    values = list(model.graph.input) + list(model.graph.output)
+    for value in values:
+        info = expected.get(value.name)
+        if info is None:
+            raise ExportValidationError(f"{graph.name}: the exported graph has an unexpected "
+                                        f"input or output {value.name!r}")
+        dims = value.type.tensor_type.shape.dim
+        if len(dims) != len(info.shape):
+            raise ExportValidationError(f"{graph.name}: {value.name} has rank {len(dims)} in the "
+                                        f"exported graph, {len(info.shape)} in the signature")
+        for axis, (dim, want) in enumerate(zip(dims, info.shape)):
+            got = (dim.dim_param if dim.HasField("dim_param")
+                   else dim.dim_value if dim.HasField("dim_value") else None)
+            if got is None and isinstance(want, str):
+                dim.dim_param = want                 # unknown size: the signature names it
+                continue
+            if isinstance(want, int):
+                if got != want:
+                    raise ExportValidationError(f"{graph.name}: {value.name} axis {axis} is {got!r} "
+                                                f"in the exported graph, {want} in the signature")
+                continue
+            if not isinstance(got, str):
+                raise ExportValidationError(
+                    f"{graph.name}: the exporter fixed axis {axis} ({want}) of {value.name} to {got}: "
+                    f"it specialised a dynamic axis (trace at sizes >= 2, all distinct)")
+            if renames.setdefault(got, want) != want:
+                raise ExportValidationError(f"{graph.name}: the exporter made {want} and "
+                                            f"{renames[got]} one axis ({got!r})")
+    for value in values + list(model.graph.value_info):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param in renames:
+                dim.dim_param = renames[dim.dim_param]
+    return renames
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """Silence what the dynamo exporter says on every call that is not about our graph: its
+    progress lines, "torchvision is not installed", pytree deprecations, and that a named
+    Dim shared by several inputs keeps its one name."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo",
+                                                      "torch.fx.experimental.symbolic_shapes")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will not be used, since it shares the same shape.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
 
 
 def quantize_int8(fp32_file: Path, int8_file: Path) -> list[Path]:

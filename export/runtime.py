@@ -1,9 +1,11 @@
-"""Running exports with ONNX Runtime: a GPT decoder step and text generator, and the
-image and text towers of an image-text model (CLIP, BriVL).
+"""Running exports: a GPT decoder step and text generator, and the image and text towers of
+an image-text model (CLIP, BriVL), with ONNX Runtime or from MINDIR with MindSpore.
 
-Needs only numpy, onnxruntime and sentencepiece, plus pillow for images (no torch, no
-mindspore, no yaml or pydantic: what an export needs is in its export_info.json): this is
-what a deployment installs. Sampling is taichu.generate's, so the same seed gives the same
+The ONNX side needs only numpy, onnxruntime and sentencepiece, plus pillow for images (no
+torch, no mindspore, no yaml or pydantic: what an export needs is in its export_info.json):
+this is what a deployment installs. The MINDIR side (MindirGenerator,
+MindirImageTextEncoder) needs mindspore instead of onnxruntime, and no model code
+(mindspore_impl), as a deployment on Ascend would. Sampling is taichu.generate's, so the same seed gives the same
 tokens here as with the PyTorch and MindSpore models; images and captions are prepared by
 taichu.images.preprocess and taichu.imagetext.caption_ids, as in training.
 """
@@ -87,19 +89,14 @@ class OnnxDecoder:
         return outputs[0][:, -1], outputs[1:]
 
 
-class OnnxGenerator:
-    """Text generation from an export directory (``taichu export ... --format onnx``).
+class ExportGenerator:
+    """Text generation from an export directory: its tokenizer, window and the shared
+    sampler; a subclass sets ``self.step`` (what taichu.generate drives)."""
 
-    >>> generator = OnnxGenerator("exported/")           # or "exported/model_int8.onnx"
-    >>> generator.generate(["中国人民"], max_new_tokens=20, temperature=0)
-    """
-
-    def __init__(self, path: str | Path, threads: int = 0):
+    def __init__(self, directory: Path):
         from taichu.tokenizer import Tokenizer
 
-        file, directory = resolve_onnx(path)
         self.info = read_export_info(directory)
-        self.decoder = OnnxDecoder(file, threads)
         tokenizer = directory / TOKENIZER_FILE
         if not tokenizer.is_file():
             raise FileNotFoundError(f"{tokenizer} not found: generation needs the model's tokenizer "
@@ -108,7 +105,7 @@ class OnnxGenerator:
         self.max_positions = self.info["max_position_embeddings"]
 
     def generate_ids(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[int]]:
-        return generate_ids(self.decoder.step, prompts, sampling, self.tokenizer.eos_id,
+        return generate_ids(self.step, prompts, sampling, self.tokenizer.eos_id,
                             self.tokenizer.pad_id, self.max_positions)
 
     def generate(self, prompts: list[str], **sampling) -> list[str]:
@@ -116,6 +113,53 @@ class OnnxGenerator:
         encoded = [self.tokenizer.encode(p, add_bos=True) for p in prompts]
         ids = self.generate_ids(encoded, SamplingConfig(**sampling))
         return [self.tokenizer.decode(row) for row in ids]
+
+
+class OnnxGenerator(ExportGenerator):
+    """Text generation from an ONNX export directory (``taichu export ... --format onnx``).
+
+    >>> generator = OnnxGenerator("exported/")           # or "exported/model_int8.onnx"
+    >>> generator.generate(["中国人民"], max_new_tokens=20, temperature=0)
+    """
+
+    def __init__(self, path: str | Path, threads: int = 0):
+        file, directory = resolve_onnx(path)
+        super().__init__(directory)
+        self.decoder = OnnxDecoder(file, threads)
+        self.step = self.decoder.step
+
+
+def mindir_step(directory: str | Path):
+    """The ``step`` of a MINDIR export directory: its ``prefill.mindir`` and ``decode.mindir``
+    (static cache) loaded with ``mindspore.load`` + ``nn.GraphCell``, driven by
+    taichu.generate.StaticCacheStep; mindspore alone, no model code is imported."""
+    import mindspore as ms
+    from mindspore import nn
+
+    from export.mindir_export import DECODE, PREFILL, SUFFIX
+    from taichu.generate import mindspore_graph_step
+
+    directory = Path(directory)
+    files = [directory / f"{name}{SUFFIX}" for name in (PREFILL, DECODE)]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{directory}: no {' or '.join(missing)} here (make a MINDIR export "
+                                f"of a GPT with `taichu export MODEL_DIR --format mindir --out DIR`)")
+    vocab_size = read_export_info(directory)["config"]["model"]["vocab_size"]
+    prefill, decode = (nn.GraphCell(ms.load(str(f))) for f in files)
+    return mindspore_graph_step(prefill, decode, vocab_size)
+
+
+class MindirGenerator(ExportGenerator):
+    """Text generation from a MINDIR export directory (``taichu export ... --format
+    mindir``) with mindspore alone (``mindir_step``).
+
+    >>> MindirGenerator("exported-ms/").generate(["中国人民"], max_new_tokens=20, temperature=0)
+    """
+
+    def __init__(self, path: str | Path):
+        self.step = mindir_step(path)
+        super().__init__(Path(path))
 
 
 class OnnxGraph:
@@ -140,9 +184,10 @@ class OnnxGraph:
 
 
 
-class OnnxImageTextEncoder:
+class ImageTextEncoder:
     """Image and text embeddings from an image-text export (``taichu export CLIP_DIR
-    --format onnx --out DIR``): ``image_encoder.onnx`` and ``text_encoder.onnx``.
+    --format FORMAT --out DIR``): ``image_encoder`` and ``text_encoder`` graphs, run by a
+    subclass's ``_graph`` (OnnxImageTextEncoder, MindirImageTextEncoder).
 
     ``image_features`` / ``text_features`` run the graphs on model inputs and return the
     raw projected features (the model's ``get_image_features`` / ``get_text_features``);
@@ -153,18 +198,20 @@ class OnnxImageTextEncoder:
     >>> scores = encoder.embed_images(["cat.jpg"]) @ encoder.embed_texts(["一只猫", "一辆车"]).T
     """
 
-    def __init__(self, export_dir: str | Path, threads: int | None = None):
+    FORMAT = ""
+
+    def __init__(self, export_dir: str | Path):
         path = Path(export_dir)
         directory = path.parent if path.is_file() else path
         self.info = read_export_info(directory)
-        if self.info.get("task") != IMAGE_TEXT or self.info.get("format") != "onnx":
-            raise ValueError(f"{directory} is not an image-text ONNX export (task "
+        if self.info.get("task") != IMAGE_TEXT or self.info.get("format") != self.FORMAT:
+            raise ValueError(f"{directory} is not an image-text {self.FORMAT.upper()} export (task "
                              f"{self.info.get('task', 'language_model')}, format {self.info.get('format')}): "
                              f"export a CLIP or BriVL model directory with `taichu export MODEL_DIR "
-                             f"--format onnx --out DIR`")
+                             f"--format {self.FORMAT} --out DIR`")
         graphs = {g["name"]: g for g in self.info["graphs"]}
-        self.image_encoder = OnnxGraph(directory / graphs[IMAGE_ENCODER]["file"], threads)
-        self.text_encoder = OnnxGraph(directory / graphs[TEXT_ENCODER]["file"], threads)
+        self.image_encoder = self._graph(directory / graphs[IMAGE_ENCODER]["file"], graphs[IMAGE_ENCODER])
+        self.text_encoder = self._graph(directory / graphs[TEXT_ENCODER]["file"], graphs[TEXT_ENCODER])
         # Sizes come from export_info.json (the signature and a JSON copy of the config)
         # rather than config.yaml, which would need yaml and pydantic to read.
         _, self.num_channels, self.image_size, _ = graphs[IMAGE_ENCODER]["inputs"][0]["shape"]
@@ -173,6 +220,11 @@ class OnnxImageTextEncoder:
         self.context_length, self.vocab_size = text["max_position_embeddings"], text["vocab_size"]
         self.tokenizer_path = directory / TOKENIZER_FILE
         self._tokenizer = None
+
+    def _graph(self, path: Path, entry: dict):
+        """A graph of this format with ``run(feeds) -> outputs`` by name; ``entry`` is its
+        export_info.json entry (name, inputs, outputs)."""
+        raise NotImplementedError
 
     @property
     def tokenizer(self):
@@ -264,3 +316,32 @@ class OnnxImageTextEncoder:
         if isinstance(items, (str, bytes, Path)):
             raise TypeError(f"embed_{what} takes a list of {what}, not one {type(items).__name__}")
         return list(items)
+
+
+class OnnxImageTextEncoder(ImageTextEncoder):
+    """ImageTextEncoder over ONNX Runtime (``taichu export ... --format onnx``): numpy,
+    onnxruntime, sentencepiece and pillow only. ``threads``: None is ORT's default."""
+
+    FORMAT = "onnx"
+
+    def __init__(self, export_dir: str | Path, threads: int | None = None):
+        self.threads = threads
+        super().__init__(export_dir)
+
+    def _graph(self, path: Path, entry: dict):
+        return OnnxGraph(path, self.threads)
+
+
+class MindirImageTextEncoder(ImageTextEncoder):
+    """ImageTextEncoder over MINDIR towers (``taichu export ... --format mindir``), loaded
+    with mindspore.load + nn.GraphCell: mindspore without any model code."""
+
+    FORMAT = "mindir"
+
+    def _graph(self, path: Path, entry: dict):
+        from export.mindir_export import MindirGraph
+        from export.signature import GraphSignature, TensorInfo
+
+        def tensors(specs):
+            return tuple(TensorInfo(t["name"], t["dtype"], tuple(t["shape"])) for t in specs)
+        return MindirGraph(path, GraphSignature(entry["name"], tensors(entry["inputs"]), tensors(entry["outputs"])))

@@ -59,7 +59,8 @@ class GraphSignature:
         return [t.name for t in self.outputs]
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        """torch.onnx.export's ``dynamic_axes``: every named dimension of every tensor."""
+        """{tensor: {axis: name}} for every named (dynamic) dimension of every tensor; the
+        ONNX exporter turns the names into ``torch.export.Dim``s (export/onnx_export.py)."""
         return {t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
                 for t in self.inputs + self.outputs if any(isinstance(d, str) for d in t.shape)}
 

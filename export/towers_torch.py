@@ -1,10 +1,10 @@
 """The two towers of a PyTorch image-text model as modules of their own, for torch.onnx.
 
-torch.onnx.export traces a module's ``forward``; an image-text model's ``forward`` takes
+torch.onnx.export (dynamo) exports a module's ``forward``; an image-text model's ``forward`` takes
 both modalities and returns logits, while a retrieval index embeds images and texts apart.
 These wrappers trace ``get_image_features`` and ``get_text_features`` instead, the methods
 every image-text family has (torch_impl/clip.py; BriVL likewise). The models skip their
-numpy input checks while tracing (torch.jit.is_tracing), so the graphs hold no host round
+numpy input checks while exported (torch.onnx.is_in_onnx_export), so the graphs hold no host round
 trip; export.runtime checks its inputs before running a graph.
 """
 from __future__ import annotations

@@ -15,6 +15,9 @@ from mindspore.common.initializer import Normal, initializer
 
 from taichu.families.gpt import GPTConfig, check_inputs
 
+# hidden [n, width] x table [vocab, width] -> [n, vocab], the table read as stored.
+_MATMUL_TRANSPOSE_B = ops.MatMul(transpose_b=True)
+
 ACTIVATIONS = {"gelu": lambda: nn.GELU(approximate=False),
                "gelu_new": lambda: nn.GELU(approximate=True),
                "relu": nn.ReLU}
@@ -34,12 +37,17 @@ class Attention(nn.Cell):
         self.attn_dropout = nn.Dropout(p=m.attention_dropout)
         self.resid_dropout = nn.Dropout(p=m.dropout)
 
-    def construct(self, x, attention_bias, past_key_value=None):
+    def construct(self, x, attention_bias, past_key_value=None, cache_slot=None):
         batch, length, hidden = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        if past_key_value is not None:
+        if cache_slot is not None:
+            # Static cache (StaticCacheDecoder): the one new key/value goes into its slot of
+            # the fixed-length past, so every decoding step has the same shapes.
+            k = ops.where(cache_slot, k, past_key_value[0])
+            v = ops.where(cache_slot, v, past_key_value[1])
+        elif past_key_value is not None:
             k = ops.cat((past_key_value[0], k), axis=2)
             v = ops.cat((past_key_value[1], v), axis=2)
         scores = ops.matmul(q, k.swapaxes(-2, -1)) * self.scale + attention_bias
@@ -70,8 +78,8 @@ class Block(nn.Cell):
         self.ln_2 = nn.LayerNorm((m.hidden_size,), epsilon=m.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def construct(self, x, attention_bias, past_key_value=None):
-        attn_out, present = self.attn(self.ln_1(x), attention_bias, past_key_value)
+    def construct(self, x, attention_bias, past_key_value=None, cache_slot=None):
+        attn_out, present = self.attn(self.ln_1(x), attention_bias, past_key_value, cache_slot)
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x))
         return x, present
@@ -103,17 +111,21 @@ class GPT(nn.Cell):
                 cell.bias.set_data(initializer("zeros", cell.bias.shape, cell.bias.dtype))
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                 use_cache=False):
+                 use_cache=False, logits_to_keep=0):
         # Value checks run here, outside construct: graph mode cannot raise on tensor values.
         ids = input_ids.asnumpy()
         past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         check_inputs(self.config, tuple(ids.shape), int(ids.min()), int(ids.max()), past_length,
                      None if attention_mask is None else tuple(attention_mask.shape))
-        return super().__call__(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        return super().__call__(input_ids, attention_mask, position_ids, past_key_values, use_cache,
+                                logits_to_keep)
 
     def construct(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                  use_cache=False):
+                  use_cache=False, logits_to_keep=0):
         """Logits [batch, length, vocab]; with use_cache also the per-layer (key, value).
+
+        logits_to_keep > 0: logits of the last that many positions only (generation needs
+        the last one; the output projection over every prompt position is wasted work).
 
         attention_mask: [batch, past + length], 1 for real tokens, 0 for padding.
         position_ids default to the count of real tokens before each one, so a left-padded
@@ -130,12 +142,27 @@ class GPT(nn.Cell):
             past = None if past_key_values is None else past_key_values[i]
             x, present = self.layers[i](x, attention_bias, past)
             presents = presents + (present,)
-        hidden = self.ln_f(x)
-        # Mixed precision keeps LayerNorm in fp32 while the table may be fp16/bf16.
-        logits = ops.matmul(hidden, self.embed_tokens.embedding_table.T.astype(hidden.dtype))
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.output_logits(x)
         if use_cache:
             return logits, presents
         return logits
+
+    def output_logits(self, x):
+        """Final LayerNorm and the tied output projection: [batch, length, vocab]."""
+        hidden = self.ln_f(x)
+        batch, length, width = hidden.shape
+        table = self.embed_tokens.embedding_table
+        if table.dtype != hidden.dtype:
+            # Mixed precision keeps LayerNorm in fp32 while the table may be fp16/bf16. Only
+            # then: an astype to the same dtype still copies the whole table in graph mode.
+            table = table.astype(hidden.dtype)
+        # MindSpore idiom: a 2-D MatMul with transpose_b reads the table as stored; a 3-D x
+        # 2-D ops.matmul broadcasts the table once per batch row (BroadcastTo + BatchMatMul)
+        # and .T copies it, 32 MB each at gpt-small, on every decoding step.
+        logits = _MATMUL_TRANSPOSE_B(hidden.reshape(batch * length, width), table)
+        return logits.reshape(batch, length, -1)
 
 
 
@@ -162,6 +189,61 @@ class DecoderForExport(nn.Cell):
         for key_value in presents:
             outputs = outputs + key_value
         return outputs
+
+
+class StaticCachePrefill(nn.Cell):
+    """The prompt pass of generation over a static cache, one compiled graph per shape.
+
+    (input_ids, attention_mask [batch, prompt], left-padded) -> (logits of the last
+    position [batch, vocab], key and value of each layer [batch, heads, prompt, head_dim]).
+    The caller pads the keys and values to the cache length StaticCacheDecoder runs at.
+    """
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def construct(self, input_ids, attention_mask):
+        logits, presents = self.model(input_ids, attention_mask, None, None, True, 1)
+        outputs = (logits[:, -1],)
+        for key_value in presents:
+            outputs = outputs + key_value
+        return outputs
+
+
+class StaticCacheDecoder(nn.Cell):
+    """One decoding step over a preallocated cache of fixed length: the same shapes at every
+    step, so graph mode compiles it once per (batch, cache length) and reuses it.
+
+    (input_ids [batch, 1], attention_mask [batch, cache], write_position int32 scalar, key
+    and value of each layer [batch, heads, cache, head_dim]) -> (logits [batch, vocab], the
+    keys and values with this token's written at slot write_position). attention_mask is 1
+    for the real tokens in slots 0..write_position (this one included), 0 for padding and
+    for the slots not written yet; positions are the count of real tokens before the token.
+    """
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.model.num_layers
+
+    def construct(self, input_ids, attention_mask, write_position, *cache):
+        batch, length = input_ids.shape
+        total = attention_mask.shape[1]
+        mask = attention_mask.astype(ms.int32)
+        position_ids = ops.maximum(mask.sum(axis=1, keepdims=True) - 1, 0)
+        x = self.model.embed_tokens(input_ids) + self.model.embed_positions(position_ids)
+        # As if the query came after every slot: the causal rule allows all of them, and the
+        # mask (0 beyond write_position) leaves the ones written so far.
+        attention_bias = causal_attention_bias(mask, batch, length, total - length, x.dtype)
+        cache_slot = (ops.arange(0, total, dtype=ms.int32) == write_position).view(1, 1, total, 1)
+        outputs = ()
+        for i in range(self.num_layers):
+            x, key_value = self.model.layers[i](x, attention_bias, (cache[2 * i], cache[2 * i + 1]),
+                                                cache_slot)
+            outputs = outputs + key_value
+        return (self.model.output_logits(x)[:, -1],) + outputs
+
 
 def training_loss(model, input_ids):
     """Next-token cross-entropy of token blocks [batch, seq_len + 1] (inputs [:, :-1],

@@ -183,10 +183,10 @@ def cmd_generate(args) -> int:
                               repetition_penalty=args.repetition_penalty, seed=args.seed)
     prompts = [p for p in args.prompt for _ in range(args.num_return)]
     path = Path(args.model)
-    if args.backend == "onnx":
-        from export.runtime import OnnxGenerator
+    if args.backend in ("onnx", "mindir"):
+        from export.runtime import MindirGenerator, OnnxGenerator
 
-        generator = OnnxGenerator(path)
+        generator = OnnxGenerator(path) if args.backend == "onnx" else MindirGenerator(path)
         outputs = generator.generate(prompts, **vars(sampling))
     else:
         from taichu.api import load_model
@@ -195,6 +195,8 @@ def cmd_generate(args) -> int:
 
         if (path / "model.onnx").is_file() or path.suffix == ".onnx":
             raise ConfigError(f"{path} is an ONNX export: use --backend onnx")
+        if (path / "model.mindir").is_file():
+            raise ConfigError(f"{path} is a MINDIR export: use --backend mindir")
         if not (path / "tokenizer.model").is_file():
             raise ConfigError(f"{path}: generate needs a tokenizer.model in the model directory")
         model = load_model(path, backend=args.backend)
@@ -361,8 +363,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     generate = commands.add_parser("generate", help="continue Chinese prompts with a model")
-    generate.add_argument("model", help="model directory, or an ONNX export with --backend onnx")
-    generate.add_argument("--backend", choices=("mindspore", "torch", "onnx"), default="torch")
+    generate.add_argument("model", help="model directory, or an export directory with --backend "
+                                        "onnx / mindir")
+    generate.add_argument("--backend", choices=("mindspore", "torch", "onnx", "mindir"), default="torch",
+                          help="mindspore: compiled graphs over a static cache; mindir: the "
+                               "exported graphs, mindspore without model code")
     generate.add_argument("--prompt", action="append", required=True, help="repeatable: a batch")
     generate.add_argument("--max-new-tokens", type=int, default=50)
     generate.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
@@ -379,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("onnx", "mindir"), required=True,
                         help="onnx (from torch_impl, onnxruntime) or mindir (from mindspore_impl)")
     export.add_argument("--out", required=True, help="directory to write (replaced only once valid)")
-    export.add_argument("--opset", type=int, help="ONNX opset (default 17, the minimum)")
+    export.add_argument("--opset", type=int, help="ONNX opset (default 18, the minimum)")
     export.add_argument("--quantize", choices=("int8",), help="also write model_int8.onnx")
     export.add_argument("--no-validate", action="store_true",
                         help="skip running the export against its source model")
@@ -416,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     parity.add_argument("--tolerance", type=float, default=1e-5)
     parity.set_defaults(func=cmd_parity)
 
-    embed_backends = ("torch", "mindspore", "onnx")
-    image_text_model = "image-text model directory (clip, brivl), or its ONNX export with --backend onnx"
+    embed_backends = ("torch", "mindspore", "onnx", "mindir")
+    image_text_model = ("image-text model directory (clip, brivl), or its export with --backend onnx "
+                        "/ mindir")
     embed = commands.add_parser("embed", help="embed images or captions with an image-text model "
                                               "(L2-normalised float32 .npy + a .jsonl of the rows)")
     _add_embed_inputs(embed, image_text_model)
@@ -439,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="search an index (taichu index) with a caption "
                                                 "or an image")
     search.add_argument("model", help="the model the index was built with (directory, or its "
-                                         "ONNX export with --backend onnx)")
+                                         "export with --backend onnx / mindir)")
     search.add_argument("--index", required=True, help="index directory")
     query = search.add_mutually_exclusive_group(required=True)
     query.add_argument("--text", help="caption to search with (text -> images, or texts)")

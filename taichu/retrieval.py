@@ -33,7 +33,9 @@ import numpy as np
 
 from taichu.fileio import sha256_file
 
-EMBED_BACKENDS = ("torch", "mindspore", "onnx")
+EMBED_BACKENDS = ("torch", "mindspore", "onnx", "mindir")
+# Backends that run an export directory (``taichu export``) rather than a model directory.
+EXPORT_BACKENDS = ("onnx", "mindir")
 INDEX_BACKENDS = ("auto", "faiss", "numpy")
 INDEX_FORMAT = "taichu-vector-index"
 INDEX_VERSION = 1
@@ -96,7 +98,8 @@ class Embedder:
 
     ``backend``: "torch" or "mindspore" (PyNative, or whatever context the caller set)
     with a model directory; "onnx" with an ONNX export directory (``taichu export MODEL
-    --format onnx --out DIR``, run by ``export.runtime.OnnxImageTextEncoder``).
+    --format onnx --out DIR``, run by ``export.runtime.OnnxImageTextEncoder``), "mindir"
+    with a MINDIR one (``export.runtime.MindirImageTextEncoder``: mindspore, no model code).
     Outputs are float32 ``[n, dim]`` with unit rows whatever the family returns (CLIP's
     features are unnormalised, BriVL's normalised), so inner product = cosine.
     """
@@ -120,11 +123,12 @@ class Embedder:
                               "an image-text model (clip, brivl)")
         self.image_size = self.config.model.image.image_size
         self.context_length = self.config.model.text.max_position_embeddings
-        if backend == "onnx":
-            self._init_onnx()
+        if backend in EXPORT_BACKENDS:
+            self._init_export()
             return
         if (self.model_dir / EXPORT_INFO).is_file():
-            raise ConfigError(f"{self.model_dir} is an export directory: use --backend onnx")
+            raise ConfigError(f"{self.model_dir} is an export directory: use --backend onnx or mindir "
+                              f"(its format)")
         tokenizer_path = self.model_dir / "tokenizer.model"
         if not tokenizer_path.is_file():
             raise ConfigError(f"{self.model_dir}: no tokenizer.model (captions need the model's "
@@ -135,24 +139,26 @@ class Embedder:
         self.tokenizer = Tokenizer(tokenizer_path)
         self.model = load_model(self.model_dir, backend=backend)
 
-    def _init_onnx(self) -> None:
+    def _init_export(self) -> None:
         from taichu.config import ConfigError
 
         try:
-            from export.runtime import OnnxImageTextEncoder
+            from export.runtime import MindirImageTextEncoder, OnnxImageTextEncoder
         except ImportError as err:   # an export/ without image-text towers
             raise NotImplementedError(
-                f"the onnx backend needs export.runtime.OnnxImageTextEncoder, which this "
+                f"the {self.backend} backend needs export.runtime's image-text encoders, which this "
                 f"installation lacks ({err}); use --backend torch or --backend mindspore") from None
         if not (self.model_dir / EXPORT_INFO).is_file():
-            raise ConfigError(f"{self.model_dir} is not an ONNX export (no {EXPORT_INFO}): --backend "
-                              f"onnx takes the directory written by `taichu export "
-                              f"{self.model_dir} --format onnx --out DIR`")
-        self.model = OnnxImageTextEncoder(self.model_dir)
+            kind = {"onnx": "an ONNX", "mindir": "a MINDIR"}[self.backend]
+            raise ConfigError(f"{self.model_dir} is not {kind} export (no {EXPORT_INFO}): --backend "
+                              f"{self.backend} takes the directory written by `taichu export "
+                              f"{self.model_dir} --format {self.backend} --out DIR`")
+        encoder = {"onnx": OnnxImageTextEncoder, "mindir": MindirImageTextEncoder}[self.backend]
+        self.model = encoder(self.model_dir)
         self.tokenizer = self.model.tokenizer
         # Batching and normalisation stay here, so the three backends differ only in the
         # forward pass.
-        self._onnx_methods = {"get_image_features": self.model.image_features,
+        self._export_methods = {"get_image_features": self.model.image_features,
                               "get_text_features": self.model.text_features}
 
     @property
@@ -161,8 +167,8 @@ class Embedder:
         return getattr(m, "projection_dim", None) or m.embed_dim
 
     def _run(self, method: str, *arrays: np.ndarray) -> np.ndarray:
-        if self.backend == "onnx":
-            return np.asarray(self._onnx_methods[method](*arrays), dtype=np.float32)
+        if self.backend in EXPORT_BACKENDS:
+            return np.asarray(self._export_methods[method](*arrays), dtype=np.float32)
         if self.backend == "torch":
             import torch
 

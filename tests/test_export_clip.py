@@ -1,6 +1,7 @@
-"""Image-text export: CLIP's image and text towers as ONNX (from torch_impl) and MINDIR (from
-mindspore_impl) graphs, each checked against its source model, and embedding with ONNX
-Runtime alone (export.OnnxImageTextEncoder)."""
+"""Image-text export: CLIP's image and text towers as ONNX (from torch_impl, torch.onnx's
+dynamo exporter) and MINDIR (from mindspore_impl) graphs, each checked against its source
+model, with Hugging Face's config.json and tokenizer files in the ONNX folder, and embedding
+with ONNX Runtime alone (export.OnnxImageTextEncoder)."""
 import json
 import shutil
 import subprocess
@@ -86,14 +87,19 @@ def ms_model(clip_dir):
     return taichu.load_model(clip_dir, backend="mindspore")
 
 
+HF_TOKENIZER_FILES = ["special_tokens_map.json", "tokenizer.json", "tokenizer_config.json"]
+
+
 def test_onnx_export_directory_and_info(onnx_dir, clip_dir):
-    assert sorted(p.name for p in onnx_dir.iterdir()) == [
-        "config.yaml", "export_info.json", "image_encoder.onnx", "text_encoder.onnx", "tokenizer.model"]
+    assert sorted(p.name for p in onnx_dir.iterdir()) == sorted([
+        "config.json", "config.yaml", "export_info.json", "image_encoder.onnx", "text_encoder.onnx",
+        "tokenizer.model", *HF_TOKENIZER_FILES])
     assert (onnx_dir / "config.yaml").read_bytes() == (clip_dir / "config.yaml").read_bytes()
     assert (onnx_dir / "tokenizer.model").read_bytes() == (clip_dir / "tokenizer.model").read_bytes()
     assert not list(onnx_dir.parent.glob(".onnx.partial-*"))
     info = json.loads((onnx_dir / "export_info.json").read_text())
-    assert (info["format"], info["family"], info["task"], info["opset"]) == ("onnx", "clip", "image_text", 17)
+    assert (info["format"], info["family"], info["task"], info["opset"]) == ("onnx", "clip", "image_text", 18)
+    assert info["exporter"].startswith("torch.onnx dynamo exporter (dynamo=True")
     assert info["source"] == str(clip_dir.resolve())
     assert sorted(info["files"]) == sorted(p.name for p in onnx_dir.iterdir())
     graphs = {g["name"]: g for g in info["graphs"]}
@@ -115,6 +121,33 @@ def test_onnx_export_directory_and_info(onnx_dir, clip_dir):
     assert [i.shape for i in encoder.image_encoder.session.get_inputs()] == [["batch", 3, 32, 32]]
     assert [i.shape for i in encoder.text_encoder.session.get_inputs()] == [["batch", "sequence"]] * 2
     assert (encoder.image_size, encoder.context_length, encoder.embed_dim) == (32, 32, 32)
+    # No exporter symbol (s0, "s1 + s2") is left anywhere in the graphs.
+    import onnx
+
+    for file in ("image_encoder.onnx", "text_encoder.onnx"):
+        graph = onnx.load(str(onnx_dir / file)).graph
+        symbols = {d.dim_param for v in list(graph.input) + list(graph.output) + list(graph.value_info)
+                   for d in v.type.tensor_type.shape.dim if d.dim_param}
+        assert "batch" in symbols and symbols <= {"batch", "sequence"}, (file, symbols)
+
+
+def test_onnx_folder_has_hugging_face_config_and_tokenizer(onnx_dir, clip_dir):
+    """CLIP exists in Hugging Face: the folder holds CLIPModel's config.json for the same
+    model and the tokenizer files AutoTokenizer reads."""
+    from taichu.convert import hf_to_config
+
+    info = json.loads((onnx_dir / "export_info.json").read_text())
+    hf = info["huggingface"]
+    assert (hf["config"], hf["architecture"], hf["model_type"]) == ("config.json", "CLIPModel", "clip")
+    assert hf["tokenizer_files"] == HF_TOKENIZER_FILES and "tokenizer_error" not in hf
+    config_json = json.loads((onnx_dir / "config.json").read_text())
+    assert config_json["architectures"] == ["CLIPModel"] and config_json["dtype"] == "float32"
+    assert (config_json["projection_dim"], config_json["text_config"]["hidden_size"],
+            config_json["vision_config"]["image_size"]) == (32, 32, 32)
+    assert hf_to_config(config_json, "config.json").model == load_config(clip_dir).model
+    tokenizer_json = json.loads((onnx_dir / "tokenizer.json").read_text())
+    assert tokenizer_json["model"]["type"] == "Unigram"
+    assert len(tokenizer_json["model"]["vocab"]) == 4096
 
 
 def test_onnx_towers_match_torch_at_other_batches(onnx_dir, torch_model):
@@ -304,6 +337,14 @@ def test_brivl_towers_export_and_match_both_backends(tmp_path, tiny_tokenizer, f
     done = _run_cli("export", model_dir, "--format", fmt, "--out", out)
     assert done.returncode == 0, done.stderr
     assert f"validated image_encoder.{fmt}" in done.stdout and f"validated text_encoder.{fmt}" in done.stdout
+    if fmt == "onnx":
+        # Hugging Face has no BriVL: no config.json, and export_info.json says why; the
+        # tokenizer files are written all the same.
+        assert not (out / "config.json").exists()
+        hf = json.loads((out / "export_info.json").read_text())["huggingface"]
+        assert hf["config"] is None and "no brivl architecture" in hf["note"]
+        assert hf["tokenizer_files"] == HF_TOKENIZER_FILES
+        assert all((out / name).is_file() for name in HF_TOKENIZER_FILES)
     models = {backend: taichu.load_model(model_dir, backend=backend) for backend in ("torch", "mindspore")}
     image, text = image_text_graphs(config.model)
     m = config.model
@@ -325,3 +366,33 @@ def test_brivl_towers_export_and_match_both_backends(tmp_path, tiny_tokenizer, f
                 expected = tower_runner(model, graph)(feeds[graph.name])[name]
                 np.testing.assert_allclose(actual[graph.name], expected, atol=TOLERANCE, rtol=0,
                                            err_msg=f"{fmt} {graph.name} batch {batch} vs {backend}")
+
+
+def test_mindir_embeddings_run_on_mindspore_alone(mindir_dir, clip_dir, tmp_path):
+    """`taichu embed/search/eval EXPORT --backend mindir` (export.MindirImageTextEncoder):
+    the MINDIR towers in nn.GraphCell, no model code imported, the model's embeddings."""
+    from taichu.retrieval import Embedder
+
+    source = Embedder(clip_dir, "mindspore")
+    expected = {"texts": source.embed_texts(TEXTS), "images": source.embed_images(_images())}
+    script = textwrap.dedent(f"""
+        import json, sys
+        import numpy as np
+        from taichu.imagetext import draw_scene, make_scene
+        from taichu.retrieval import Embedder
+        embedder = Embedder({str(mindir_dir)!r}, "mindir")
+        out = {{"texts": embedder.embed_texts({TEXTS!r}).tolist(), "images": embedder.embed_images({IMAGES}).tolist()}}
+        out["loaded"] = [m for m in sys.modules if m.split(".")[0] in ("mindspore_impl", "torch_impl", "torch")]
+        print(json.dumps(out))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["loaded"] == []
+    for what in ("texts", "images"):
+        np.testing.assert_allclose(np.array(result[what]), expected[what], atol=1e-5, rtol=0, err_msg=what)
+    (tmp_path / "captions.txt").write_text("\n".join(TEXTS) + "\n", encoding="utf-8")
+    done = _run_cli("embed", mindir_dir, "--backend", "mindir", "--texts", tmp_path / "captions.txt",
+                    "--out", tmp_path / "emb.npy")
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "emb.npy"), expected["texts"], atol=1e-5, rtol=0)

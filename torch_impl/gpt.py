@@ -33,12 +33,17 @@ class Attention(nn.Module):
         self.attn_dropout = nn.Dropout(m.attention_dropout)
         self.resid_dropout = nn.Dropout(m.dropout)
 
-    def forward(self, x, attention_bias, past_key_value=None):
+    def forward(self, x, attention_bias, past_key_value=None, cache_slot=None):
         batch, length, hidden = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        if past_key_value is not None:
+        if cache_slot is not None:
+            # Static cache (StaticCacheDecoder): the one new key/value goes into its slot of
+            # the fixed-length past, so every decoding step has the same shapes.
+            k = torch.where(cache_slot, k, past_key_value[0])
+            v = torch.where(cache_slot, v, past_key_value[1])
+        elif past_key_value is not None:
             k = torch.cat((past_key_value[0], k), dim=2)
             v = torch.cat((past_key_value[1], v), dim=2)
         # softmax(q k^T * scale + bias) v, fused: same math as mindspore_impl's explicit
@@ -73,8 +78,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(m.hidden_size, eps=m.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, attention_bias, past_key_value=None):
-        attn_out, present = self.attn(self.ln_1(x), attention_bias, past_key_value)
+    def forward(self, x, attention_bias, past_key_value=None, cache_slot=None):
+        attn_out, present = self.attn(self.ln_1(x), attention_bias, past_key_value, cache_slot)
         x = x + attn_out
         x = x + self.mlp(self.ln_2(x))
         return x, present
@@ -105,8 +110,11 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False):
+                use_cache=False, logits_to_keep=0):
         """Logits [batch, length, vocab]; with use_cache also the per-layer (key, value).
+
+        logits_to_keep > 0: logits of the last that many positions only (generation needs
+        the last one; the output projection over every prompt position is wasted work).
 
         attention_mask: [batch, past + length], 1 for real tokens, 0 for padding.
         position_ids default to the count of real tokens before each one, so a left-padded
@@ -129,10 +137,16 @@ class GPT(nn.Module):
             past = None if past_key_values is None else past_key_values[i]
             x, present = layer(x, attention_bias, past)
             presents.append(present)
-        logits = F.linear(self.ln_f(x), self.embed_tokens.weight)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.output_logits(x)
         if use_cache:
             return logits, tuple(presents)
         return logits
+
+    def output_logits(self, x):
+        """Final LayerNorm and the tied output projection: [batch, length, vocab]."""
+        return F.linear(self.ln_f(x), self.embed_tokens.weight)
 
 
 
@@ -157,6 +171,62 @@ class DecoderForExport(nn.Module):
         for key_value in presents:
             outputs = outputs + key_value
         return outputs
+
+
+class StaticCachePrefill(nn.Module):
+    """The prompt pass of generation over a static cache (mindspore_impl's graph; here for
+    parity and as a reference).
+
+    (input_ids, attention_mask [batch, prompt], left-padded) -> (logits of the last
+    position [batch, vocab], key and value of each layer [batch, heads, prompt, head_dim]).
+    The caller pads the keys and values to the cache length StaticCacheDecoder runs at.
+    """
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        logits, presents = self.model(input_ids, attention_mask, None, None, True, 1)
+        outputs = (logits[:, -1],)
+        for key_value in presents:
+            outputs = outputs + key_value
+        return outputs
+
+
+class StaticCacheDecoder(nn.Module):
+    """One decoding step over a preallocated cache of fixed length: the same shapes at every
+    step (what lets MindSpore's graph mode compile it once per batch and cache length).
+
+    (input_ids [batch, 1], attention_mask [batch, cache], write_position int scalar, key
+    and value of each layer [batch, heads, cache, head_dim]) -> (logits [batch, vocab], the
+    keys and values with this token's written at slot write_position). attention_mask is 1
+    for the real tokens in slots 0..write_position (this one included), 0 for padding and
+    for the slots not written yet; positions are the count of real tokens before the token.
+    """
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.model.num_layers
+
+    def forward(self, input_ids, attention_mask, write_position, *cache):
+        batch, length = input_ids.shape
+        total = attention_mask.shape[1]
+        mask = attention_mask.long()
+        position_ids = (mask.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+        x = self.model.embed_tokens(input_ids) + self.model.embed_positions(position_ids)
+        # As if the query came after every slot: the causal rule allows all of them, and the
+        # mask (0 beyond write_position) leaves the ones written so far.
+        attention_bias = causal_attention_bias(mask, batch, length, total - length, x.dtype, x.device)
+        cache_slot = (torch.arange(total, device=x.device) == write_position).view(1, 1, total, 1)
+        outputs = ()
+        for i in range(self.num_layers):
+            x, key_value = self.model.layers[i](x, attention_bias, (cache[2 * i], cache[2 * i + 1]),
+                                                cache_slot)
+            outputs = outputs + key_value
+        return (self.model.output_logits(x)[:, -1],) + outputs
+
 
 def training_loss(model, input_ids):
     """Next-token cross-entropy of token blocks [batch, seq_len + 1] (inputs [:, :-1],
