@@ -23,7 +23,7 @@ from mindspore import nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from taichu.families.clip import MAX_LOGIT_SCALE, CLIPConfig, check_inputs, init_std
-from mindspore_impl.gpt import causal_attention_bias
+from mindspore_impl.gpt import causal_attention_bias, cross_entropy
 
 
 class QuickGELU(nn.Cell):
@@ -253,8 +253,9 @@ def contrastive_loss(logits_per_image, logits_per_text=None):
     if logits_per_text is None:
         logits_per_text = logits_per_image.T
     labels = ops.arange(0, logits_per_image.shape[0], dtype=ms.int32)
-    image_loss = ops.cross_entropy(logits_per_image, labels)
-    text_loss = ops.cross_entropy(logits_per_text, labels)
+    # The fused cross-entropy (LogSoftmax + NLLLoss), not the composite ops.cross_entropy.
+    image_loss = cross_entropy(logits_per_image, labels)
+    text_loss = cross_entropy(logits_per_text, labels)
     return (image_loss + text_loss) / 2
 
 

@@ -1,10 +1,10 @@
 """One optimizer step of a MindSpore model, driven by taichu/train.py.
 
-Mirrors torch_impl/train.py: same functions, same Trainer methods, same math
-(mindspore.experimental.optim.AdamW has torch's AdamW semantics, clip coefficient
-max_norm / (norm + 1e-6), loss averaged over micro-batches and data-parallel ranks; the
-family's ``training_loss`` and ``after_step``). The step runs in graph mode through
-mindspore.jit unless train.graph_mode is false.
+Mirrors torch_impl/train.py: same functions, same Trainer methods, same math (AdamW below
+computes torch.optim.AdamW's update, clip coefficient max_norm / (norm + 1e-6), loss
+averaged over micro-batches and data-parallel ranks; the family's ``training_loss`` and
+``after_step``). The step runs in graph mode through mindspore.jit unless
+train.graph_mode is false.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import os
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
-from mindspore.experimental.optim import AdamW
 
 from mindspore_impl.weights import canonical_parameters, write_parameters
 from taichu.families import backend_module, get_family
@@ -73,6 +72,77 @@ def seed_everything(seed: int) -> None:
     ms.set_seed(seed)
 
 
+# MindSpore idiom: per-parameter work inside a compiled step goes through HyperMap. A Python
+# loop or comprehension over gpt-small's 132 gradients compiled the clipping alone in ~40 s
+# (CPU seconds, bench/train_gpt.py's findings); HyperMap in ~3 s, running the same kernels.
+_MAP = ops.HyperMap()
+
+
+def _to_float32(x):
+    # An astype to the same dtype still copies the tensor in graph mode.
+    return x if x.dtype == ms.float32 else x.astype(ms.float32)
+
+
+def _square_sum(grad):
+    return ops.square(_to_float32(grad)).sum()
+
+
+def _scale(coef, grad):
+    return grad * coef.astype(grad.dtype)
+
+
+def _zero(buffer):
+    return ops.assign(buffer, ops.zeros_like(buffer))
+
+
+def _adamw_update(update, beta1, beta2, eps, step_size, decay_scale, param, exp_avg, exp_avg_sq,
+                  grad, decay):
+    if grad.dtype != param.dtype:
+        grad = grad.astype(param.dtype)
+    update(param, exp_avg, exp_avg_sq, step_size, beta1, beta2, eps, decay * decay_scale, grad)
+    return True
+
+
+class AdamW(nn.Cell):
+    """torch.optim.AdamW's update (bias-corrected moments, decoupled weight decay), one
+    fused kernel per parameter; called inside the trainer's compiled step with the
+    gradients and the learning rate, which is a graph input and so never stale.
+
+    MindSpore idiom: the AdamWeightDecay primitive (CPU, GPU and Ascend kernels) updates
+    a parameter and both moments in one pass, where mindspore.experimental.optim.AdamW
+    runs about ten element-wise kernels per parameter. It has no bias correction, so the
+    correction is folded into its scalars: torch's
+        p <- p (1 - lr wd) - lr / c1 * m / (sqrt(v) / sqrt(c2) + eps),  c_i = 1 - beta_i^t
+    equals its p <- p - s (m / (sqrt(v) + eps') + wd' p) with s = lr sqrt(c2) / c1,
+    eps' = eps sqrt(c2), wd' = wd lr / s.
+    """
+
+    def __init__(self, groups: list[tuple[list, float]], betas: tuple[float, float], eps: float):
+        super().__init__()
+        params = [param for group, _ in groups for param in group]
+        self.parameters = ms.ParameterTuple(params)
+        self.exp_avg = self.parameters.clone(prefix="exp_avg", init="zeros")
+        self.exp_avg_sq = self.parameters.clone(prefix="exp_avg_sq", init="zeros")
+        self.state_step = ms.Parameter(ms.Tensor(0, ms.int32), name="state_step")
+        self.weight_decay = tuple(float(decay) for group, decay in groups for _ in group)
+        self.beta1, self.beta2 = (ms.Tensor(beta, ms.float32) for beta in betas)
+        self.eps = float(eps)
+        self.update = ops.AdamWeightDecay()
+
+    def construct(self, grads, lr):
+        step = self.state_step + 1
+        ops.assign(self.state_step, step)
+        step = step.astype(ms.float32)
+        correction1 = 1.0 - ops.pow(self.beta1, step)
+        correction2_sqrt = ops.sqrt(1.0 - ops.pow(self.beta2, step))
+        step_size = lr * correction2_sqrt / correction1
+        eps = self.eps * correction2_sqrt
+        decay_scale = correction1 / correction2_sqrt  # lr / step_size
+        return _MAP(ops.partial(_adamw_update, self.update, self.beta1, self.beta2, eps, step_size,
+                                decay_scale),
+                    self.parameters, self.exp_avg, self.exp_avg_sq, grads, self.weight_decay)
+
+
 class Trainer:
     def __init__(self, model, config, decay_names: set[str], rank: int, world: int):
         train = config.train
@@ -99,10 +169,8 @@ class Trainer:
         params = model.trainable_params()
         decay = [p for p in params if self.names[p.name] in decay_names]
         no_decay = [p for p in params if self.names[p.name] not in decay_names]
-        self.optimizer = AdamW(
-            [{"params": decay, "weight_decay": train.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=train.learning_rate, betas=(train.beta1, train.beta2), eps=train.eps)
+        self.optimizer = AdamW([(decay, train.weight_decay), (no_decay, 0.0)],
+                               betas=(train.beta1, train.beta2), eps=train.eps)
         if train.precision == "bf16" and ms.get_context("device_target") == "CPU":
             raise ValueError("train.precision bf16: MindSpore's CPU kernels have no bfloat16 Gather "
                              "(the embedding lookup); use fp32 or fp16 on CPU, bf16 on Ascend")
@@ -116,12 +184,15 @@ class Trainer:
         self.all_reduce = ops.AllReduce() if world > 1 else None
         self.all_gather = ops.AllGather() if world > 1 else None
 
+        # With accumulation, micro-batch gradients are summed in place into these buffers
+        # inside the gradient graph (none leave it), and the apply graph reads and zeroes them.
+        self.grad_sums = (self.optimizer.parameters.clone(prefix="grad_sum", init="zeros")
+                          if train.grad_accum_steps > 1 else None)
         self._grad_fn = ms.value_and_grad(self._scaled_loss, None, self.optimizer.parameters,
                                           has_aux=True)
         jit = ms.jit if train.graph_mode else (lambda fn: fn)
-        self._forward_backward = jit(self._forward_backward_impl)
         self._accumulate = jit(self._accumulate_impl)
-        self._apply = jit(self._apply_impl)
+        self._apply_sums = jit(self._apply_sums_impl)
         self._fused_step = jit(self._fused_step_impl)
         self._eval = jit(self._loss)
 
@@ -134,28 +205,31 @@ class Trainer:
         outputs = self.training_loss(self.model, *inputs)
         return (outputs[0] * scale,) + outputs
 
-    def _forward_backward_impl(self, scale, *inputs):
+    def _accumulate_impl(self, scale, *inputs):
         outputs, grads = self._grad_fn(scale, *inputs)
-        return outputs[1:], grads
-
-    def _accumulate_impl(self, total, grads):
-        return tuple(a + g for a, g in zip(total, grads))
+        _MAP(ops.assign_add, self.grad_sums, grads)
+        return outputs[1:]
 
     def _apply_impl(self, grads, unscale, max_norm, lr):
-        # The learning rate is assigned inside the graph: a set_data on the optimizer's lr
-        # Parameter from outside is not seen by a compiled step (it keeps the first value).
-        for group_lr in self.optimizer.lrs:
-            ops.assign(group_lr, lr)
+        """Unscale (fp16), clip to max_norm by the global norm, AdamW; the unscaled norm."""
         if self.grad_reducer is not None:
             grads = self.grad_reducer(grads)
-        grads = tuple(g * unscale for g in grads)
-        norm = ops.sqrt(sum(ops.square(g.astype(ms.float32)).sum() for g in grads))
+        # Not L2Loss (one kernel instead of Square + ReduceSum): its CPU kernel sums in plain
+        # fp32, 1% off at 16000 x 512. unscale is a power of two, so scaling the norm equals
+        # unscaling every gradient first (torch's order) exactly.
+        norm = ops.sqrt(ops.addn(_MAP(_square_sum, grads))) * unscale
         finite = ops.isfinite(norm)
-        coef = ops.minimum(max_norm / (norm + 1e-6), 1.0)
-        grads = tuple(g * coef.astype(g.dtype) for g in grads)
+        # Unscale and clip in one multiplication per gradient.
+        coef = ops.minimum(max_norm / (norm + 1e-6), 1.0) * unscale
+        grads = _MAP(ops.partial(_scale, coef), grads)
         # A step with overflowed (fp16) gradients is skipped, as torch's GradScaler does.
         if finite:
-            self.optimizer(grads)
+            self.optimizer(grads, lr)
+        return norm
+
+    def _apply_sums_impl(self, unscale, max_norm, lr):
+        norm = self._apply_impl(tuple(self.grad_sums), unscale, max_norm, lr)
+        _MAP(_zero, self.grad_sums)
         return norm
 
     def _fused_step_impl(self, scale, unscale, max_norm, lr, *inputs):
@@ -183,23 +257,21 @@ class Trainer:
         scale = ms.Tensor(self.loss_scale / count, ms.float32)
         unscale = ms.Tensor(1.0 / self.loss_scale, ms.float32)
         max_norm = ms.Tensor(self.train.max_grad_norm or float("inf"), ms.float32)
+        if count > 1 and self.grad_sums is None:
+            raise ValueError(f"{count} micro-batches, but train.grad_accum_steps is 1: the "
+                             "trainer keeps gradient sums only when accumulation is configured")
         if count == 1:
             outputs, grad_norm = self._fused_step(scale, unscale, max_norm, lr,
                                                   *self._tensors(micro_batches[0]))
             loss, grad_norm = float(outputs[0]), float(grad_norm)
             extras = [tuple(outputs[1:])]
         else:
-            losses, total_grads, extras = [], None, []
+            losses, extras = [], []
             for batch in micro_batches:
-                outputs, grads = self._forward_backward(scale, *self._tensors(batch))
-                # mutable: a tuple of tensors passed to a jitted function is otherwise a
-                # compile-time constant, and every step would recompile.
-                grads = ms.mutable(grads)
-                total_grads = grads if total_grads is None else ms.mutable(
-                    self._accumulate(total_grads, grads))
+                outputs = self._accumulate(scale, *self._tensors(batch))
                 losses.append(outputs[0])
                 extras.append(tuple(outputs[1:]))
-            grad_norm = float(self._apply(total_grads, unscale, max_norm, lr))
+            grad_norm = float(self._apply_sums(unscale, max_norm, lr))
             loss = sum(float(x) for x in losses) / count
         if self.after_step is not None:
             self.after_step(self.model, *self._gather(extras))
