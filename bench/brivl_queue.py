@@ -114,7 +114,7 @@ def in_batch_val_loss(model_dir: Path) -> float:
 
 def run_arm(args, batch: int, queue: int, start: int, momentum: float, seed: int) -> dict:
     import taichu
-    from taichu.retrieval import evaluate
+    from taichu.retrieval import Embedder, evaluate
     from taichu.train import run_training
 
     name = f"b{batch}-q{queue}-from{start}-m{momentum}-s{seed}"
@@ -125,7 +125,7 @@ def run_arm(args, batch: int, queue: int, start: int, momentum: float, seed: int
     began, ticks = time.perf_counter(), cpu_ticks()
     init = init_dir(config, towers_config, seed, out / "init")
     result = run_training(config, "torch", out / "train", init_dir=init, progress=False)
-    metrics = evaluate(result.final_dir, "torch", data="scenes").values
+    metrics = evaluate(Embedder(result.final_dir, "torch"), data="scenes").values
     row = {"batch": batch, "queue": queue, "start": start, "momentum": momentum, "seed": seed,
            "steps": result.steps, "loss": result.last_loss, "val_loss": result.val_loss,
            "in_batch_val": in_batch_val_loss(result.final_dir),

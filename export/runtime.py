@@ -18,7 +18,7 @@ import numpy as np
 
 from export.signature import input_names, output_names, position_ids
 from taichu.generate import SamplingConfig, generate_ids
-from taichu.retrieval import l2_normalize
+from taichu.retrieval import EXPORT_BACKENDS, Embedder, check_export_directory, l2_normalize
 
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
@@ -345,3 +345,13 @@ class MindirImageTextEncoder(ImageTextEncoder):
         def tensors(specs):
             return tuple(TensorInfo(t["name"], t["dtype"], tuple(t["shape"])) for t in specs)
         return MindirGraph(path, GraphSignature(entry["name"], tensors(entry["inputs"]), tensors(entry["outputs"])))
+
+
+def export_embedder(directory: str | Path, backend: str = "onnx", batch_size: int = 64) -> Embedder:
+    """taichu.retrieval.Embedder over an image-text export: ONNX Runtime ("onnx") or
+    mindspore alone ("mindir"), no model code."""
+    if backend not in EXPORT_BACKENDS:
+        raise ValueError(f"unknown export backend {backend!r} (choose from {', '.join(EXPORT_BACKENDS)})")
+    check_export_directory(directory, backend)
+    encoder = {"onnx": OnnxImageTextEncoder, "mindir": MindirImageTextEncoder}[backend](directory)
+    return Embedder(directory, backend, batch_size, encoder=encoder)

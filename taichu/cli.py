@@ -234,6 +234,18 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def _embedder(args, batch_size: int = 64):
+    """The Embedder of args.model in args.backend; an export's graphs run through
+    export.runtime (which the CLI, unlike taichu/, may import)."""
+    from taichu.retrieval import EXPORT_BACKENDS, Embedder
+
+    if args.backend in EXPORT_BACKENDS:
+        from export.runtime import export_embedder
+
+        return export_embedder(args.model, args.backend, batch_size)
+    return Embedder(args.model, args.backend, batch_size)
+
+
 def cmd_embed(args) -> int:
     """Embed images or captions with an image-text model: OUT.npy + OUT.jsonl (what each row is)."""
     import json
@@ -241,7 +253,7 @@ def cmd_embed(args) -> int:
     import numpy as np
 
     from taichu.fileio import atomic_write, atomic_write_bytes
-    from taichu.retrieval import Embedder, list_images, read_captions
+    from taichu.retrieval import list_images, read_captions
 
     out = Path(args.out)
     if out.suffix != ".npy":
@@ -251,7 +263,7 @@ def cmd_embed(args) -> int:
         images = list_images(args.images)
     else:
         texts = read_captions(args.texts)
-    embedder = Embedder(args.model, args.backend, args.batch_size)
+    embedder = _embedder(args, args.batch_size)
     if args.images:
         vectors = embedder.embed_images(images)  # a non-image file raises here: nothing is written
         rows = [{"row": i, "image": str(path)} for i, path in enumerate(images)]
@@ -267,11 +279,11 @@ def cmd_embed(args) -> int:
 
 def cmd_index(args) -> int:
     """Embed images or captions and save them as a searchable index directory."""
-    from taichu.retrieval import Embedder, build_index, list_images, read_captions
+    from taichu.retrieval import build_index, list_images, read_captions
 
     images = list_images(args.images) if args.images else None
     texts = read_captions(args.texts) if args.texts else None
-    embedder = Embedder(args.model, args.backend, args.batch_size)
+    embedder = _embedder(args, args.batch_size)
     index = build_index(embedder, images=images, texts=texts, backend=args.index_backend)
     index.save(args.out)
     what = "images" if images is not None else "captions"
@@ -281,10 +293,10 @@ def cmd_index(args) -> int:
 
 def cmd_search(args) -> int:
     """Rank the items of an index against a caption or an image."""
-    from taichu.retrieval import Embedder, VectorIndex, check_index_model
+    from taichu.retrieval import VectorIndex, check_index_model
 
     index = VectorIndex.load(args.index, backend=args.index_backend)
-    embedder = Embedder(args.model, args.backend)
+    embedder = _embedder(args)
     check_index_model(index, embedder)
     if args.text is not None:
         query, what = embedder.embed_texts([args.text]), f"text {args.text!r}"
@@ -308,8 +320,7 @@ def cmd_eval(args) -> int:
     from taichu.fileio import atomic_write_bytes
     from taichu.retrieval import evaluate
 
-    metrics = evaluate(args.model, args.backend, data=args.data, split=args.split,
-                       batch_size=args.batch_size)
+    metrics = evaluate(_embedder(args, args.batch_size), data=args.data, split=args.split)
     for line in metrics.lines():
         print(line)
     if args.out:

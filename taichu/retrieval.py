@@ -93,18 +93,33 @@ def _check_finite(name: str, x: np.ndarray) -> None:
 # ---------------------------------------------------------------------------- embeddings
 
 
+def check_export_directory(directory: str | Path, backend: str) -> None:
+    """Refuse a directory that `taichu export --format BACKEND` did not write."""
+    from taichu.config import ConfigError
+
+    directory = Path(directory)
+    if not (directory / EXPORT_INFO).is_file():
+        kind = {"onnx": "an ONNX", "mindir": "a MINDIR"}[backend]
+        raise ConfigError(f"{directory} is not {kind} export (no {EXPORT_INFO}): --backend "
+                          f"{backend} takes the directory written by `taichu export "
+                          f"{directory} --format {backend} --out DIR`")
+
+
 class Embedder:
     """Embeds images and captions with an image-text model (CLIP, BriVL).
 
     ``backend``: "torch" or "mindspore" (PyNative, or whatever context the caller set)
-    with a model directory; "onnx" with an ONNX export directory (``taichu export MODEL
-    --format onnx --out DIR``, run by ``export.runtime.OnnxImageTextEncoder``), "mindir"
-    with a MINDIR one (``export.runtime.MindirImageTextEncoder``: mindspore, no model code).
+    with a model directory; "onnx" or "mindir" with an export directory (``taichu export
+    MODEL --format onnx|mindir --out DIR``) and ``encoder``, the object that runs its
+    graphs (``image_features``, ``text_features``, ``tokenizer``):
+    ``export.runtime.export_embedder(DIR, "onnx")`` builds both. taichu/ does not import
+    export/ (the layers run one way), so the encoder comes from the caller.
     Outputs are float32 ``[n, dim]`` with unit rows whatever the family returns (CLIP's
     features are unnormalised, BriVL's normalised), so inner product = cosine.
     """
 
-    def __init__(self, model_dir: str | Path, backend: str = "torch", batch_size: int = 64):
+    def __init__(self, model_dir: str | Path, backend: str = "torch", batch_size: int = 64,
+                 encoder=None):
         from taichu.config import ConfigError, load_config
         from taichu.families import get_family
 
@@ -124,7 +139,7 @@ class Embedder:
         self.image_size = self.config.model.image.image_size
         self.context_length = self.config.model.text.max_position_embeddings
         if backend in EXPORT_BACKENDS:
-            self._init_export()
+            self._init_export(encoder)
             return
         if (self.model_dir / EXPORT_INFO).is_file():
             raise ConfigError(f"{self.model_dir} is an export directory: use --backend onnx or mindir "
@@ -139,27 +154,19 @@ class Embedder:
         self.tokenizer = Tokenizer(tokenizer_path)
         self.model = load_model(self.model_dir, backend=backend)
 
-    def _init_export(self) -> None:
-        from taichu.config import ConfigError
-
-        try:
-            from export.runtime import MindirImageTextEncoder, OnnxImageTextEncoder
-        except ImportError as err:   # an export/ without image-text towers
-            raise NotImplementedError(
-                f"the {self.backend} backend needs export.runtime's image-text encoders, which this "
-                f"installation lacks ({err}); use --backend torch or --backend mindspore") from None
-        if not (self.model_dir / EXPORT_INFO).is_file():
-            kind = {"onnx": "an ONNX", "mindir": "a MINDIR"}[self.backend]
-            raise ConfigError(f"{self.model_dir} is not {kind} export (no {EXPORT_INFO}): --backend "
-                              f"{self.backend} takes the directory written by `taichu export "
-                              f"{self.model_dir} --format {self.backend} --out DIR`")
-        encoder = {"onnx": OnnxImageTextEncoder, "mindir": MindirImageTextEncoder}[self.backend]
-        self.model = encoder(self.model_dir)
-        self.tokenizer = self.model.tokenizer
+    def _init_export(self, encoder) -> None:
+        check_export_directory(self.model_dir, self.backend)
+        if encoder is None:
+            raise ValueError(f"backend {self.backend} runs the graphs of {self.model_dir} through an "
+                             "encoder from export.runtime: use export.runtime.export_embedder("
+                             f"DIR, {self.backend!r}) (what `taichu embed --backend {self.backend}` "
+                             "does)")
+        self.model = encoder
+        self.tokenizer = encoder.tokenizer
         # Batching and normalisation stay here, so the three backends differ only in the
         # forward pass.
-        self._export_methods = {"get_image_features": self.model.image_features,
-                              "get_text_features": self.model.text_features}
+        self._export_methods = {"get_image_features": encoder.image_features,
+                                "get_text_features": encoder.text_features}
 
     @property
     def dim(self) -> int:
@@ -689,9 +696,10 @@ class Metrics:
         return out
 
 
-def evaluate(model_dir: str | Path, backend: str = "torch", data: str | None = None,
-             split: str = "test", ks: Sequence[int] = (1, 5), batch_size: int = 64) -> Metrics:
-    """Recall@K both ways (and zero-shot digit accuracy on digits) on a held-out split.
+def evaluate(embedder: Embedder, data: str | None = None, split: str = "test",
+             ks: Sequence[int] = (1, 5)) -> Metrics:
+    """Recall@K both ways (and zero-shot digit accuracy on digits) on a held-out split,
+    with the embedder's model in its backend.
 
     The split is the one training used: ``load_image_text`` with the model config's data
     section (validation_fraction, split_seed, scene_count, scene_seed); the split is a
@@ -707,7 +715,6 @@ def evaluate(model_dir: str | Path, backend: str = "torch", data: str | None = N
 
     if split not in ("test", "train", "all"):
         raise ValueError(f"split must be test, train or all, got {split!r}")
-    embedder = Embedder(model_dir, backend, batch_size)
     cfg = embedder.config.data
     source = data if data is not None else cfg.source
     dataset = load_image_text(source, test_fraction=cfg.validation_fraction, seed=cfg.split_seed,
@@ -721,7 +728,8 @@ def evaluate(model_dir: str | Path, backend: str = "torch", data: str | None = N
     text_emb = embedder.embed_texts(captions)
     similarity = text_emb @ image_emb.T   # [captions, images]
     ks = sorted({int(k) for k in ks})
-    values = {"model": str(model_dir), "backend": backend, "data": dataset.name, "split": split,
+    values = {"model": str(embedder.model_dir), "backend": embedder.backend, "data": dataset.name,
+              "split": split,
               "fingerprint": dataset.fingerprint, "images": len(pairs),
               "unique_captions": len(captions), "ks": ks}
     values["text_to_image"] = {

@@ -379,8 +379,8 @@ def test_mindir_embeddings_run_on_mindspore_alone(mindir_dir, clip_dir, tmp_path
         import json, sys
         import numpy as np
         from taichu.imagetext import draw_scene, make_scene
-        from taichu.retrieval import Embedder
-        embedder = Embedder({str(mindir_dir)!r}, "mindir")
+        from export.runtime import export_embedder
+        embedder = export_embedder({str(mindir_dir)!r}, "mindir")
         out = {{"texts": embedder.embed_texts({TEXTS!r}).tolist(), "images": embedder.embed_images({IMAGES}).tolist()}}
         out["loaded"] = [m for m in sys.modules if m.split(".")[0] in ("mindspore_impl", "torch_impl", "torch")]
         print(json.dumps(out))

@@ -3,6 +3,7 @@
 backends, and the embed / index / search / eval commands on a random clip-tiny."""
 import itertools
 import json
+import shutil
 from math import comb
 
 import numpy as np
@@ -309,6 +310,12 @@ def test_long_caption_is_cut_at_the_context(embedder):
 def test_embedder_refuses_models_and_backends_it_cannot_use(tmp_path, model_dir, clip_tokenizer):
     with pytest.raises(ValueError, match="not an ONNX export.*taichu export"):
         Embedder(model_dir, "onnx")
+    # An export directory without the encoder that runs it: taichu/ cannot build one itself.
+    (tmp_path / "fake_export").mkdir()
+    shutil.copy(model_dir / "config.yaml", tmp_path / "fake_export" / "config.yaml")
+    (tmp_path / "fake_export" / "export_info.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"export\.runtime\.export_embedder"):
+        Embedder(tmp_path / "fake_export", "onnx")
     with pytest.raises(ValueError, match="unknown backend"):
         Embedder(model_dir, "tensorflow")
     assert taichu_main(["init", str(CONFIGS / "gpt" / "gpt-tiny.yaml"), "--backend", "torch",
@@ -400,7 +407,7 @@ def test_onnx_export_gives_the_same_embeddings(tmp_path, capsys, embedder, digit
     code, out, err = run_cli(capsys, "export", embedder.model_dir, "--format", "onnx",
                              "--out", tmp_path / "export", "--no-validate")
     assert code == 0, err
-    onnx = Embedder(tmp_path / "export", "onnx", batch_size=4)
+    onnx = runtime.export_embedder(tmp_path / "export", "onnx", batch_size=4)
     captions = digit_prompts()
     # The design's bound for ONNX Runtime against its source framework.
     np.testing.assert_allclose(onnx.embed_images(digit_images), embedder.embed_images(digit_images),
