@@ -32,7 +32,7 @@ from mindspore.common.initializer import Normal, initializer
 from taichu.families.brivl import BriVLConfig, check_inputs
 from mindspore_impl.clip import (Encoder, EncoderLayer, TextEmbeddings, VisionEmbeddings,
                                  contrastive_loss)
-from mindspore_impl.gpt import _dtype_min
+from mindspore_impl.gpt import Dense, _dtype_min
 
 
 class Head(nn.Cell):
@@ -55,9 +55,9 @@ class Projection(nn.Cell):
     def __init__(self, hidden_size: int, config: BriVLConfig):
         super().__init__()
         m = config.model
-        self.fc1 = nn.Dense(hidden_size, m.projection_hidden)
+        self.fc1 = Dense(hidden_size, m.projection_hidden)
         self.act = nn.ReLU()
-        self.fc2 = nn.Dense(m.projection_hidden, m.embed_dim)
+        self.fc2 = Dense(m.projection_hidden, m.embed_dim)
 
     def construct(self, x):
         return self.fc2(self.act(self.fc1(x)))

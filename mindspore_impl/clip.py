@@ -23,7 +23,8 @@ from mindspore import nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from taichu.families.clip import MAX_LOGIT_SCALE, CLIPConfig, check_inputs, init_std
-from mindspore_impl.gpt import causal_attention_bias, cross_entropy
+from mindspore_impl.gpt import (BATCH_MATMUL, BATCH_MATMUL_TRANSPOSE_B, GELU, Dense,
+                                causal_attention_bias, cross_entropy)
 
 
 class QuickGELU(nn.Cell):
@@ -34,7 +35,7 @@ class QuickGELU(nn.Cell):
 
 
 # CLIP's config allows quick_gelu and gelu; BriVL, whose layers are these, all four.
-ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": lambda: nn.GELU(approximate=False),
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": GELU,
                "gelu_new": lambda: nn.GELU(approximate=True), "relu": nn.ReLU}
 
 
@@ -44,10 +45,10 @@ class Attention(nn.Cell):
         self.num_heads = tower.num_heads
         self.head_dim = tower.head_dim
         self.scale = 1.0 / math.sqrt(tower.head_dim)
-        self.q_proj = nn.Dense(tower.hidden_size, tower.hidden_size)
-        self.k_proj = nn.Dense(tower.hidden_size, tower.hidden_size)
-        self.v_proj = nn.Dense(tower.hidden_size, tower.hidden_size)
-        self.out_proj = nn.Dense(tower.hidden_size, tower.hidden_size)
+        self.q_proj = Dense(tower.hidden_size, tower.hidden_size)
+        self.k_proj = Dense(tower.hidden_size, tower.hidden_size)
+        self.v_proj = Dense(tower.hidden_size, tower.hidden_size)
+        self.out_proj = Dense(tower.hidden_size, tower.hidden_size)
         self.attn_dropout = nn.Dropout(p=config.model.attention_dropout)
 
     def construct(self, x, attention_bias=None):
@@ -55,20 +56,20 @@ class Attention(nn.Cell):
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
-        scores = ops.matmul(q, k.swapaxes(-2, -1)) * self.scale
+        scores = BATCH_MATMUL_TRANSPOSE_B(q, k) * self.scale
         if attention_bias is not None:
             scores = scores + attention_bias
         probs = self.attn_dropout(ops.softmax(scores, axis=-1))
-        out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(batch, length, hidden)
+        out = BATCH_MATMUL(probs, v).transpose(0, 2, 1, 3).reshape(batch, length, hidden)
         return self.out_proj(out)
 
 
 class MLP(nn.Cell):
     def __init__(self, tower, config: CLIPConfig):
         super().__init__()
-        self.fc1 = nn.Dense(tower.hidden_size, tower.ffn_size)
+        self.fc1 = Dense(tower.hidden_size, tower.ffn_size)
         self.act = ACTIVATIONS[config.model.activation]()
-        self.fc2 = nn.Dense(tower.ffn_size, tower.hidden_size)
+        self.fc2 = Dense(tower.ffn_size, tower.hidden_size)
 
     def construct(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -193,8 +194,8 @@ class CLIP(nn.Cell):
         self.config = config
         self.text_model = TextTransformer(config)
         self.vision_model = VisionTransformer(config)
-        self.visual_projection = nn.Dense(m.image.hidden_size, m.projection_dim, has_bias=False)
-        self.text_projection = nn.Dense(m.text.hidden_size, m.projection_dim, has_bias=False)
+        self.visual_projection = Dense(m.image.hidden_size, m.projection_dim, has_bias=False)
+        self.text_projection = Dense(m.text.hidden_size, m.projection_dim, has_bias=False)
         self.logit_scale = ms.Parameter(ms.Tensor(m.logit_scale_init, ms.float32), name="logit_scale")
         self._init_weights()
 

@@ -17,8 +17,53 @@ from taichu.families.gpt import GPTConfig, check_inputs
 
 # hidden [n, width] x table [vocab, width] -> [n, vocab], the table read as stored.
 _MATMUL_TRANSPOSE_B = ops.MatMul(transpose_b=True)
+# MindSpore idiom: attention's q k^T as BatchMatMul(transpose_b) reads k as it is; the
+# swapaxes + matmul it replaces materialises a transposed copy of k forward and backward.
+BATCH_MATMUL_TRANSPOSE_B = ops.BatchMatMul(transpose_b=True)
+BATCH_MATMUL = ops.BatchMatMul()
+_INV_SQRT_2 = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
-ACTIVATIONS = {"gelu": lambda: nn.GELU(approximate=False),
+
+class Dense(nn.Dense):
+    """nn.Dense (same parameters and names) with its bias added by Add instead of BiasAdd.
+
+    MindSpore idiom: BiasAdd's gradient kernel on CPU (BiasAddGrad) runs on one thread, 5-10x
+    slower than the ReduceSum that Add's broadcast gradient becomes: 0.5 s of gpt-small's
+    4.5 s training step (docs/benchmarks.md). Every family's linear layers are this one.
+    """
+
+    def construct(self, x):
+        shape = x.shape
+        x = self.matmul(x.reshape(-1, shape[-1]), self.weight)
+        if self.has_bias:
+            x = x + self.bias
+        return x.reshape(shape[:-1] + (x.shape[-1],))
+
+
+def _normal_cdf(x):
+    return 0.5 + 0.5 * ops.erf(x * _INV_SQRT_2)
+
+
+class GELU(nn.Cell):
+    """The exact GELU x * Phi(x) (torch's nn.GELU()), with its derivative written out.
+
+    MindSpore idiom: ops.gelu(approximate="none") is composite (Div, Erf, Add, Mul) and
+    autodiff differentiates each piece (Pow, Exp, Neg, Div, ...); bprop below is
+    Phi(x) + x phi(x) in a few element-wise kernels, the Erf shared with the forward:
+    69 -> 39 ms forward + backward at [8, 256, 2048] on 2 cores. (ops.GeLU, the
+    primitive, is the tanh approximation on CPU.)
+    """
+
+    def construct(self, x):
+        return x * _normal_cdf(x)
+
+    def bprop(self, x, out, dout):
+        pdf = ops.exp(x * x * -0.5) * _INV_SQRT_2PI
+        return (dout * (_normal_cdf(x) + x * pdf),)
+
+
+ACTIVATIONS = {"gelu": GELU,
                "gelu_new": lambda: nn.GELU(approximate=True),
                "relu": nn.ReLU}
 
@@ -30,10 +75,10 @@ class Attention(nn.Cell):
         self.num_heads = m.num_heads
         self.head_dim = m.head_dim
         self.scale = 1.0 / math.sqrt(m.head_dim)
-        self.q_proj = nn.Dense(m.hidden_size, m.hidden_size, has_bias=m.bias)
-        self.k_proj = nn.Dense(m.hidden_size, m.hidden_size, has_bias=m.bias)
-        self.v_proj = nn.Dense(m.hidden_size, m.hidden_size, has_bias=m.bias)
-        self.out_proj = nn.Dense(m.hidden_size, m.hidden_size, has_bias=m.bias)
+        self.q_proj = Dense(m.hidden_size, m.hidden_size, has_bias=m.bias)
+        self.k_proj = Dense(m.hidden_size, m.hidden_size, has_bias=m.bias)
+        self.v_proj = Dense(m.hidden_size, m.hidden_size, has_bias=m.bias)
+        self.out_proj = Dense(m.hidden_size, m.hidden_size, has_bias=m.bias)
         self.attn_dropout = nn.Dropout(p=m.attention_dropout)
         self.resid_dropout = nn.Dropout(p=m.dropout)
 
@@ -50,9 +95,9 @@ class Attention(nn.Cell):
         elif past_key_value is not None:
             k = ops.cat((past_key_value[0], k), axis=2)
             v = ops.cat((past_key_value[1], v), axis=2)
-        scores = ops.matmul(q, k.swapaxes(-2, -1)) * self.scale + attention_bias
+        scores = BATCH_MATMUL_TRANSPOSE_B(q, k) * self.scale + attention_bias
         probs = self.attn_dropout(ops.softmax(scores, axis=-1))
-        out = ops.matmul(probs, v).transpose(0, 2, 1, 3).reshape(batch, length, hidden)
+        out = BATCH_MATMUL(probs, v).transpose(0, 2, 1, 3).reshape(batch, length, hidden)
         return self.resid_dropout(self.out_proj(out)), (k, v)
 
 
@@ -60,9 +105,9 @@ class MLP(nn.Cell):
     def __init__(self, config: GPTConfig):
         super().__init__()
         m = config.model
-        self.fc_in = nn.Dense(m.hidden_size, m.ffn_size, has_bias=m.bias)
+        self.fc_in = Dense(m.hidden_size, m.ffn_size, has_bias=m.bias)
         self.act = ACTIVATIONS[m.activation]()
-        self.fc_out = nn.Dense(m.ffn_size, m.hidden_size, has_bias=m.bias)
+        self.fc_out = Dense(m.ffn_size, m.hidden_size, has_bias=m.bias)
         self.dropout = nn.Dropout(p=m.dropout)
 
     def construct(self, x):

@@ -149,3 +149,42 @@ def test_cache_past_the_position_table_is_an_error(tiny_config):
         model(torch.zeros((1, 1), dtype=torch.long), past_key_values=past, use_cache=True)
         with pytest.raises(ValueError, match=r"sequence length 129 \(past 127 \+ new 2\)"):
             model(torch.zeros((1, 2), dtype=torch.long), past_key_values=past, use_cache=True)
+
+
+def test_mindspore_exact_gelu_and_its_written_out_gradient_match_torch():
+    """mindspore_impl.gpt.GELU (a bprop cell: Phi(x) + x phi(x)) against torch's exact GELU and
+    autograd, both in float64, over the range activations reach; graph mode and PyNative."""
+    import mindspore as ms
+    import torch
+    from mindspore_impl.gpt import GELU
+    from tolerance import float32_tolerance
+
+    x = np.linspace(-8, 8, 4001, dtype=np.float32)
+    reference = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    torch.nn.functional.gelu(reference).sum().backward()
+    expected_value = torch.nn.functional.gelu(reference).detach().numpy()
+    expected_grad = reference.grad.numpy()
+    gelu = GELU()
+
+    def total(t):
+        return gelu(t).sum()
+
+    grad_fn = ms.value_and_grad(total)
+    for run in (grad_fn, ms.jit(grad_fn)):
+        _, grad = run(ms.Tensor(x))
+        value = gelu(ms.Tensor(x)).asnumpy()
+        # Scale: |x| <= 8 for the value, Phi(x) + |x| phi(x) <= 1.25 for the derivative. Terms:
+        # the chain's element-wise roundings (4 for the value, 8 for the derivative) plus 4
+        # for each of erf and exp, whose CPU kernels are accurate to a few ulps, not to one.
+        # (Seen here: 4.3e-7 and 7.6e-7 against bounds of 7.6e-6 and 2.4e-6.)
+        np.testing.assert_allclose(value, expected_value, rtol=0, atol=float32_tolerance(8.0, 8))
+        np.testing.assert_allclose(grad.asnumpy(), expected_grad, rtol=0,
+                                   atol=float32_tolerance(1.25, 16))
+    # The derivative really is the written one: it differs from the tanh approximation's.
+    tanh_gelu = ms.nn.GELU(approximate=True)
+
+    def tanh_total(t):
+        return tanh_gelu(t).sum()
+
+    approx = ms.value_and_grad(tanh_total)(ms.Tensor(x))[1]
+    assert np.abs(approx.asnumpy() - expected_grad).max() > 100 * float32_tolerance(1.25, 16)
