@@ -74,8 +74,9 @@ def flops_per_token(config, seq_len: int) -> tuple[float, int]:
 
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm: first call allocates / compiles
+def best_time(fn, repeats: int, warm: int = 1) -> float:
+    for _ in range(warm):
+        fn()  # warm: first call allocates / compiles
     times = []
     for _ in range(repeats):
         settle()
@@ -260,7 +261,8 @@ def mindspore_worker(args, mode: str):
             start = time.perf_counter()
             fn()
             parts[f"{part} compile"] = time.perf_counter() - start
-            parts[part] = best_time(fn, 2)
+            # As many warm calls as the steps get: MindSpore's first calls run slower.
+            parts[part] = best_time(fn, 2, warm=max(1, args.warmup_steps - 1))
             parts[f"rss after {part}"] = peak_rss()
         return {**info, "parts": {name: parts}}, {}, dict
 
@@ -314,10 +316,11 @@ def serve(args) -> None:
     else:
         info, steps, finish = mindspore_worker(args, {"mindspore": "graph"}.get(args.worker,
                                                                                 args.worker))
-    warmup = max(1, args.warmup_steps)
+    # PyNative (11 s a step) gets one warm-up step: it is reported for context only.
+    warmup = 1 if args.worker == "pynative" else max(1, args.warmup_steps)
     count = args.pynative_steps if args.worker == "pynative" else args.steps
-    runs = {name: {"times": [], "losses": [], "others": [], "threads": info["threads"]}
-            for name in steps}
+    runs = {name: {"times": [], "losses": [], "others": [], "warmup": [],
+                   "threads": info["threads"]} for name in steps}
     for i in range(warmup + count):
         # Several implementations in one worker alternate step by step: same load for each.
         for name, step in steps.items():
@@ -330,6 +333,8 @@ def serve(args) -> None:
             run["losses"].append(loss)
             if i == 0:
                 run["first"] = elapsed  # includes MindSpore's graph compilation
+            if 0 < i < warmup:
+                run["warmup"].append(elapsed)
             if i >= warmup:
                 run["times"].append(elapsed)
                 run["others"].append(others)
@@ -386,14 +391,16 @@ def report(args, runs: dict, extras: dict, wall: float) -> str:
     per_token, n = flops_per_token(config, args.seq_len)
     peak = extras["peak_torch"]
     hf = runs["huggingface"]
-    lines = ["| implementation | threads | first step (s) | median step (s) | best step (s) "
-             "| tokens/s (median) | vs HF | GFLOP/s | MFU (median) | MFU (best) | other load |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| implementation | threads | first step (s) | warm-up steps (s) | median step (s) "
+             "| best step (s) | tokens/s (median) | vs HF | GFLOP/s | MFU (median) | MFU (best) "
+             "| other load |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, run in runs.items():
         median, best = statistics.median(run["times"]), min(run["times"])
         flops = tokens * per_token / median / 1e9
         lines.append(
-            f"| {name} | {run['threads']} | {run['first']:.1f} | {median:.2f} | {best:.2f} | "
+            f"| {name} | {run['threads']} | {run['first']:.1f} | "
+            f"{' '.join(f'{t:.1f}' for t in run.get('warmup', [])) or '-'} | {median:.2f} | {best:.2f} | "
             f"{tokens / median:.0f} | {statistics.median(hf['times']) / median:.2f}x | "
             f"{flops:.1f} | {flops / peak:.0%} | {tokens * per_token / best / 1e9 / peak:.0%} | "
             f"{statistics.median(run['others']):.0%} |")
@@ -402,8 +409,10 @@ def report(args, runs: dict, extras: dict, wall: float) -> str:
         f"{m.num_heads} heads, vocab {m.vocab_size}, activation {m.activation}), dropout 0, "
         f"batch {args.batch_size} x seq_len {args.seq_len} = {tokens} tokens/step, fp32, "
         f"AdamW + clip {config.train.max_grad_norm}; the same token batch every step.",
-        f"- Steps: {args.warmup_steps} warm-up step(s) per implementation excluded (\"first "
-        f"step\" includes MindSpore's graph compilation), then {args.steps} timed steps "
+        f"- Steps: {args.warmup_steps} warm-up step(s) per implementation excluded (1 for "
+        "PyNative; \"first step\" includes MindSpore's graph compilation; the later warm-up "
+        "steps are listed: MindSpore's CPU kernels search their parallel split over their "
+        f"first calls, so its early steps run slower), then {args.steps} timed steps "
         f"({args.pynative_steps} for PyNative). tokens/s = tokens per step / median step "
         "time; vs HF = HF median / median. torch_impl and Hugging Face alternate step by step "
         "in one process; the MindSpore workers run after it, one at a time.",
@@ -430,7 +439,8 @@ def report(args, runs: dict, extras: dict, wall: float) -> str:
     breakdown = []
     if extras.get("parts"):
         pieces = ("forward", "forward+backward", "clip+AdamW")
-        breakdown += ["", "Breakdown (seconds, best of 2 calls after a warm one; forward = "
+        breakdown += ["", "Breakdown (seconds, best of 2 calls after warm ones (torch 1, MindSpore "
+                      f"{max(1, args.warmup_steps - 1)} after the compiling call); forward = "
                       "`eval_loss`; MindSpore: the Trainer's compiled graphs of its "
                       "grad-accumulation path, each compiled in a fresh process):", "",
                       "| implementation | forward | forward+backward | clip+AdamW | best full step "
@@ -468,7 +478,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per implementation")
-    parser.add_argument("--warmup-steps", type=int, default=1)
+    parser.add_argument("--warmup-steps", type=int, default=5,
+                        help="untimed steps per implementation (MindSpore's steps 2-5 still "
+                             "run ~25%% slower than later ones on 2 cores)")
     parser.add_argument("--pynative-steps", type=int, default=2,
                         help="timed MindSpore PyNative steps (0 skips PyNative)")
     parser.add_argument("--breakdown", action="store_true",
