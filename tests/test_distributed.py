@@ -30,11 +30,12 @@ def free_port() -> int:
 def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_tokenizer, backend, accum, fsdp):
     import torch
 
+    lr, steps = 2e-3, 8
     torch.manual_seed(0)
     init = taichu.save_model(taichu.build_model(taichu.load_config(TINY), "torch"), tmp_path / "init",
                              tokenizer=tiny_tokenizer)
     overrides = [f"data.cache_dir={tmp_path / 'cache'}", "train.batch_size=8", f"train.grad_accum_steps={accum}",
-                 "train.max_steps=8", "train.warmup_steps=2", "train.learning_rate=2e-3",
+                 f"train.max_steps={steps}", "train.warmup_steps=2", f"train.learning_rate={lr}",
                  "train.log_interval=1", "train.eval_interval=1000", "train.eval_batches=1",
                  "model.dropout=0.0", "model.attention_dropout=0.0"]
     single = tmp_path / "single"
@@ -61,9 +62,24 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_tokenizer,
 
     one = {r["step"]: r["loss"] for r in read_metrics(single) if "loss" in r}
     two = {r["step"]: r["loss"] for r in read_metrics(parallel) if "loss" in r}
-    assert sorted(two) == list(range(1, 9))
+    assert sorted(two) == list(range(1, steps + 1))
     relative = max(abs(one[s] - two[s]) / one[s] for s in one)
     assert relative <= 1e-5, f"worst relative loss difference {relative:.2e}"
+    norms_one = {r["step"]: r["grad_norm"] for r in read_metrics(single) if "grad_norm" in r}
+    norms_two = {r["step"]: r["grad_norm"] for r in read_metrics(parallel) if "grad_norm" in r}
+    # The averaging itself: AdamW is nearly blind to a gradient scale, so losses and weights
+    # would hardly show ranks summed instead of averaged; the pre-clip norm doubles. Seen:
+    # 1e-7 relative (mindspore, torch with accumulation), 1.2e-5 (FSDP's reduce-scatter).
+    worst_norm = max(abs(norms_one[s] - norms_two[s]) / norms_one[s] for s in norms_one)
+    assert sorted(norms_two) == sorted(norms_one) and worst_norm <= 1e-4, worst_norm
     a = taichu.state_dict(taichu.load_model(single / "final", backend="torch"))
     b = taichu.state_dict(taichu.load_model(parallel / "final", backend="torch"))
-    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-5
+    # Not 1e-5 absolute, which held by luck: the all-reduce sums the two halves' gradients in
+    # another order than one process sums the batch, and AdamW divides each element's moment
+    # by the root of its second moment, so an element whose gradient cancels (or is rounding
+    # noise, as a key bias's is: softmax ignores it) turns a rounding difference into a step
+    # difference of up to a fraction of lr. Measured (MindSpore, 8 steps, lr 2e-3): 1.1e-5 on
+    # an fc_in weight that moved 6.5e-3; a k_proj bias differs by its whole 1.9e-6 movement.
+    # Ranks stepping on their own halves (no gradient exchange) change steps by O(lr):
+    # bound 1% of lr per step.
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 0.01 * lr * steps
