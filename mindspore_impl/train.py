@@ -213,11 +213,8 @@ class Trainer:
         # cores, where the fused step with clipping and AdamW takes 1.65 s (bench/train_gpt.py's
         # findings; why, inside MindSpore's CPU runtime, is not known).
         if scale > 0:
-            self._add_sums(grads)
+            _MAP(ops.assign_add, self.grad_sums, grads)
         return outputs[1:]
-
-    def _add_sums(self, grads):
-        _MAP(ops.assign_add, self.grad_sums, grads)
 
     def _apply_impl(self, grads, unscale, max_norm, lr):
         """Unscale (fp16), clip to max_norm by the global norm, AdamW; the unscaled norm."""
