@@ -14,6 +14,9 @@ EXTRAS = {
     # tokenizers + protobuf: the tokenizer.json written beside Hugging Face weights
     # (taichu/convert/hf_tokenizer.py; protobuf reads the SentencePiece model's settings).
     "hf": ["tokenizers", "protobuf"],
+    # The speech family (taichu/speech.py): libespeak-ng and its Mandarin voice as a wheel
+    # (offline synthesis), tone-numbered pinyin, resampling, wav/flac I/O, error rates.
+    "speech": ["espeakng-loader", "pypinyin", "soxr", "soundfile", "jiwer"],
     "dev": ["pytest", "transformers"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

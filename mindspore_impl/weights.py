@@ -11,7 +11,7 @@ from mindspore import nn, ops
 
 from taichu.weights import contiguous, from_mindspore_array, from_mindspore_name, to_mindspore_array
 
-LAYER_KINDS = ((nn.LayerNorm, "layer_norm"), (nn.Embedding, "embedding"), (nn.Dense, "linear"),
+LAYER_KINDS = ((nn.LayerNorm, "layer_norm"), (nn.GroupNorm, "group_norm"), (nn.Embedding, "embedding"), (nn.Dense, "linear"),
                (nn.Conv1d, "conv1d"), (nn.BatchNorm1d, "batch_norm"), (nn.BatchNorm2d, "batch_norm"))
 
 

@@ -18,6 +18,7 @@ from taichu.fileio import atomic_write_bytes
 # layer kind -> {canonical leaf: MindSpore leaf}
 MINDSPORE_LEAF_RENAMES: dict[str, dict[str, str]] = {
     "layer_norm": {"weight": "gamma", "bias": "beta"},
+    "group_norm": {"weight": "gamma", "bias": "beta"},
     "embedding": {"weight": "embedding_table"},
     "batch_norm": {"weight": "gamma", "bias": "beta",
                    "running_mean": "moving_mean", "running_var": "moving_variance"},

@@ -45,7 +45,8 @@ class Family:
 
 
 _FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt", "clip": "taichu.families.clip",
-                             "brivl": "taichu.families.brivl"}
+                             "brivl": "taichu.families.brivl",
+                             "wav2vec2": "taichu.families.wav2vec2"}
 BACKENDS = ("mindspore", "torch")
 
 
