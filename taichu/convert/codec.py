@@ -17,6 +17,7 @@ from taichu.families import get_family
 from taichu.weights import CheckpointError, check_tensors
 
 HF_CONFIG = "config.json"
+COUNTER_DTYPES = ("int64", "int32")
 
 
 class Codec:
@@ -46,7 +47,10 @@ class Codec:
     def check(self, tensors: Tensors, source: str) -> None:
         found = {k: v for k, v in tensors.shapes.items() if k not in self.harmless()}
         check_tensors(found, self.expected(), source)
-        wrong = {k: tensors.dtypes[k] for k in found if tensors.dtypes[k] not in FLOAT_DTYPES}
+        # One-element integer tensors are counters (BriVL's queue_ptr, num_updates), not weights.
+        expected = self.expected()
+        wrong = {k: tensors.dtypes[k] for k in found if tensors.dtypes[k] not in FLOAT_DTYPES
+                 and not (tensors.dtypes[k] in COUNTER_DTYPES and tuple(expected.get(k, ())) == (1,))}
         if wrong:
             raise CheckpointError(f"{source}: weights must be floating point, got {wrong}")
 

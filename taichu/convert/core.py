@@ -31,6 +31,7 @@ from taichu.config import ConfigError, apply_overrides, config_to_dict, dump_con
 from taichu.convert.codec import HF_CONFIG, Codec, HFFamily, refuse
 from taichu.convert.hf_clip import CLIP
 from taichu.convert.hf_gpt2 import GPT2
+from taichu.convert.hf_wav2vec2 import WAV2VEC2
 from taichu.convert.hf_tokenizer import (SP_MODEL, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TOKENIZER_JSON,
                                          read_hf_tokenizer, tokenizer_section, write_hf_tokenizer)
 from taichu.convert.mindspore_ckpt import MINDSPORE_LEAVES, MindSporeCodec, is_ckpt, read_ckpt, write_ckpt
@@ -45,7 +46,7 @@ TOKENIZER_FILE = SP_MODEL
 HF_TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, SP_MODEL)
 
 # Which Hugging Face architecture each of our families is (config.json both ways, tensor codec).
-HF_FAMILIES = {"gpt": GPT2, "clip": CLIP}
+HF_FAMILIES = {"gpt": GPT2, "clip": CLIP, "wav2vec2": WAV2VEC2}
 
 
 def _hf_family(config) -> HFFamily:
@@ -62,15 +63,26 @@ def hf_codec(config) -> Codec:
 CODECS = {"taichu": Codec, "torch": Codec, "mindspore": MindSporeCodec, "hf": hf_codec}
 
 
+def _hf_family_of(hf: dict) -> HFFamily | None:
+    return next((f for f in HF_FAMILIES.values() if f.model_type == hf.get("model_type")), None)
+
+
+def _own_vocabulary(config) -> bool:
+    """Whether the family's Hugging Face form carries its vocabulary in files of its own
+    (wav2vec2's vocab.json), so no SentencePiece tokenizer travels with it."""
+    return hasattr(HF_FAMILIES.get(config.family), "write_files")
+
+
 def hf_to_config(hf: dict, source: str, overrides: Iterable[str] = ()):
-    """Our config from a Hugging Face config.json (GPT2LMHeadModel or CLIPModel); HF
-    features we lack are refused, naming the key and ``source``."""
+    """Our config from a Hugging Face config.json (GPT2LMHeadModel, CLIPModel,
+    Wav2Vec2ForPreTraining or Wav2Vec2ForCTC); HF features we lack are refused, naming the
+    key and ``source``."""
     model_type = hf.get("model_type")
-    family = next((f for f in HF_FAMILIES.values() if f.model_type == model_type), None)
+    family = _hf_family_of(hf)
     if family is None:
         supported = " and ".join(f"{f.architecture} ({f.model_type})" for f in HF_FAMILIES.values())
-        raise refuse(source, f"model_type {model_type!r}: only Hugging Face GPT-2 and CLIP are "
-                             f"supported ({supported})")
+        raise refuse(source, f"model_type {model_type!r}: only Hugging Face GPT-2, CLIP and wav2vec 2.0 "
+                             f"are supported ({supported})")
     raw = json.loads(json.dumps(family.from_hf(hf, source)))
     applied = apply_overrides(raw, overrides)
     return validate_config(raw, source, applied)
@@ -124,8 +136,10 @@ def _classify_safetensors(path: Path) -> str:
     names = list(tensors.shapes)
     if metadata.get("format") == "ms" or any(n.endswith(MINDSPORE_LEAVES) for n in names):
         return "mindspore"
-    # GPT2LMHeadModel's prefix, GPT2Model's embedding, CLIPModel's misspelt LayerNorm.
-    if any(n.startswith(("transformer.", "vision_model.pre_layrnorm.")) or n == "wte.weight" for n in names):
+    # GPT2LMHeadModel's prefix, GPT2Model's embedding, CLIPModel's misspelt LayerNorm,
+    # wav2vec2's parametrized (weight-normalised) position convolution.
+    if any(n.startswith(("transformer.", "vision_model.pre_layrnorm.")) or n == "wte.weight"
+           or ".parametrizations.weight." in n for n in names):
         return "hf"
     return "torch"
 
@@ -211,12 +225,17 @@ def open_source(path: str | Path, config=None, allow_pickle: bool = False,
                 raise ConfigError(f"{hf_dir / HF_CONFIG}: not valid JSON: {err}") from None
             if not isinstance(hf, dict):
                 raise ConfigError(f"{hf_dir / HF_CONFIG}: not a JSON object")
+            # Config kept in files beside config.json (wav2vec2's vocab.json).
+            read_files = getattr(_hf_family_of(hf), "read_files", None)
+            if read_files is not None:
+                hf = read_files(hf, hf_dir)
             derived = hf_to_config(hf, str(hf_dir / HF_CONFIG), overrides)
             if not isinstance(hf.get("taichu_config"), dict):
                 # CLIP's special token ids do come across: HF pools the text at its eos id.
                 ids = " (special token ids from config.json)" if derived.family == "clip" else ""
-                notes.append(f"config.json has no taichu_config: the config's tokenizer section is taichu's "
-                             f"default{ids} unless a tokenizer is carried")
+                if not _own_vocabulary(derived):
+                    notes.append(f"config.json has no taichu_config: the config's tokenizer section is taichu's "
+                                 f"default{ids} unless a tokenizer is carried")
             notes += HF_FAMILIES[derived.family].notes(hf)
         if config is not None:
             given = _resolve_config(config, path, "", overrides)
@@ -315,7 +334,11 @@ def write(config, tensors: Tensors, dst: str | Path, to: str = "taichu",
         # config.json's dtype: that of the first tensor (the token embedding of both families).
         dtype = next(iter(foreign.dtypes.values()))
         atomic_write_bytes(dst / HF_CONFIG, json.dumps(config_to_hf(config, dtype), indent=2).encode())
-        return written + [dst / HF_CONFIG]
+        written.append(dst / HF_CONFIG)
+        for name, data in getattr(_hf_family(config), "write_files", lambda c: {})(config).items():
+            atomic_write_bytes(dst / name, data)   # wav2vec2's vocab.json and tokenizer_config.json
+            written.append(dst / name)
+        return written
     if to == "mindspore" and dst.suffix.lower() != ".safetensors":
         write_ckpt(foreign, dst)
         return [dst]
@@ -361,7 +384,9 @@ def convert(src: str | Path, dst: str | Path, to: str | None = None, dtype: str 
         notes += [n for n in family.notes(family.to_hf(source.config)) if n not in notes]
     written = write(source.config, tensors, dst, target, max_shard_bytes, tokenizer)
     problem = None
-    if target == "hf":
+    if _own_vocabulary(source.config):
+        pass   # its vocabulary is part of the config (wav2vec2's CTC alphabet <-> vocab.json)
+    elif target == "hf":
         problem = _write_hf_tokenizer(source, dst, written, notes)
     elif target == "taichu" and source.format == "hf" and source.path.is_dir():
         problem = _read_hf_tokenizer(source, dst, written, notes)

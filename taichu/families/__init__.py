@@ -42,6 +42,9 @@ class Family:
     # What ``taichu train`` feeds it: "language_model" (token blocks, next-token loss) or
     # "image_text" (image-caption pairs, the family's contrastive loss).
     task: str = "language_model"
+    # (init config, run config) -> name prefixes that ``taichu train --init`` leaves freshly
+    # initialised instead of loading (a head the init model does not have); None: none.
+    fresh_on_init: Callable[[Any, Any], tuple[str, ...]] | None = None
 
 
 _FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt", "clip": "taichu.families.clip",

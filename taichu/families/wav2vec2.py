@@ -157,6 +157,9 @@ class SpeechDataConfig(Section):
     pitches: list[StrictInt] = Field(default_factory=lambda: [35, 50, 65])
     validation_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     split_seed: StrictInt = 0
+    # Train on this many of the training clips only (a seeded draw; null = all): the
+    # labelled budget of a fine-tuning run, e.g. to compare pretrained and scratch models.
+    train_clips: StrictInt | None = Field(None, gt=0)
     # Clips longer than this are cropped at random (pretraining) or refused (CTC).
     max_seconds: float = Field(8.0, gt=0.0)
     # Batches are padded to a multiple of this many seconds (few distinct shapes for a
@@ -233,10 +236,14 @@ def tensor_specs(config: Wav2Vec2Config) -> dict[str, TensorSpec]:
     return specs
 
 
-def head_prefixes(config: Wav2Vec2Config) -> tuple[str, ...]:
-    """Tensor names that belong to the head, not the backbone: what ``--init`` from a model
-    with the other head leaves fresh (the backbone loads, the head starts new)."""
-    return ("quantizer.", "project_hid.", "project_q.", "lm_head.", "num_updates")
+HEAD_PREFIXES = ("quantizer.", "project_hid.", "project_q.", "lm_head.", "num_updates")
+
+
+def fresh_on_init(init: Wav2Vec2Config, run: Wav2Vec2Config) -> tuple[str, ...]:
+    """``taichu train --init`` from a model with the other head (pretraining -> CTC): the
+    backbone loads, the head and the update counter (Gumbel temperature, encoder freeze)
+    start new."""
+    return HEAD_PREFIXES if init.model.head != run.model.head else ()
 
 
 def describe(config: Wav2Vec2Config) -> dict:
@@ -270,7 +277,7 @@ def describe(config: Wav2Vec2Config) -> dict:
 
 FAMILY = Family(name="wav2vec2", module="wav2vec2", class_name="Wav2Vec2",
                 config_class=Wav2Vec2Config, tensor_specs=tensor_specs, describe=describe,
-                task="speech")
+                task="speech", fresh_on_init=fresh_on_init)
 
 
 # ----------------------------------------------------------------------------- lengths
@@ -352,3 +359,46 @@ def sample_negative_indices(rng: np.random.Generator, mask: np.ndarray, num_nega
 def gumbel_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
     """Standard Gumbel noise -log(E), E ~ Exp(1), float32 (the Gumbel-softmax's g)."""
     return (-np.log(rng.standard_exponential(shape))).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+def check_inputs(config: Wav2Vec2Config, shape: tuple[int, ...], attention_mask: np.ndarray | None = None,
+                 dtype: str | None = None) -> None:
+    """The checks both backends run before a forward pass, with one wording.
+
+    Done outside the compiled graph, on the shape (and a numpy copy of the mask):
+    ``input_values`` is [batch, samples] of a floating dtype (``dtype``: its name, numpy's
+    or the framework's, e.g. "float32" or "torch.float32"); ``attention_mask`` (1 = real
+    sample) has its shape and is right-padded (ones, then zeros), because frames are
+    counted from each row's number of real samples, as Hugging Face does. Every row must
+    be long enough to make one frame: shorter than the receptive field, the feature
+    encoder gives it no frame at all.
+    """
+    m = config.model
+    shape = tuple(int(n) for n in shape)
+    if len(shape) != 2:
+        raise ValueError(f"input_values must be [batch, samples] (16 kHz mono audio), got shape {shape}")
+    if shape[0] == 0:
+        raise ValueError("input_values has an empty batch")
+    if dtype is not None and "float" not in str(dtype):
+        raise ValueError(f"input_values must be floating point (normalised audio), got {dtype}")
+    if attention_mask is None:
+        lengths = np.full(shape[0], shape[1], dtype=np.int64)
+    else:
+        if tuple(attention_mask.shape) != shape:
+            raise ValueError(f"attention_mask must have the shape of input_values {shape}, "
+                             f"got {tuple(attention_mask.shape)}")
+        mask = np.asarray(attention_mask) != 0
+        lengths = mask.sum(axis=1)
+        right_padded = mask == (np.arange(shape[1])[None, :] < lengths[:, None])
+        if not right_padded.all():
+            row = int(np.flatnonzero(~right_padded.all(axis=1))[0])
+            raise ValueError(f"attention_mask row {row} is not right-padded (ones, then zeros): "
+                             "frames are counted from each row's number of real samples")
+    shortest = receptive_field(m)
+    if lengths.min() < shortest:
+        row = int(np.argmin(lengths))
+        raise ValueError(f"input row {row} has {int(lengths[row])} real samples; the feature encoder needs "
+                         f"at least {shortest} samples ({1000 * shortest / SAMPLE_RATE:.1f} ms at "
+                         f"{SAMPLE_RATE} Hz) to make one frame")
