@@ -10,7 +10,7 @@ input checks, and conversion both ways through files (round trip byte-equal, an 
 save_pretrained directory loads, our HF export loads in transformers).
 
 Sections: (1) names, (2) Hugging Face oracle, (3) training, (4) input checks,
-(5) conversion. MindSpore parity is to come as its own section.
+(5) conversion, (6) MindSpore parity (mindspore_impl/wav2vec2.py against torch_impl).
 """
 import json
 
@@ -558,3 +558,653 @@ def test_masked_spec_embed_only_where_hugging_face_has_one(tmp_path):
     hf = hf_model("group", False, "ctc", mask_time_prob=0.0, mask_feature_prob=0.1)
     ours = ours_from_hf(hf)
     assert torch.equal(ours.wav2vec2.masked_spec_embed, hf.wav2vec2.masked_spec_embed)
+
+
+# ============================================================================= (6) MindSpore
+#
+# mindspore_impl/wav2vec2.py against torch_impl/wav2vec2.py (the Hugging Face oracle above
+# vouches for torch): the same canonical weights in both backends, random padded audio.
+# Forward (hidden states, extract_features, CTC logits, embed) in PyNative and graph mode
+# within the project's float32 1e-5; the pretraining terms in training mode (fixed Gumbel
+# noise) and in evaluation (argmax); the CTC loss with labels too long for their frames;
+# every parameter's gradient (graph mode); the feature-encoder freeze and the Gumbel
+# temperature read from num_updates inside compiled graphs; the trainer's eval_loss running
+# the evaluation branch.
+#
+# The MindSpore-only layers (FrameConv1d, WeightNormConv1d: speed idioms for MindSpore's CPU
+# Conv2D) are checked against torch's layers on their own, in float64. Speed, forward +
+# backward, graph mode, 2 CPU cores (a shared machine: +-30 %): wav2vec2-small's feature
+# encoder at [8, 64000] through nn.Conv1d as torch writes it 5.3 s, through FrameConv1d
+# 0.44 s, torch_impl 0.43 s; its position convolution ([8, 128, 199], K 32, 8 groups) as a
+# grouped Conv2D 1.7-2.0 s, as per-tap BatchMatMuls 0.06 s, torch 0.04-0.12 s.
+
+# Tiny configs of both norms: "group" with the tiny stack ([10, 4, 4] / [5, 4, 4]: a kernel
+# twice and once its stride), GELU, an even position kernel (16), no conv bias; "layer" with
+# [10, 3, 2] / [5, 2, 3] (a kernel that is no multiple of its stride, and one shorter than
+# it), relu / gelu_new, an odd position kernel (7), conv biases. Together they take every
+# path of FrameConv1d.
+MS_VARIANT_OVERRIDES = {
+    "group": ["model.feat_extract_norm=group", "model.conv_bias=false", "model.feat_extract_activation=gelu",
+              "model.activation=gelu"],
+    "layer": ["model.feat_extract_norm=layer", "model.conv_bias=true", "model.feat_extract_activation=relu",
+              "model.activation=gelu_new", "model.conv_dim=[16, 12, 14]", "model.conv_kernel=[10, 3, 2]",
+              "model.conv_stride=[5, 2, 3]", "model.num_conv_pos_embeddings=7"],
+}
+LONG = (2000, 1500, 900)          # samples per row for the losses: more frames to mask
+
+
+def ms_config(norm: str, stable: bool, head: str, *extra):
+    return load_config(TINY, [*MS_VARIANT_OVERRIDES[norm], f"model.do_stable_layer_norm={str(stable).lower()}",
+                              f"model.head={head}", *extra])
+
+
+def perturbed_arrays(config, seed: int = 0) -> dict:
+    """A torch model's canonical state with every float tensor perturbed (LayerNorms not 1/0,
+    biases not 0), as hf_model does for the oracle."""
+    torch.manual_seed(seed)
+    arrays = taichu.state_dict(taichu.build_model(config, "torch"))
+    rng = np.random.default_rng(seed + 100)
+    return {k: (v + 0.05 * rng.standard_normal(v.shape)).astype(v.dtype) if v.dtype == np.float32 else v
+            for k, v in arrays.items()}
+
+
+def both_models(config, arrays=None):
+    """(torch model, MindSpore model) holding the same canonical arrays, in evaluation."""
+    arrays = perturbed_arrays(config) if arrays is None else arrays
+    models = []
+    for backend in ("torch", "mindspore"):
+        model = taichu.build_model(config, backend)
+        taichu.load_state_dict(model, arrays)
+        if backend == "torch":
+            model.eval()
+        else:
+            model.set_train(False)
+        models.append(model)
+    return tuple(models)
+
+
+def ms_t(*arrays):
+    """MindSpore tensors; int64 as int32 (what the trainer feeds, and MindSpore's CPU Gather)."""
+    import mindspore as ms
+
+    out = tuple(ms.Tensor(a.astype(np.int32) if a.dtype == np.int64 else np.ascontiguousarray(a)) for a in arrays)
+    return out if len(out) > 1 else out[0]
+
+
+def ms_float64(model) -> None:
+    """Every float32 parameter of a MindSpore model as float64 (what torch's .to(float64) does)."""
+    import mindspore as ms
+
+    for param in model.get_parameters():
+        if param.dtype == ms.float32:
+            values = param.asnumpy().astype(np.float64)
+            param.set_dtype(ms.float64)
+            param.set_data(ms.Tensor(values))
+
+
+def compiled(fn, graph: bool):
+    """fn compiled with mindspore.jit in graph mode, else fn (PyNative). A jitted function is
+    compiled per mode of use: MindSpore 2.10 keys a plain function's graph on its arguments,
+    not on the cells' training flag, so one function called after set_train(False) would
+    reuse its training graph (see test_ms_trainer_eval_loss_runs_the_evaluation_branch)."""
+    import mindspore as ms
+
+    return ms.jit(fn) if graph else fn
+
+
+def gumbel(config, time_mask, seed: int):
+    q = config.model.quantizer
+    return np.random.default_rng(seed).gumbel(
+        size=(*time_mask.shape, q.num_codevector_groups * q.num_codevectors_per_group)).astype(np.float32)
+
+
+def relative(a, b) -> float:
+    """|a - b| / max(1, |b|) of two scalars (the oracle tests' measure)."""
+    return abs(float(a) - float(b)) / max(1.0, abs(float(b)))
+
+
+# ----------------------------------------------------------------------------- (6a) names, layers
+
+@pytest.mark.parametrize("head", ["pretraining", "ctc"])
+@pytest.mark.parametrize("norm", ["group", "layer"])
+def test_ms_parameters_are_the_tensor_specs(norm, head):
+    """Canonical names and shapes are the tensor specs; MindSpore's own names differ only in
+    the leaves of taichu.weights (gamma/beta, 4-D conv weights); num_updates is an int64
+    Parameter outside the trained ones; the position convolution's three Parameters keep
+    their canonical names and shapes."""
+    import mindspore as ms
+
+    from mindspore_impl.weights import canonical_parameters
+
+    config = ms_config(norm, False, head)
+    model = taichu.build_model(config, "mindspore")
+    specs = tensor_specs(config)
+    assert {k: v.shape for k, v in taichu.state_dict(model).items()} == {k: s.shape for k, s in specs.items()}
+    params = canonical_parameters(model)
+    for name, (param, kind) in params.items():
+        prefix, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        expected_leaf = {"layer_norm": {"weight": "gamma", "bias": "beta"},
+                         "group_norm": {"weight": "gamma", "bias": "beta"}}.get(kind, {}).get(leaf, leaf)
+        assert param.name == (f"{prefix}.{expected_leaf}" if prefix else expected_leaf), (name, param.name)
+        if kind == "conv1d" and leaf == "weight":
+            assert param.shape == (specs[name].shape[0], specs[name].shape[1], 1, specs[name].shape[2])
+    assert model.num_updates.dtype == ms.int64 and not model.num_updates.requires_grad
+    trained = {param.name for param in model.trainable_params()}
+    assert trained == {param.name for param, _ in params.values()} - {"num_updates"}
+    conv = model.wav2vec2.encoder.pos_conv_embed.conv
+    assert (conv.weight_v.name, conv.weight_v.ndim) == ("wav2vec2.encoder.pos_conv_embed.conv.weight_v", 3)
+
+
+def test_ms_initialisation_follows_the_torch_rules():
+    import mindspore as ms
+
+    config = load_config(TINY)
+    states = []
+    for _ in range(2):
+        ms.set_seed(5)
+        states.append(taichu.state_dict(taichu.build_model(config, "mindspore")))
+    assert all(np.array_equal(states[0][k], states[1][k]) for k in states[0])
+    s, m = states[0], config.model
+    conv = "wav2vec2.encoder.pos_conv_embed.conv."
+    np.testing.assert_allclose(s[conv + "weight_g"], np.sqrt((s[conv + "weight_v"] ** 2).sum(axis=(0, 1),
+                                                                                         keepdims=True)), rtol=1e-6)
+    assert abs(s[conv + "weight_v"].std() / np.sqrt(4 / (m.num_conv_pos_embeddings * m.hidden_size)) - 1) < 0.1
+    assert np.all(s[conv + "bias"] == 0) and s["num_updates"].tolist() == [0]
+    assert abs(s["wav2vec2.encoder.layers.0.attention.q_proj.weight"].std() / m.initializer_range - 1) < 0.2
+    assert abs(s["quantizer.weight_proj.weight"].std() - 1) < 0.2
+    for name in ("quantizer.codevectors", "wav2vec2.masked_spec_embed"):
+        assert 0 <= s[name].min() and s[name].max() <= 1 and s[name].mean() > 0.3, name
+    first = s["wav2vec2.feature_extractor.conv_layers.0.conv.weight"]    # kaiming: sqrt(2 / (1 x 10))
+    assert abs(first.std() / np.sqrt(2 / 10) - 1) < 0.25
+    bound = 1 / np.sqrt(m.hidden_size)
+    assert np.abs(s["project_hid.weight"]).max() <= bound and np.abs(s["project_hid.bias"]).max() <= bound
+
+
+def _torch_grads(fn, *tensors):
+    """fn(*tensors) and the gradients of sum(fn(...) * r) for a fixed random r."""
+    for x in tensors:
+        x.requires_grad_(True)
+    y = fn(*tensors)
+    r = torch.from_numpy(np.random.default_rng(99).standard_normal(tuple(y.shape)))
+    (y * r).sum().backward()
+    return y.detach().numpy(), [x.grad.numpy() for x in tensors], r.numpy()
+
+
+def _ms_grads(cell, x, r, graph):
+    """cell(x) and the gradients of sum(cell(x) * r) w.r.t. x and the cell's parameters."""
+    import mindspore as ms
+
+    def loss(value):
+        return (cell(value) * ms.Tensor(r)).sum()
+
+    step = compiled(ms.value_and_grad(loss, 0, cell.trainable_params()), graph)
+    _, (dx, dparams) = step(ms.Tensor(x))
+    forward = compiled(cell, graph)
+    return forward(ms.Tensor(x)).asnumpy(), [dx.asnumpy(), *(g.asnumpy() for g in dparams)]
+
+
+@pytest.mark.parametrize("kernel, stride", [(10, 5), (3, 2), (2, 3), (4, 4), (5, 2), (1, 1)])
+def test_ms_frame_conv_is_conv1d(kernel, stride, ms_mode):
+    """FrameConv1d (a matmul over cut-out frames, channels-last) equals torch's Conv1d,
+    forward and gradients (input, weight, bias), in float64 within float64 rounding of the
+    sums involved: an output sums in x kernel products and the bias; an input gradient
+    out x ceil(kernel / stride) products; a weight or bias gradient one product per frame
+    (per row of the frame layout, frames + ceil(kernel / stride) - 1 per utterance)."""
+    import mindspore as ms
+
+    from mindspore_impl.wav2vec2 import FrameConv1d
+
+    rng = np.random.default_rng(kernel * 10 + stride)
+    batch, length, c_in, c_out = 3, 53, 4, 5
+    x, w = rng.standard_normal((batch, length, c_in)), rng.standard_normal((c_out, c_in, kernel))
+    b = rng.standard_normal(c_out)
+    cell = FrameConv1d(c_in, c_out, kernel, stride=stride, pad_mode="valid", has_bias=True)
+    for param, value in ((cell.weight, w[:, :, None, :]), (cell.bias, b)):
+        param.set_dtype(ms.float64)
+        param.set_data(ms.Tensor(value))
+
+    def conv(xt, wt, bt):
+        return torch.nn.functional.conv1d(xt.transpose(1, 2), wt, bt, stride=stride).transpose(1, 2)
+
+    expected, expected_grads, r = _torch_grads(conv, t(x), t(w), t(b))
+    got, got_grads = _ms_grads(cell, x, r, ms_mode == "graph")
+    got_grads[1] = got_grads[1][:, :, 0, :]
+    frames, shifts = (length - kernel) // stride + 1, -(-kernel // stride)
+    assert got.shape == expected.shape == (batch, frames, c_out)
+    # The sums of absolute values: the same conv and gradients of |x|, |w|, |b| against |r|.
+    scale = conv(t(np.abs(x)), t(np.abs(w)), t(np.abs(b))).detach().numpy().max()
+    abs_r = torch.from_numpy(np.abs(r))
+    abs_inputs = [t(np.abs(a)).requires_grad_(True) for a in (x, w, b)]
+    (conv(*abs_inputs) * abs_r).sum().backward()
+    scales = [scale] + [float(a.grad.abs().max()) for a in abs_inputs]
+    terms = [c_in * kernel + 1, c_out * shifts, batch * (frames + shifts - 1), batch * (frames + shifts - 1)]
+    bounds = [float64_tolerance(s, n) for s, n in zip(scales, terms)]
+    diffs = [float(np.abs(a - e).max()) for a, e in zip([got, *got_grads], [expected, *expected_grads])]
+    print(f"[{ms_mode}, kernel {kernel}, stride {stride}] output, d input, d weight, d bias: {diffs} "
+          f"(bounds {bounds})")
+    assert all(d <= bound for d, bound in zip(diffs, bounds)), (diffs, bounds)
+
+
+@pytest.mark.parametrize("kernel", [7, 8])
+def test_ms_weight_norm_conv_is_grouped_conv1d(kernel, ms_mode):
+    """WeightNormConv1d (channels-last, one BatchMatMul per tap) equals torch's grouped,
+    padded Conv1d of the weight g v / ||v||, forward and gradients (input, g, v, bias), in
+    float64, each within float64 rounding of the sums on its chain (scales below)."""
+    import mindspore as ms
+
+    from mindspore_impl.wav2vec2 import WeightNormConv1d
+
+    hidden, groups, batch, frames = 12, 3, 2, 9
+    rng = np.random.default_rng(kernel)
+    x = rng.standard_normal((batch, frames, hidden))
+    g, v = rng.random((1, 1, kernel)) + 0.5, rng.standard_normal((hidden, hidden // groups, kernel))
+    b = rng.standard_normal(hidden)
+    cell = WeightNormConv1d(hidden, kernel, groups)
+    for param, value in ((cell.weight_g, g), (cell.weight_v, v), (cell.bias, b)):
+        param.set_dtype(ms.float64)
+        param.set_data(ms.Tensor(value))
+
+    def conv(xt, gt, vt, bt):
+        weight = gt * vt / vt.pow(2).sum(dim=(0, 1), keepdim=True).sqrt()
+        return torch.nn.functional.conv1d(xt.transpose(1, 2), weight, bt, padding=kernel // 2,
+                                          groups=groups).transpose(1, 2)
+
+    expected, expected_grads, r = _torch_grads(conv, t(x), t(g), t(v), t(b))
+    got, got_grads = _ms_grads(cell, x, r, ms_mode == "graph")
+    order = {p.name.rsplit(".", 1)[-1]: i for i, p in enumerate(cell.trainable_params())}
+    got_grads = [got_grads[0]] + [got_grads[1 + order[name]] for name in ("weight_g", "weight_v", "bias")]
+    out_frames = frames + 2 * (kernel // 2) - kernel + 1
+    assert got.shape == expected.shape == (batch, out_frames, hidden)
+    # Sums of absolute values, to first order along the chain: the convolution of |x| with
+    # |W| (W = g v / ||v||), its gradients S_x, S_W against |r| (exact: all terms >= 0), and
+    # those carried through the norm: dg = sum(dW v) / ||v||, dv = g dW / ||v|| - g v
+    # sum(dW v) / ||v||^3, each term taken absolute.
+    with torch.no_grad():
+        norm = t(v).pow(2).sum(dim=(0, 1), keepdim=True).sqrt()
+        weight = (t(g) * t(v) / norm).abs()
+    abs_x, abs_w = t(np.abs(x)).requires_grad_(True), weight.clone().requires_grad_(True)
+    conv_abs = torch.nn.functional.conv1d(abs_x.transpose(1, 2), abs_w, t(np.abs(b)), padding=kernel // 2,
+                                          groups=groups).transpose(1, 2)
+    (conv_abs * torch.from_numpy(np.abs(r))).sum().backward()
+    s_w, abs_v, n = abs_w.grad.numpy(), np.abs(v), norm.numpy()
+    scales = [float(conv_abs.detach().max()), float(abs_x.grad.max()),
+              float((s_w * abs_v / n).sum(axis=(0, 1)).max()),
+              float((np.abs(g) / n * s_w + np.abs(g) * abs_v / n ** 3 * (s_w * abs_v).sum(axis=(0, 1))).max()),
+              float(np.abs(r).sum(axis=(0, 1)).max())]
+    width = hidden // groups
+    positions, norm_terms = batch * out_frames, hidden * width
+    terms = [width * kernel + kernel + 1, width * kernel + kernel, positions + norm_terms + 4,
+             positions + norm_terms + 6, positions]
+    bounds = [float64_tolerance(scale, n) for scale, n in zip(scales, terms)]
+    diffs = [float(np.abs(a - e).max()) for a, e in zip([got, *got_grads], [expected, *expected_grads])]
+    print(f"[{ms_mode}, kernel {kernel}] output, d input, d g, d v, d bias: {diffs} (bounds {bounds})")
+    assert all(d <= bound for d, bound in zip(diffs, bounds)), (diffs, bounds)
+
+
+# ----------------------------------------------------------------------------- (6b) forward
+
+@pytest.mark.parametrize("norm, stable", VARIANTS)
+def test_ms_backbone_and_ctc_logits_equal_torch(norm, stable, ms_mode):
+    """Last hidden state, extract_features, CTC logits and the utterance embedding of a padded
+    batch, with and without masked frames, within the project's float32 1e-5 relative to
+    max(1, |torch|) (the oracle tests' measure; observed ~3e-7), in PyNative and in graph
+    mode (the encoder compiled by mindspore.jit, the model and embed run in GRAPH_MODE).
+
+    Not in float64: the kernels run in float64, but MindSpore rounds every Python float
+    scalar (attention's 1 / sqrt(head_dim), GELU's constants, ...) to float32 even against a
+    float64 tensor (x * (1 / 12) is 1.6e-9 off), so a float64 run is no float64-exact
+    reference; the MindSpore-only layers are checked in float64 above, where no scalar enters."""
+    config = ms_config(norm, stable, "ctc")
+    torch_model, ms_model = both_models(config)
+    values, mask = audio(1)
+    masked, _ = pretraining_draws(config)
+    graph = ms_mode == "graph"
+
+    def encode(input_values, attention_mask, mask_time_indices):
+        return ms_model.encode(input_values, attention_mask, mask_time_indices)[:3]
+
+    def encode_unmasked(input_values, attention_mask):
+        return ms_model.encode(input_values, attention_mask)[:3]
+
+    for time_mask in (None, masked):
+        with torch.no_grad():
+            expected = torch_model.encode(t(values), t(mask), None if time_mask is None else t(time_mask))
+        if time_mask is None:
+            hidden, extract, frame_mask = compiled(encode_unmasked, graph)(*ms_t(values, mask))
+        else:
+            hidden, extract, frame_mask = compiled(encode, graph)(*ms_t(values, mask, time_mask))
+        pairs = [(hidden, expected[0]), (extract, expected[1])]
+        if time_mask is None:
+            with torch.no_grad():
+                pairs += [(ms_model(*ms_t(values, mask)), torch_model(t(values), t(mask))),
+                          (ms_model.embed(*ms_t(values, mask)), torch_model.embed(t(values), t(mask)))]
+        diffs = scaled_differences([a.asnumpy() for a, _ in pairs], [b.numpy() for _, b in pairs])
+        print(f"[{norm}, stable={stable}, {ms_mode}, masked={time_mask is not None}] "
+              f"hidden, extract_features, (logits, embedding): {diffs}")
+        assert max(diffs) <= TOL, diffs
+        assert np.array_equal(frame_mask.asnumpy(), expected[2].numpy())
+    # Unpadded input, no mask at all: no padding logic in either.
+    with torch.no_grad():
+        diffs = scaled_differences([ms_model(ms_t(values[:1])).asnumpy()], [torch_model(t(values[:1])).numpy()])
+    assert max(diffs) <= TOL, diffs
+
+
+def test_ms_input_checks_are_torch_s():
+    import mindspore as ms
+
+    config = load_config(TINY)
+    model = taichu.build_model(config, "mindspore")
+    model.set_train(False)
+    values, mask = audio(8, (2000, 1500))
+    bad = mask.copy()
+    bad[1, 0] = 0
+    with pytest.raises(ValueError, match="row 1 is not right-padded"):
+        model.embed(*ms_t(values, bad))
+    with pytest.raises(ValueError, match="floating point"):
+        model(ms.Tensor(np.ones((1, 2000), np.int32)))
+    with pytest.raises(ValueError, match=r"input_values must be \[batch, samples\]"):
+        model(ms.Tensor(values[0]))
+    with pytest.raises(ValueError, match="at least"):
+        model(ms.Tensor(values[:1, :50]))
+    assert model.embed(*ms_t(values, mask)).shape == (2, config.model.hidden_size)
+
+
+# ----------------------------------------------------------------------------- (6c) losses
+
+def _ms_terms(model, graph, *inputs):
+    """pretraining_terms and training_loss of the MindSpore model, compiled when graph (one
+    compiled function per call: the mode it runs in is the model's current one)."""
+    from mindspore_impl.wav2vec2 import pretraining_terms, training_loss
+
+    keys = ("contrastive_sum", "diversity", "perplexity", "num_masked", "feature_penalty", "temperature")
+
+    def terms_and_loss(*args):
+        terms = pretraining_terms(model, *args)
+        return tuple(terms[k] for k in keys) + (training_loss(model, *args)[0],)
+
+    values = compiled(terms_and_loss, graph)(*inputs)
+    return dict(zip(keys + ("loss",), (float(v.asnumpy()) for v in values)))
+
+
+@pytest.mark.parametrize("norm, stable", [("group", False), ("layer", True)])
+def test_ms_pretraining_terms_equal_torch(norm, stable, ms_mode):
+    """contrastive_sum, diversity, perplexity, feature_penalty, the temperature and the loss
+    of a padded batch with a fixed mask, distractors and Gumbel noise, at num_updates 7
+    (temperature max(2 x 0.9^7, 0.5)): in training mode (Gumbel-softmax, straight-through)
+    and in evaluation (argmax), each within 1e-5 of torch's relative to max(1, |torch|)."""
+    from torch_impl.wav2vec2 import pretraining_terms, training_loss
+
+    config = ms_config(norm, stable, "pretraining", "model.quantizer.gumbel_temperature_decay=0.9",
+                       "model.quantizer.diversity_loss_weight=0.5")
+    arrays = perturbed_arrays(config)
+    arrays["num_updates"] = np.array([7], np.int64)
+    torch_model, ms_model = both_models(config, arrays)
+    values, mask = audio(3, LONG)
+    time_mask, negatives = pretraining_draws(config, LONG, seed=3)
+    noise = gumbel(config, time_mask, seed=3)
+    inputs = (values, mask, time_mask, negatives, noise)
+    results = {}
+    for training in (True, False):
+        torch_model.train(training)
+        ms_model.set_train(training)
+        with torch.no_grad():
+            expected = pretraining_terms(torch_model, *map(t, inputs[:4]), t(noise) if training else None)
+            expected = {k: float(v) for k, v in expected.items()}
+            expected["loss"] = float(training_loss(torch_model, *map(t, inputs))[0])
+        got = _ms_terms(ms_model, ms_mode == "graph", *ms_t(*inputs))
+        assert got["num_masked"] == expected["num_masked"] == time_mask.sum()
+        rel = {k: relative(got[k], expected[k]) for k in expected}
+        print(f"[{norm}, stable={stable}, {ms_mode}, {'train' if training else 'eval'}] {rel}")
+        assert max(rel.values()) <= TOL, rel
+        results[training] = expected
+    assert abs(results[True]["temperature"] - config.model.quantizer.temperature(7)) <= 1e-6
+    # The two branches differ, so the check above tells them apart.
+    assert abs(results[True]["perplexity"] - results[False]["perplexity"]) > 1e-3
+
+
+@pytest.mark.parametrize("zero_infinity", [True, False])
+def test_ms_ctc_loss_equals_torch(zero_infinity, ms_mode):
+    """The CTC loss of a padded batch whose rows are: feasible; infeasible through repeats
+    (10 equal labels need 19 frames, the row has 17: the CTC kernel's own infinity); longer
+    than its frames (12 labels, 10 frames: MindSpore's kernel refuses it, ctc_loss works
+    around it). With zero_infinity both count as 0 in the mean, as in torch; without, the
+    loss is torch's inf. Also with masked frames (SpecAugment)."""
+    import math
+
+    from mindspore_impl.wav2vec2 import training_loss as ms_training_loss
+    from torch_impl.wav2vec2 import training_loss
+
+    config = ms_config("layer", True, "ctc", f"model.ctc.zero_infinity={str(zero_infinity).lower()}")
+    torch_model, ms_model = both_models(config)
+    values, mask = audio(5)
+    assert frame_count(config.model, np.asarray(LENGTHS)).tolist() == [23, 17, 10]
+    labels = np.full((3, 12), -100, np.int32)
+    labels[0, :6] = [2, 3, 1, 4, 5, 6]
+    labels[1, :10] = 7
+    labels[2, :12] = np.arange(12) % 8 + 1
+    time_mask, _ = pretraining_draws(config, seed=5)
+
+    def loss(input_values, attention_mask, mask_time_indices, label_ids):
+        return ms_training_loss(ms_model, input_values, attention_mask, mask_time_indices, label_ids)[0]
+
+    def loss_unmasked(input_values, attention_mask, label_ids):
+        return ms_training_loss(ms_model, input_values, attention_mask, None, label_ids)[0]
+
+    graph = ms_mode == "graph"
+    for rows in (slice(0, 1), slice(0, 3)):
+        for time in (None, time_mask):
+            args = (values[rows], mask[rows]) + (() if time is None else (time[rows],)) + (labels[rows],)
+            with torch.no_grad():
+                expected = float(training_loss(torch_model, t(values[rows]), t(mask[rows]),
+                                               None if time is None else t(time[rows]), t(labels[rows]))[0])
+            fn = loss_unmasked if time is None else loss
+            got = float(compiled(fn, graph)(*ms_t(*args)).asnumpy())
+            print(f"[{ms_mode}, zero_infinity={zero_infinity}, rows {rows}, masked={time is not None}] "
+                  f"torch {expected}, mindspore {got}")
+            if math.isinf(expected):
+                assert math.isinf(got) and got > 0
+            else:
+                assert relative(got, expected) <= TOL, (got, expected)
+    if zero_infinity:
+        # The two infeasible rows count as 0: the mean over 3 rows is a third of row 0's.
+        with torch.no_grad():
+            one = float(training_loss(torch_model, t(values[:1]), t(mask[:1]), None, t(labels[:1]))[0])
+            three = float(training_loss(torch_model, t(values), t(mask), None, t(labels))[0])
+        assert relative(3 * three, one) <= TOL
+
+
+def _torch_loss_and_grads(model, *inputs):
+    from torch_impl.wav2vec2 import training_loss
+
+    model.zero_grad()
+    loss = training_loss(model, *inputs)[0]
+    loss.backward()
+    return loss.item(), {name: p.grad.numpy().copy() for name, p in model.named_parameters()}
+
+
+def _ms_loss_and_grads(model, *inputs, graph=True):
+    """training_loss and the gradients of every trained parameter, as the trainer computes
+    them: value_and_grad compiled by mindspore.jit (or op by op in PyNative). The step
+    function is returned too, for calling again."""
+    import mindspore as ms
+
+    from mindspore_impl.weights import canonical_parameters
+    from mindspore_impl.wav2vec2 import training_loss
+    from taichu.weights import from_mindspore_array
+
+    params = model.trainable_params()
+    # MindSpore name -> (canonical name, layer kind): gradients in canonical layout (3-D convs).
+    names = {param.name: (name, kind) for name, (param, kind) in canonical_parameters(model).items()}
+
+    def forward(*args):
+        return training_loss(model, *args)[0]
+
+    step = compiled(ms.value_and_grad(forward, None, params), graph)
+
+    def run(*args):
+        loss, grads = step(*args)
+        return float(loss.asnumpy()), {names[p.name][0]: from_mindspore_array(g.asnumpy(), names[p.name][1])
+                                       for p, g in zip(params, grads)}
+
+    return run(*inputs) + (run,)
+
+
+@pytest.mark.parametrize("head, norm, stable", [("pretraining", "group", False), ("pretraining", "layer", True),
+                                                ("ctc", "group", True), ("ctc", "layer", False)])
+def test_ms_gradients_equal_torch(head, norm, stable, ms_mode):
+    """The loss and the gradient of every parameter (graph mode as the trainer runs it, and
+    PyNative) against torch: within 1e-4 of each tensor's largest gradient (the CLIP test's
+    measure; observed <= 5e-5, the gradients' float32 rounding summed over a batch of
+    frames). A tensor whose true
+    gradient is zero (k_proj's bias: softmax ignores a constant per query) is compared
+    against the largest gradient of its layer's attention instead of its own rounding noise.
+    Pretraining: training mode, fixed Gumbel noise; CTC: masked frames, labels with rows
+    infeasible both ways (their gradients zero, zero_infinity)."""
+    config = ms_config(norm, stable, head)
+    torch_model, ms_model = both_models(config)
+    torch_model.train()
+    ms_model.set_train(True)
+    values, mask = audio(6, LONG)
+    time_mask, negatives = pretraining_draws(config, LONG, seed=6)
+    if head == "pretraining":
+        inputs = (values, mask, time_mask, negatives, gumbel(config, time_mask, seed=6))
+    else:
+        # Row 1: ten equal labels (19 frames needed: infeasible in the group variant's 18);
+        # row 2: one label more than its frames.
+        frames = frame_count(config.model, np.asarray(LONG))
+        labels = np.full((3, frames[2] + 1), -100, np.int32)
+        labels[0, :5], labels[1, :10] = [2, 3, 4, 5, 6], 7
+        labels[2] = 1 + np.arange(frames[2] + 1) % 5
+        inputs = (values, mask, time_mask, labels)
+    torch_loss, expected = _torch_loss_and_grads(torch_model, *map(t, inputs))
+    ms_loss, got, _ = _ms_loss_and_grads(ms_model, *ms_t(*inputs), graph=ms_mode == "graph")
+    assert sorted(got) == sorted(expected) == sorted(n for n, _ in torch_model.named_parameters())
+    worst, where = 0.0, None
+    for name, g in expected.items():
+        scale = np.abs(g).max()
+        if name.endswith("k_proj.bias"):
+            scale = max(np.abs(expected[name.replace("k_proj.bias", f"{p}.weight")]).max()
+                        for p in ("q_proj", "k_proj", "v_proj"))
+        diff = float(np.abs(got[name] - g).max() / scale)
+        if diff > worst:
+            worst, where = diff, name
+    print(f"[{head}, {norm}, stable={stable}, {ms_mode}] loss torch {torch_loss}, |torch - mindspore| "
+          f"{abs(torch_loss - ms_loss)}; worst gradient difference / max |gradient| {worst} ({where})")
+    assert relative(ms_loss, torch_loss) <= TOL
+    assert worst <= 1e-4, (worst, where)
+
+
+# ----------------------------------------------------------------------------- (6d) training state
+
+def test_ms_feature_encoder_freeze_in_one_compiled_graph():
+    """One compiled gradient function, called before each update with after_step between:
+    no gradient reaches the convs while num_updates < freeze_feature_encoder_steps, they
+    get one from then on, everything else learns throughout; the graph reads the counter
+    (ops.assign writes it in place) and is compiled once."""
+    from mindspore.graph import api as graph_api
+
+    from mindspore_impl.wav2vec2 import after_step
+
+    config = ms_config("layer", True, "ctc", "model.ctc.freeze_feature_encoder_steps=2")
+    _, model = both_models(config)
+    model.set_train(True)
+    values, mask = audio(7, (4000, 3100))
+    labels = np.array([[5, 6, 7, 1, 8], [9, 10, -100, -100, -100]], np.int32)
+    time_mask, _ = pretraining_draws(config, (4000, 3100), seed=7)
+    inputs = ms_t(values, mask, time_mask, labels)
+    _, grads, run = _ms_loss_and_grads(model, *inputs)
+    compiles = len(graph_api.ms_compile_cache)
+    for step in range(4):
+        if step:
+            _, grads = run(*inputs)
+        conv = sum(float(np.abs(g).sum()) for n, g in grads.items() if ".feature_extractor." in n)
+        rest = min(float(np.abs(g).sum()) for n, g in grads.items() if ".feature_extractor." not in n)
+        print(f"update {step}: conv gradient {conv}, smallest other {rest}")
+        assert rest > 0
+        assert (conv == 0) == (step < 2), (step, conv)
+        after_step(model)
+    assert model.num_updates.asnumpy().tolist() == [4]
+    assert len(graph_api.ms_compile_cache) == compiles, "the gradient graph was compiled again"
+
+
+def test_ms_gumbel_temperature_follows_num_updates():
+    """After k after_step calls the temperature read from num_updates (PyNative, and a graph
+    compiled once before the updates) equals torch's and the float64 schedule
+    (QuantizerConfig.temperature): all compute max_t exp(k log decay), torch in float32
+    within 2 (|k log decay| + 4) u of the schedule (roundings of the product, exp and the
+    scale); MindSpore's float32 CPU Exp is not correctly rounded (2e-6 relative at k = 3,
+    where torch's is within 1 ulp), so its own error on that argument is added to the bound."""
+    import math
+
+    import mindspore as ms
+    from mindspore import ops
+
+    from mindspore_impl.wav2vec2 import after_step as ms_after_step
+    from torch_impl.wav2vec2 import after_step
+
+    config = load_config(TINY, ["model.quantizer.gumbel_temperature_decay=0.9"])
+    torch_model, ms_model = both_models(config)
+    q = config.model.quantizer
+
+    def temperature():
+        return ms_model.gumbel_temperature()
+
+    compiled_temperature = ms.jit(temperature)
+    compiled_temperature()
+    for k in range(16):     # 2 x 0.9^k reaches the minimum 0.5 at k = 14
+        expected, reference = float(torch_model.gumbel_temperature()), q.temperature(k)
+        argument = np.float32(k) * np.float32(math.log(0.9))
+        exp_error = abs(float(ops.exp(ms.Tensor(argument)).asnumpy()) / math.exp(float(argument)) - 1)
+        bound = 2 * (abs(float(argument)) + 4) * U32 * reference
+        got = [float(ms_model.gumbel_temperature().asnumpy()), float(compiled_temperature().asnumpy())]
+        print(f"k {k}: torch {expected}, mindspore {got}, schedule {reference}, MindSpore Exp error {exp_error:.1e}")
+        assert abs(expected - reference) <= bound
+        assert all(abs(g - reference) <= bound + exp_error * reference for g in got), (k, got, reference)
+        after_step(torch_model)
+        ms_after_step(ms_model)
+    assert ms_model.num_updates.asnumpy().tolist() == torch_model.num_updates.tolist() == [16]
+
+
+def test_ms_trainer_eval_loss_runs_the_evaluation_branch():
+    """Both trainers on the same weights and batch (MindSpore's step compiled, graph mode):
+    two updates give torch's training losses, and eval_loss after each, run by the
+    trainer's own compiled eval function after set_train(False), is torch's evaluation loss
+    (argmax quantizer), not the training-mode loss of the same weights.
+
+    Why this needs checking: a mindspore.jit function compiled while the cells are in
+    training mode keeps that graph after set_train(False) (MindSpore 2.10 keys a function's
+    graph on its arguments, not on the cells' training flag; a Cell's own call does key on
+    it). The trainer's eval graph is a jit of its own, only ever called in evaluation, so it
+    holds the evaluation branch."""
+    import mindspore_impl.train as ms_train
+    import torch_impl.train as torch_train
+    from taichu.train import decay_names
+    from torch_impl.wav2vec2 import training_loss
+
+    config = ms_config("layer", True, "pretraining", "model.quantizer.diversity_loss_weight=0.5")
+    assert config.train.graph_mode
+    torch_model, ms_model = both_models(config)
+    lengths = (4000, 3100, 2600)
+    values, mask = audio(0, lengths)
+    time_mask, negatives = pretraining_draws(config, lengths, seed=0)
+    batch = {"input_values": values, "attention_mask": mask, "mask_time_indices": time_mask,
+             "sampled_negative_indices": negatives, "gumbel_noise": gumbel(config, time_mask, seed=1)}
+    torch_trainer = torch_train.Trainer(torch_model, config, decay_names(config), 0, 1)
+    ms_trainer = ms_train.Trainer(ms_model, config, decay_names(config), 0, 1)
+
+    def torch_loss(training: bool) -> float:
+        torch_model.train(training)
+        with torch.no_grad():
+            loss = float(training_loss(torch_model, *map(t, batch.values()))[0])
+        torch_model.train(True)
+        return loss
+
+    for step in range(2):
+        expected, got = torch_trainer.train_step([batch], 1e-3), ms_trainer.train_step([batch], 1e-3)
+        train_mode, eval_mode = torch_loss(True), torch_loss(False)
+        torch_eval, ms_eval = torch_trainer.eval_loss(batch), ms_trainer.eval_loss(batch)
+        print(f"step {step}: train losses torch {expected[0]}, mindspore {got[0]}; next train-mode loss "
+              f"{train_mode}, eval-mode {eval_mode}; eval_loss torch {torch_eval}, mindspore {ms_eval}")
+        assert relative(got[0], expected[0]) <= TOL
+        assert relative(torch_eval, eval_mode) <= TOL and relative(ms_eval, eval_mode) <= TOL
+        assert abs(train_mode - eval_mode) > 1e-3     # the branches differ on this batch

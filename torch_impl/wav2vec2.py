@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from taichu.families.wav2vec2 import Wav2Vec2Config, check_inputs
+from torch_impl import clip
 
 ACTIVATIONS = {"gelu": lambda: nn.GELU(approximate="none"),
                "gelu_new": lambda: nn.GELU(approximate="tanh"),
@@ -157,29 +158,12 @@ class PositionalConvEmbedding(nn.Module):
         return self.activation(y).transpose(1, 2)
 
 
-class Attention(nn.Module):
-    def __init__(self, config: Wav2Vec2Config):
-        super().__init__()
-        m = config.model
-        self.num_heads = m.num_heads
-        self.head_dim = m.head_dim
-        self.scale = 1.0 / math.sqrt(m.head_dim)
-        self.q_proj = nn.Linear(m.hidden_size, m.hidden_size)
-        self.k_proj = nn.Linear(m.hidden_size, m.hidden_size)
-        self.v_proj = nn.Linear(m.hidden_size, m.hidden_size)
-        self.out_proj = nn.Linear(m.hidden_size, m.hidden_size)
-        self.attn_dropout = nn.Dropout(m.attention_dropout)
+class Attention(clip.Attention):
+    """softmax(q k^T * scale + bias) v: CLIP's attention module, imported (the same q_proj,
+    k_proj, v_proj, out_proj, attn_dropout; torch's fused scaled_dot_product_attention)."""
 
-    def forward(self, x, attention_bias=None):
-        batch, length, hidden = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        # softmax(q k^T * scale + bias) v, fused; the MindSpore mirror writes it out.
-        dropout = self.attn_dropout.p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, dropout_p=dropout,
-                                             scale=self.scale)
-        return self.out_proj(out.transpose(1, 2).reshape(batch, length, hidden))
+    def __init__(self, config: Wav2Vec2Config):
+        super().__init__(config.model, config)
 
 
 class FeedForward(nn.Module):
