@@ -63,14 +63,17 @@ def check_device_target(parallel: ParallelConfig, device_target: str) -> None:
 
 def _split_problems(p: ParallelConfig, model) -> list[str]:
     problems = []
-    if not hasattr(model, "num_heads"):
-        # Two-tower image-text models (CLIP, BriVL) have no shard strategies yet.
+    if not (hasattr(model, "num_heads") and hasattr(model, "vocab_size")):
+        # Only the GPT has shard strategies: the image-text towers (CLIP, BriVL) and the
+        # speech model (wav2vec2) train data-parallel.
         if p.model_parallel > 1 or p.pipeline_stages > 1 or p.mode != "data_parallel":
-            problems.append("image-text models support data parallelism only: parallel.model_parallel "
-                            "and parallel.pipeline_stages must be 1 and parallel.mode data_parallel")
+            problems.append("only the GPT has tensor/pipeline strategies; this model supports data "
+                            "parallelism only: parallel.model_parallel and parallel.pipeline_stages "
+                            "must be 1 and parallel.mode data_parallel")
         if p.fsdp:
-            # BriVL's loss runs its towers directly; FSDP only unshards around forward.
-            problems.append("parallel.fsdp is for the GPT; image-text models train with DDP "
+            # BriVL's and wav2vec2's losses run their parts directly; FSDP only unshards
+            # around forward.
+            problems.append("parallel.fsdp is for the GPT; this model trains with DDP "
                             "(parallel.fsdp: false)")
         return problems
     # Megatron splits: q/k/v by heads (whole heads per device), fc_in by MLP width, the

@@ -82,6 +82,46 @@ class SampleOrder:
         return out
 
 
+class BucketOrder:
+    """Global batches of samples of similar length (speech: less padding), from the seed.
+
+    Per epoch: a seeded permutation is cut into pools of ``pool_batches`` batches, each pool
+    sorted by length and cut into batches, and the batches of the epoch shuffled. Like
+    SampleOrder a pure function of (seed, step): resume needs only the step, every rank
+    computes the same global batch. Each epoch holds len // batch_size full batches (the
+    remainder, different each epoch, waits for the next).
+    """
+
+    def __init__(self, lengths: np.ndarray, seed: int, pool_batches: int = 32):
+        self.lengths = np.asarray(lengths)
+        self.seed, self.pool_batches = seed, pool_batches
+        self._key, self._batches = None, None
+
+    def _epoch_batches(self, epoch: int, batch_size: int) -> np.ndarray:
+        if self._key != (epoch, batch_size):
+            rng = np.random.default_rng([self.seed, epoch])
+            perm = rng.permutation(len(self.lengths))
+            usable = len(perm) // batch_size * batch_size
+            if usable == 0:
+                raise ValueError(f"batch_size {batch_size} exceeds the {len(perm)} training samples")
+            pool = batch_size * self.pool_batches
+            rows = []
+            for start in range(0, usable, pool):
+                part = perm[start:min(start + pool, usable)]
+                part = part[np.argsort(self.lengths[part], kind="stable")]
+                rows.extend(part.reshape(-1, batch_size))
+            batches = np.stack(rows)
+            self._key, self._batches = (epoch, batch_size), batches[rng.permutation(len(batches))]
+        return self._batches
+
+    def global_batch(self, step: int, batch_size: int) -> np.ndarray:
+        per_epoch = len(self.lengths) // batch_size
+        if per_epoch == 0:
+            raise ValueError(f"batch_size {batch_size} exceeds the {len(self.lengths)} training samples")
+        epoch, offset = divmod(step, per_epoch)
+        return self._epoch_batches(epoch, batch_size)[offset]
+
+
 def micro_batches(indices: np.ndarray, rank: int, world: int, accum: int) -> list[np.ndarray]:
     """This rank's share of a global batch, cut into ``accum`` equal micro-batches."""
     share = np.array_split(indices, world)[rank]
@@ -214,7 +254,7 @@ class TrainResult:
     start_val_loss: float | None = None  # at step 0 of a fresh run
     tokens: int = 0                      # tokens (or pairs) trained in this invocation
     seconds: float = 0.0
-    unit: str = "tokens"                 # what ``tokens`` counts: "tokens" or "pairs"
+    unit: str = "tokens"                 # what ``tokens`` counts: "tokens", "pairs" or "clips"
 
 
 def text_vocab_size(config) -> int:
@@ -257,8 +297,12 @@ class TrainingData:
     tokenizer: object
     train: object
     validation: object
-    unit: str               # what throughput counts: "tokens" or "pairs"
+    unit: str               # what throughput counts: "tokens", "pairs" or "clips"
     units_per_sample: int
+    # Which samples make up each step (SampleOrder(len(train), seed) when None). A set
+    # whose batches draw randomness per step (speech masks) has ``stochastic = True`` and
+    # takes ``batch(indices, step)``.
+    order: object = None
 
 
 class _TokenBlocks:
@@ -302,7 +346,27 @@ def _image_text_data(config, init_dir, rank) -> TrainingData:
                         PairBatches(pairs.test, tokenizer, image_size, context), "pairs", 1)
 
 
-TASK_DATA = {"language_model": _language_model_data, "image_text": _image_text_data}
+def _speech_data(config, init_dir, rank) -> TrainingData:
+    """Clips from config.data (taichu.speech), split by sentence; no tokenizer (the CTC
+    alphabet is in the config). Batches of similar length (BucketOrder)."""
+    from taichu.speech import load_speech_data
+    from taichu.speech_batches import SpeechBatches
+
+    clips = load_speech_data(config.data, rank)
+    train_clips = clips.train
+    if config.data.train_clips is not None:
+        if config.data.train_clips > len(train_clips):
+            raise ValueError(f"data.train_clips {config.data.train_clips} exceeds the "
+                             f"{len(train_clips)} training clips")
+        keep = np.random.default_rng(config.data.split_seed).permutation(len(train_clips))
+        train_clips = [train_clips[i] for i in sorted(keep[:config.data.train_clips])]
+    train = SpeechBatches(train_clips, config, config.train.seed)
+    return TrainingData(None, train, SpeechBatches(clips.validation, config, config.train.seed),
+                        "clips", 1, BucketOrder(train.lengths, config.train.seed))
+
+
+TASK_DATA = {"language_model": _language_model_data, "image_text": _image_text_data,
+             "speech": _speech_data}
 
 
 def _evaluate(trainer, dataset, train) -> float:
@@ -312,7 +376,7 @@ def _evaluate(trainer, dataset, train) -> float:
     size = max(1, train.batch_size // train.grad_accum_steps)
     total, samples = 0.0, 0
     for start in range(0, count, size):
-        batch = dataset.batch(np.arange(start, min(count, start + size)))
+        batch = dataset.batch(np.arange(start, min(count, start + size)))  # fixed draws
         rows = len(next(iter(batch.values())))
         total += trainer.eval_loss(batch) * rows
         samples += rows
@@ -338,14 +402,18 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
 
     data = TASK_DATA[get_family(config.family).task](config, init_dir, rank)
     tokenizer, train_set, val_set = data.tokenizer, data.train, data.validation
+    tokenizer_path = tokenizer.path if tokenizer is not None else None
 
     trainer_module.seed_everything(train.seed)
     model = build_model(config, backend)
     if init_dir is not None:
         # The run's config decides the model (dropout may differ from the init's); the
-        # weights must fit it exactly, name for name and shape for shape.
-        load_state_dict(model, load_safetensors(init_dir), str(init_dir))
-        init_model = load_config(init_dir).model.model_dump()
+        # weights must fit it exactly, name for name and shape for shape, except a head the
+        # family starts fresh when the init has another (a pretrained speech model
+        # fine-tuned with CTC).
+        init_config = load_config(init_dir)
+        _load_init(model, config, init_config, init_dir, is_main)
+        init_model = init_config.model.model_dump()
         run_model = config.model.model_dump()
         changed = {k: (v, run_model.get(k)) for k, v in init_model.items() if run_model.get(k) != v}
         if changed and is_main:
@@ -379,7 +447,8 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
         val_loss = start_val_loss = _evaluate(trainer, val_set, train)
         if is_main:
             metrics.write(_eval_record({"step": 0}, val_loss, data.unit))
-    order = SampleOrder(len(train_set), train.seed)
+    order = data.order or SampleOrder(len(train_set), train.seed)
+    stochastic = getattr(train_set, "stochastic", False)
     units_per_step = train.batch_size * data.units_per_sample
     bar = _progress_bar(start_step, train.max_steps, progress and is_main)
     last_good, gathered_final = resume_from, False
@@ -388,8 +457,9 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
     for step in range(start_step, train.max_steps):
         lr = learning_rate(step, train)
         indices = order.global_batch(step, train.batch_size)
-        batches = [train_set.batch(part) for part in micro_batches(indices, rank, world,
-                                                                       train.grad_accum_steps)]
+        parts = micro_batches(indices, rank, world, train.grad_accum_steps)
+        batches = [train_set.batch(part, step) if stochastic else train_set.batch(part)
+                   for part in parts]
         loss, grad_norm = trainer.train_step(batches, lr)
         done = step + 1
         if not math.isfinite(loss):
@@ -420,17 +490,42 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
                 state = {"step": done, "trainer": trainer.extra_state(), "backend": backend,
                          "world_size": world}
                 last_good = write_checkpoint(out_dir, done, config, model_arrays, optimizer_arrays,
-                                             state, tokenizer.path, train.keep_checkpoints)
+                                             state, tokenizer_path, train.keep_checkpoints)
     bar.close()
     final_dir = out_dir / "final"
     if not gathered_final:  # the same on every rank, so FSDP's collective stays matched
         model_arrays, _ = trainer.full_state()
     if is_main:
-        save_arrays(config, model_arrays, final_dir, tokenizer=tokenizer.path)
+        save_arrays(config, model_arrays, final_dir, tokenizer=tokenizer_path)
     trainer_module.distributed_barrier(world)
     return TrainResult(final_dir, train.max_steps, loss, val_loss, start_val_loss,
                        (train.max_steps - start_step) * units_per_step, time.perf_counter() - run_start,
                        data.unit)
+
+
+def _load_init(model, config, init_config, init_dir: Path, verbose: bool) -> None:
+    """Load ``--init`` weights into ``model``: every tensor must match, except those under
+    the prefixes the family's ``fresh_on_init`` names for this pair of configs, which keep
+    their fresh initialisation (and are dropped from the init), said in the log."""
+    from taichu.api import load_state_dict, state_dict
+    from taichu.families import get_family
+    from taichu.weights import load_safetensors
+
+    arrays = load_safetensors(init_dir)
+    family = get_family(config.family)
+    fresh = family.fresh_on_init(init_config, config) if family.fresh_on_init else ()
+    if fresh:
+        specs = family.tensor_specs(config)
+        dropped = sorted(n for n in arrays if n.startswith(fresh))
+        arrays = {n: a for n, a in arrays.items() if n not in dropped}
+        current = state_dict(model)
+        started = sorted(n for n in specs if n.startswith(fresh))
+        arrays.update({n: current[n] for n in started})
+        if verbose:
+            print(f"--init {init_dir}: {len(arrays) - len(started)} tensors loaded; "
+                  f"initialised fresh: {', '.join(started) or 'none'}; "
+                  f"not used from the init: {', '.join(dropped) or 'none'}")
+    load_state_dict(model, arrays, str(init_dir))
 
 
 def _eval_record(record: dict, val_loss: float, unit: str) -> dict:
@@ -447,6 +542,8 @@ def _postfix(record: dict) -> str:
         text += f" {record['tokens_per_s']:,.0f} tok/s"
     if "pairs_per_s" in record:
         text += f" {record['pairs_per_s']:,.1f} pairs/s"
+    if "clips_per_s" in record:
+        text += f" {record['clips_per_s']:,.1f} clips/s"
     if "val_loss" in record:
         text += f" val {record['val_loss']:.4f}"
     if "val_ppl" in record:
