@@ -1,5 +1,6 @@
 """Deployment: ONNX (from PyTorch) and MINDIR (from MindSpore) export, validated against the
-source model, ONNX Runtime generation (GPT) and embedding (image-text towers).
+source model, ONNX Runtime generation (GPT), embedding (image-text towers) and speech
+recognition (wav2vec2: ``export.speech_network``).
 
 ``export.OnnxGenerator`` needs only numpy, onnxruntime and sentencepiece,
 ``export.OnnxImageTextEncoder`` those and pillow; ``export.MindirGenerator`` and
@@ -13,7 +14,8 @@ _LAZY = {"OnnxGenerator": "export.runtime", "OnnxDecoder": "export.runtime",
          "export_model": "export.exporter", "ExportValidationError": "export.validate",
          "MindirDecoder": "export.mindir_export", "MindirGraph": "export.mindir_export",
          "MindirGenerator": "export.runtime", "MindirImageTextEncoder": "export.runtime",
-         "ImageTextEncoder": "export.runtime", "ExportGenerator": "export.runtime"}
+         "ImageTextEncoder": "export.runtime", "ExportGenerator": "export.runtime",
+         "SpeechNetwork": "export.runtime", "speech_network": "export.runtime"}
 __all__ = sorted(_LAZY)
 
 

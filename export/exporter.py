@@ -3,14 +3,18 @@
 What is exported depends on the family's task (export/signature.py): a GPT becomes one
 decoder graph (``model.onnx`` / ``model.mindir``, optional ``model_int8.onnx``); an
 image-text family (CLIP, BriVL) becomes two towers, ``image_encoder`` and ``text_encoder``
-(``.onnx`` / ``.mindir``), listed with their inputs, outputs and validation under
-``graphs`` in export_info.json.
+(``.onnx`` / ``.mindir``); a speech family (wav2vec2) one ``encoder`` graph (hidden states,
+utterance embedding and, with the CTC head, logits). Tower and speech graphs are listed with
+their inputs, outputs and validation under ``graphs`` in export_info.json.
 
 An ONNX export folder is self-contained: beside the graphs it holds ``config.yaml`` and
-``tokenizer.model`` (ours), the Hugging Face ``config.json`` of the family's HF architecture
-(GPT -> GPT2LMHeadModel, CLIP -> CLIPModel; none for a family HF lacks, such as BriVL, which
-export_info.json says under ``huggingface``) and the Hugging Face tokenizer files, so that
-optimum's loaders and plain onnxruntime users start from the folder alone.
+``tokenizer.model`` (ours, where the model has one), the Hugging Face ``config.json`` of the
+family's HF architecture (GPT -> GPT2LMHeadModel, CLIP -> CLIPModel, wav2vec2 ->
+Wav2Vec2ForCTC or Wav2Vec2ForPreTraining by its head; none for a family HF lacks, such as
+BriVL, which export_info.json says under ``huggingface``) and the Hugging Face tokenizer
+files (a SentencePiece model's tokenizer.json...; a CTC model's vocab.json and
+tokenizer_config.json of Wav2Vec2CTCTokenizer), so that optimum's loaders and plain
+onnxruntime users start from the folder alone.
 
 The export is built in a staging directory beside ``out`` and only moved to ``out`` once
 every file has been checked against its source model; an export that fails validation is
@@ -32,7 +36,9 @@ from export.runtime import INFO_FILE, INT8_FILE, MODEL_FILE, TOKENIZER_FILE
 from export.validate import ExportValidationError
 
 FORMATS = ("onnx", "mindir")
-TASKS = (signature.LANGUAGE_MODEL, signature.IMAGE_TEXT)
+TASKS = (signature.LANGUAGE_MODEL, signature.IMAGE_TEXT, signature.SPEECH)
+# Tasks exported as a set of encoder graphs (export_info.json's ``graphs``).
+ENCODER_TASKS = (signature.IMAGE_TEXT, signature.SPEECH)
 
 
 def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | None = None,
@@ -59,6 +65,9 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | 
         # next-token agreement, which says nothing about embeddings.
         raise ValueError(f"--quantize int8 is not implemented for image-text models ({config.family}): "
                          f"their towers export in fp32 only; run without --quantize")
+    if quantize and task == signature.SPEECH:
+        raise ValueError(f"--quantize int8 is not implemented for speech models ({config.family}): "
+                         f"the encoder exports in fp32 only; run without --quantize")
     if opset is not None and fmt != "onnx":
         raise ValueError("--opset applies to ONNX exports only")
 
@@ -69,7 +78,7 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | 
         model = load_model(model_dir, backend=backend)
         info = {"format": fmt, "family": config.family, "task": task, "source": str(model_dir.resolve()),
                 "source_backend": backend}
-        if task == signature.IMAGE_TEXT:
+        if task in ENCODER_TASKS:
             info["config"] = config.model_dump(mode="json")
             _export_towers(model, config, fmt, staging, opset, validate, info, log)
         else:
@@ -115,8 +124,16 @@ def _write_huggingface_files(config, staging: Path, log) -> dict:
     if config.family in convert.HF_FAMILIES:
         family = convert.HF_FAMILIES[config.family]
         # The graphs are fp32 whatever the source directory's dtype.
-        atomic_write_bytes(staging / convert.HF_CONFIG, _json(convert.config_to_hf(config, "float32")))
-        written.update(config=convert.HF_CONFIG, architecture=family.architecture, model_type=family.model_type)
+        hf = convert.config_to_hf(config, "float32")
+        atomic_write_bytes(staging / convert.HF_CONFIG, _json(hf))
+        # The architecture config.json names: a family may have several (wav2vec2: one per
+        # head), where HF_FAMILIES' ``architecture`` is the one it reads by default.
+        written.update(config=convert.HF_CONFIG, architecture=hf["architectures"][0], model_type=family.model_type)
+        # Files of a family whose config lives partly beside config.json (wav2vec2's CTC
+        # alphabet as Wav2Vec2CTCTokenizer's vocab.json and tokenizer_config.json).
+        for name, data in getattr(family, "write_files", lambda c: {})(config).items():
+            atomic_write_bytes(staging / name, data)
+            written["tokenizer_files"].append(name)
     else:
         written["note"] = (f"Hugging Face transformers has no {config.family} architecture: no "
                            f"{convert.HF_CONFIG} is written")
@@ -131,7 +148,7 @@ def _write_huggingface_files(config, staging: Path, log) -> dict:
             # The graphs are valid and tokenizer.model is there: say why, do not fail.
             written["tokenizer_error"] = str(error)
             log(f"no Hugging Face tokenizer files: {error}")
-        written["tokenizer_files"] = sorted({p.name for p in staging.iterdir()} - before)
+        written["tokenizer_files"] += sorted({p.name for p in staging.iterdir()} - before)
     log(f"wrote {', '.join(filter(None, [written['config'], *written['tokenizer_files']])) or 'no'} "
         f"Hugging Face files" + (f" ({written['note']})" if "note" in written else ""))
     return written
@@ -209,19 +226,22 @@ def _export_mindir(model, config, staging, validate, info, log):
 
 
 def _export_towers(model, config, fmt, staging, opset, validate, info, log):
-    """The image encoder and text encoder graphs of an image-text model, each validated
-    against the model's own get_image_features / get_text_features."""
-    from export.validate import tower_runner, validate_against_source
+    """The encoder graphs of an image-text model (image encoder and text encoder, each
+    validated against the model's own get_image_features / get_text_features) or of a speech
+    model (one encoder, validated against the model's encode, embed and forward)."""
+    from export.validate import speech_runner, tower_runner, validate_against_source
 
+    speech = signature.task_of(config) == signature.SPEECH
+    runner = speech_runner if speech else tower_runner
     if fmt == "onnx":
         import onnxruntime
         import torch
 
-        from export.onnx_export import EXPORTER, MIN_OPSET, export_onnx_towers
+        from export.onnx_export import EXPORTER, MIN_OPSET, export_onnx_speech, export_onnx_towers
         from export.runtime import OnnxGraph
 
         opset = MIN_OPSET if opset is None else opset
-        files = export_onnx_towers(model, staging, opset)
+        files = (export_onnx_speech if speech else export_onnx_towers)(model, staging, opset)
         detail = f"opset {opset}"
         info.update(opset=opset, exporter=_onnx_exporter(EXPORTER, torch),
                     runtime=f"onnxruntime {onnxruntime.__version__}")
@@ -232,10 +252,10 @@ def _export_towers(model, config, fmt, staging, opset, validate, info, log):
     else:
         import mindspore as ms
 
-        from export.mindir_export import MindirGraph, export_mindir_towers
+        from export.mindir_export import MindirGraph, export_mindir_speech, export_mindir_towers
 
-        files = export_mindir_towers(model, staging)
-        detail = "dynamic batch and sequence"
+        files = (export_mindir_speech if speech else export_mindir_towers)(model, staging)
+        detail = "dynamic batch and samples" if speech else "dynamic batch and sequence"
         info.update(exporter=f"mindspore.export MINDIR, mindspore {ms.__version__}")
         runtime, source, int_dtype = "mindspore.nn.GraphCell", "mindspore_impl", "int32"
 
@@ -243,7 +263,7 @@ def _export_towers(model, config, fmt, staging, opset, validate, info, log):
             return MindirGraph(path, graph).run
     log(f"exported {', '.join(f.name for fs in files.values() for f in fs)} ({detail})")
     info.update(platform=platform.platform(), graphs=[])
-    for graph in signature.image_text_graphs(config.model):
+    for graph in signature.graphs(config):
         file = files[graph.name][0].name
         entry = {"name": graph.name, "file": file, **graph.describe()}
         for spec in entry["inputs"]:
@@ -252,7 +272,7 @@ def _export_towers(model, config, fmt, staging, opset, validate, info, log):
         info["graphs"].append(entry)          # listed before validation, so a rejection shows it
         if validate:
             entry["validation"] = validate_against_source(
-                load(staging / file, graph), tower_runner(model, graph), config.model,
+                load(staging / file, graph), runner(model, graph), config.model,
                 f"{file} in {runtime}", graph=graph)
             log(f"validated {file} against {source}: {_summary(entry['validation'])}")
 

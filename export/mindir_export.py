@@ -10,7 +10,8 @@ graphs (export/signature.py) except that token ids, masks and positions are int3
   StaticCacheDecoder, signatures in ``static_cache_graphs``), which ``MindirGenerator``
   (export/runtime.py) runs with mindspore alone;
 - image-text families: ``image_encoder.mindir`` (dynamic batch) and ``text_encoder.mindir``
-  (dynamic batch and sequence).
+  (dynamic batch and sequence);
+- speech (wav2vec2): ``encoder.mindir`` (dynamic batch and samples; the attention mask int32).
 """
 from __future__ import annotations
 
@@ -136,6 +137,16 @@ def export_mindir_towers(model, directory: Path) -> dict[str, list[Path]]:
     cells = {image.name: ImageEncoder(model), text.name: TextEncoder(model)}
     with input_checks_off(model):
         return _export_cells(cells, (image, text), directory)
+
+
+def export_mindir_speech(model, directory: Path) -> dict[str, list[Path]]:
+    """Write the MindSpore wav2vec2 ``model`` as ``encoder.mindir`` in ``directory`` (batch
+    and samples dynamic); the files written, by graph name."""
+    from export.towers_mindspore import SpeechEncoder
+
+    graph = signature.speech_graph(model.config.model)
+    model.set_train(False)
+    return _export_cells({graph.name: SpeechEncoder(model)}, (graph,), directory)
 
 
 def export_mindir_static_cache(model, directory: Path) -> dict[str, list[Path]]:

@@ -1,5 +1,6 @@
-"""ONNX from the PyTorch model: one decoder graph with a KV cache (GPT), optional int8, or
-an image encoder and a text encoder graph (image-text families).
+"""ONNX from the PyTorch model: one decoder graph with a KV cache (GPT), optional int8, an
+image encoder and a text encoder graph (image-text families), or a speech encoder graph
+(wav2vec2).
 
 The exporter is torch.onnx's dynamo exporter (``torch.onnx.export(..., dynamo=True)``, which
 needs onnxscript), the one PyTorch supports; the TorchScript exporter (``dynamo=False``) is
@@ -15,6 +16,15 @@ examples are therefore traced at sizes that are all distinct and >= 2 (decoder: 
 3 new tokens after a past of 4; towers: batch 2, 5 tokens), and name_axes refuses a graph in
 which a named axis came out as a constant. The empty past of prefill (size 0) and batch 1 are
 then checked by validation, which runs both (export/validate.py).
+
+The speech encoder's only dynamic input axes are ``batch`` and ``samples``; ``frames`` is
+what torch.export derives from ``samples`` through the conv stack (an expression such as
+``((samples//5 - 5)//4 - 3)//4 + 1``, exact floor arithmetic, so the graph is right at every
+length), renamed ``frames`` in the outputs and wherever value_info has the same expression.
+The frame mask is computed inside the graph from the sample mask (sum, the same floor
+arithmetic per row, compare with a range over frames): no data-dependent shape arises, and
+the encoder runs through ``Wav2Vec2.encode``, which has no numpy input check (see
+export/towers_torch.py).
 """
 from __future__ import annotations
 
@@ -68,6 +78,22 @@ def export_onnx_towers(model, directory: Path, opset: int = MIN_OPSET,
     return {graph.name: export_graph(examples[graph.name][0], graph, examples[graph.name][1],
                                      directory / f"{graph.name}.onnx", opset, external_data_threshold)
             for graph in (image, text)}
+
+
+def export_onnx_speech(model, directory: Path, opset: int = MIN_OPSET,
+                       external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict[str, list[Path]]:
+    """Write the torch wav2vec2 ``model`` as ``encoder.onnx`` in ``directory``; the files
+    written, by graph name."""
+    from export.towers_torch import SpeechEncoder
+
+    m = model.config.model
+    graph = signature.speech_graph(m)
+    # Batch 2 of padded rows, at least 4000 samples (distinct from every fixed width) and
+    # several frames for every conv stack.
+    shortest = signature.speech_sizes(m)["receptive_field"]
+    example = signature.speech_inputs(m, batch=2, samples=max(4000, 4 * shortest), seed=0)
+    return {graph.name: export_graph(SpeechEncoder(model).eval(), graph, example,
+                                     directory / f"{graph.name}.onnx", opset, external_data_threshold)}
 
 
 def export_graph(module, graph: signature.GraphSignature, example: dict, out_file: Path,

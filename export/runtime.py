@@ -1,5 +1,6 @@
-"""Running exports: a GPT decoder step and text generator, and the image and text towers of
-an image-text model (CLIP, BriVL), with ONNX Runtime or from MINDIR with MindSpore.
+"""Running exports: a GPT decoder step and text generator, the image and text towers of
+an image-text model (CLIP, BriVL), and a speech model's encoder (wav2vec2: CTC logits and
+utterance embeddings, ``speech_network``), with ONNX Runtime or from MINDIR with MindSpore.
 
 The ONNX side needs only numpy, onnxruntime and sentencepiece, plus pillow for images (no
 torch, no mindspore, no yaml or pydantic: what an export needs is in its export_info.json):
@@ -19,6 +20,7 @@ import numpy as np
 from export.signature import input_names, output_names, position_ids
 from taichu.generate import SamplingConfig, generate_ids
 from taichu.retrieval import EXPORT_BACKENDS, Embedder, check_export_directory, l2_normalize
+from taichu.speech_inputs import check_audio_batch, receptive_field_of
 
 MODEL_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
@@ -26,6 +28,9 @@ INFO_FILE = "export_info.json"
 TOKENIZER_FILE = "tokenizer.model"
 IMAGE_TEXT = "image_text"
 IMAGE_ENCODER, TEXT_ENCODER = "image_encoder", "text_encoder"
+SPEECH, SPEECH_ENCODER, SPEECH_FAMILY = "speech", "encoder", "wav2vec2"
+# ONNX Runtime threads of a speech network (as the tests and the 2-core CI machines use).
+SPEECH_THREADS = 2
 
 
 def resolve_onnx(path: str | Path) -> tuple[Path, Path]:
@@ -355,3 +360,89 @@ def export_embedder(directory: str | Path, backend: str = "onnx", batch_size: in
     check_export_directory(directory, backend)
     encoder = {"onnx": OnnxImageTextEncoder, "mindir": MindirImageTextEncoder}[backend](directory)
     return Embedder(directory, backend, batch_size, encoder=encoder)
+
+
+# ----------------------------------------------------------------------- speech
+
+
+class SpeechNetwork:
+    """A speech export's ``encoder`` graph (``taichu export W2V_DIR --format onnx|mindir``)
+    as the network taichu.recognition.SpeechRunner drives: ``network(input_values,
+    attention_mask) -> {"embedding": [batch, hidden], "logits": [batch, frames, vocab]}``
+    (logits with the CTC head only); ``run`` gives every output of the graph by name
+    (``last_hidden_state`` too).
+
+    Inputs are checked before the graph runs, as the models check theirs
+    (taichu.families.wav2vec2.check_inputs, same wording): input_values float32 [batch,
+    samples] with samples > 0; attention_mask [batch, samples] of integers or booleans, 1 for
+    real samples, right-padded; every row at least the receptive field. The sizes come from
+    export_info.json, so this needs numpy and the runtime only (onnxruntime, or mindspore
+    without any model code for "mindir").
+    """
+
+    def __init__(self, export_dir: str | Path, backend: str = "onnx", threads: int = SPEECH_THREADS):
+        if backend not in ("onnx", "mindir"):
+            raise ValueError(f"unknown export backend {backend!r} (choose from onnx, mindir)")
+        path = Path(export_dir)
+        directory = path.parent if path.is_file() else path
+        self.info = read_export_info(directory)
+        family, task, fmt = self.info.get("family"), self.info.get("task", "language_model"), self.info.get("format")
+        if task != SPEECH or family != SPEECH_FAMILY:
+            raise ValueError(f"{directory} is an export of a {family} model (task {task}), not of a speech "
+                             f"(wav2vec2) model: export a wav2vec2 model directory with `taichu export "
+                             f"MODEL_DIR --format {backend} --out DIR`")
+        if fmt != backend:
+            kind = {"onnx": "an ONNX", "mindir": "a MINDIR"}.get(fmt, f"a {fmt}")
+            raise ValueError(f"{directory} is {kind} export; --backend {backend} runs "
+                             f"{backend.upper()} exports (use --backend {fmt})")
+        graphs = {g["name"]: g for g in self.info["graphs"]}
+        if SPEECH_ENCODER not in graphs:
+            raise ValueError(f"{directory}: export_info.json lists no {SPEECH_ENCODER} graph")
+        entry = graphs[SPEECH_ENCODER]
+        file = directory / entry["file"]
+        model = self.info["config"]["model"]
+        self.backend = backend
+        self.head = model["head"]
+        self.hidden_size = model["hidden_size"]
+        self.receptive_field = receptive_field_of(model["conv_kernel"], model["conv_stride"])
+        self.output_names = [o["name"] for o in entry["outputs"]]
+        if backend == "onnx":
+            self.graph = OnnxGraph(file, threads)
+        else:
+            from export.mindir_export import MindirGraph
+            from export.signature import GraphSignature, TensorInfo
+
+            def tensors(specs):
+                return tuple(TensorInfo(t["name"], t["dtype"], tuple(t["shape"])) for t in specs)
+            self.graph = MindirGraph(file, GraphSignature(entry["name"], tensors(entry["inputs"]),
+                                                          tensors(entry["outputs"])))
+
+    def check(self, input_values: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
+        """The int64 mask to feed (all ones for None); raises ValueError on bad inputs."""
+        if not isinstance(input_values, np.ndarray) or input_values.dtype != np.float32:
+            kind = input_values.dtype if isinstance(input_values, np.ndarray) else type(input_values).__name__
+            raise ValueError(f"input_values must be a float32 numpy array (normalised 16 kHz audio), got {kind}")
+        if attention_mask is None:
+            attention_mask = np.ones(input_values.shape, np.int64)
+        check_audio_batch(input_values.shape, attention_mask, self.receptive_field)
+        return (np.asarray(attention_mask) != 0).astype(np.int64)
+
+    def run(self, input_values: np.ndarray, attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Every output of the graph by name, after checking the inputs."""
+        mask = self.check(input_values, attention_mask)
+        return self.graph.run({"input_values": np.ascontiguousarray(input_values), "attention_mask": mask})
+
+    def __call__(self, input_values: np.ndarray, attention_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        outputs = self.run(input_values, attention_mask)
+        return {name: outputs[name] for name in ("logits", "embedding") if name in outputs}
+
+
+def speech_network(export_dir: str | Path, backend: str = "onnx") -> SpeechNetwork:
+    """The network of a speech export for taichu.recognition.SpeechRunner: ONNX Runtime
+    ("onnx", SPEECH_THREADS intra-op threads) or mindspore.nn.GraphCell ("mindir", mindspore
+    alone, no model code); ``network(values float32 [B, L], mask int [B, L]) ->
+    {"logits" (CTC head), "embedding"}``. Refuses an export of another family or format."""
+    if backend not in EXPORT_BACKENDS:
+        raise ValueError(f"unknown export backend {backend!r} (choose from {', '.join(EXPORT_BACKENDS)})")
+    check_export_directory(export_dir, backend)
+    return SpeechNetwork(export_dir, backend)

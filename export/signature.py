@@ -16,6 +16,25 @@ Every family exports one or more graphs, chosen by its task (``FAMILY.task``):
   (``get_image_features``, not normalised). ``text_encoder``: ``input_ids`` and
   ``attention_mask`` int64 [batch, sequence], right-padded (taichu.imagetext.caption_ids) ->
   ``text_embeds`` [batch, dim] (``get_text_features``).
+- ``speech`` (wav2vec2): one graph ``encoder``. Inputs: ``input_values`` float32 [batch,
+  samples] (16 kHz audio normalised per clip, zero padded: taichu.speech_batches.normalise)
+  and ``attention_mask`` int64 [batch, samples] (1 = real sample, right-padded). Outputs:
+  ``last_hidden_state`` float32 [batch, frames, hidden] (the Transformer's output; padded
+  frames hold values nobody should read) and ``embedding`` float32 [batch, hidden] (its mean
+  over each row's real frames, the model's ``embed``); with the CTC head also ``logits``
+  float32 [batch, frames, vocab] (the model's ``forward``: lm_head of last_hidden_state).
+  ``frames`` is not an input axis: the exporter derives it from ``samples`` through the conv
+  stack (floor((L - kernel) / stride) + 1 per conv, taichu.families.wav2vec2.frame_count), and
+  the saved graph names it. A row's real frames are frame_count(its real samples).
+
+  One graph rather than an ``encoder`` graph and a separate ``ctc`` graph: the logits are
+  one Linear of last_hidden_state, so a separate graph would either hold and run the whole
+  encoder a second time (twice the weights on disk, two encoder passes for a caller that
+  wants the transcript and the embedding, as taichu.recognition.SpeechRunner does per
+  batch) or take hidden states as input, an interface nobody else has. The CTC graph's
+  outputs are the encoder's plus ``logits``, so code that reads ``last_hidden_state`` /
+  ``embedding`` by name serves both heads, and Hugging Face tools that read ``logits`` by name
+  (optimum's CTC model) find it.
 
 A dimension given as a string is a dynamic axis of that name.
 
@@ -28,8 +47,10 @@ from dataclasses import dataclass
 import numpy as np
 
 BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"
-LANGUAGE_MODEL, IMAGE_TEXT = "language_model", "image_text"
+LANGUAGE_MODEL, IMAGE_TEXT, SPEECH = "language_model", "image_text", "speech"
 DECODER, IMAGE_ENCODER, TEXT_ENCODER = "model", "image_encoder", "text_encoder"
+SPEECH_ENCODER = "encoder"
+SAMPLES, FRAMES = "samples", "frames"
 
 
 @dataclass(frozen=True)
@@ -83,6 +104,8 @@ def graphs(config) -> tuple[GraphSignature, ...]:
         return (decoder_graph(config.model),)
     if task == IMAGE_TEXT:
         return image_text_graphs(config.model)
+    if task == SPEECH:
+        return (speech_graph(config.model),)
     raise ValueError(f"family {config.family} (task {task}) has no export signature")
 
 
@@ -94,6 +117,8 @@ def validation_cases(model_config, graph: GraphSignature) -> list[tuple[dict, di
                 for seed, (b, n, p) in enumerate(DECODER_VALIDATION_SHAPES)]
     if graph.name == IMAGE_ENCODER:
         return [({"batch": b}, image_inputs(m, b, seed)) for seed, b in enumerate(IMAGE_VALIDATION_BATCHES)]
+    if graph.name == SPEECH_ENCODER:
+        return speech_validation_cases(m)
     context = m.text.max_position_embeddings
     cases = []
     for seed, (b, n) in enumerate(TEXT_VALIDATION_SHAPES):
@@ -221,3 +246,74 @@ def text_inputs(model_config, batch: int, length: int, seed: int, pad_id: int = 
         input_ids[row, :n] = rng.integers(FIRST_ORDINARY_ID, s["vocab_size"], n)
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+# ----------------------------------------------------------------------- speech encoder
+
+# (batch, samples): one unpadded clip of a second, and three clips in 1.5 s of padding (the
+# first fills it, the others end a third and two thirds of the way, each mid-hop, so that
+# the frame count's floor rounds and every row pools a different number of frames).
+# Raised to the model's receptive field where that is longer (speech_lengths).
+SPEECH_VALIDATION_SHAPES = ((1, 16000), (3, 24000))
+
+
+def speech_sizes(model_config) -> dict:
+    """What the speech signature needs from a wav2vec2 model config: head, hidden size, CTC
+    vocabulary (None for the pretraining head), receptive field and hop (samples per frame)."""
+    from taichu.families.wav2vec2 import receptive_field
+
+    m = model_config
+    return {"head": m.head, "hidden": m.hidden_size,
+            "vocab": m.ctc.vocab_size if m.head == "ctc" else None,
+            "receptive_field": receptive_field(m), "hop": int(np.prod(m.conv_stride))}
+
+
+def speech_graph(model_config) -> GraphSignature:
+    s = speech_sizes(model_config)
+    inputs = (TensorInfo("input_values", "float32", (BATCH, SAMPLES)),
+              TensorInfo("attention_mask", "int64", (BATCH, SAMPLES)))
+    outputs = (TensorInfo("last_hidden_state", "float32", (BATCH, FRAMES, s["hidden"])),
+               TensorInfo("embedding", "float32", (BATCH, s["hidden"])))
+    if s["head"] == "ctc":
+        outputs += (TensorInfo("logits", "float32", (BATCH, FRAMES, s["vocab"])),)
+    return GraphSignature(SPEECH_ENCODER, inputs, outputs)
+
+
+def speech_lengths(model_config, batch: int, samples: int) -> np.ndarray:
+    """Real samples per row for a batch padded to ``samples``: row 0 fills it, the others get
+    shorter down to about a third of it, each ending mid-hop (half a frame's stride past a
+    frame boundary, plus the row index), and never shorter than the receptive field (the
+    shortest clip that makes a frame)."""
+    s = speech_sizes(model_config)
+    hop, shortest = s["hop"], s["receptive_field"]
+    if samples < shortest:
+        raise ValueError(f"{samples} samples make no frame: the receptive field is {shortest} samples")
+    lengths = np.linspace(samples, samples / 3, batch).round().astype(np.int64)
+    for row in range(1, batch):
+        n = lengths[row] - lengths[row] % hop + hop // 2 + row
+        lengths[row] = min(max(n, shortest), samples)
+    return lengths
+
+
+def speech_inputs(model_config, batch: int, samples: int, seed: int,
+                  lengths=None) -> dict[str, np.ndarray]:
+    """Random audio (standard normal, what per-clip normalisation gives) zero padded after
+    each row's ``lengths`` (default: speech_lengths), and its sample mask."""
+    lengths = speech_lengths(model_config, batch, samples) if lengths is None else np.asarray(lengths)
+    rng = np.random.default_rng(seed)
+    mask = (np.arange(samples)[None, :] < lengths[:, None]).astype(np.int64)
+    values = (rng.standard_normal((batch, samples)) * mask).astype(np.float32)
+    return {"input_values": values, "attention_mask": mask}
+
+
+def speech_validation_cases(model_config) -> list[tuple[dict, dict[str, np.ndarray]]]:
+    """SPEECH_VALIDATION_SHAPES (samples at least twice the receptive field), described by
+    batch, samples and each row's real samples."""
+    shortest = speech_sizes(model_config)["receptive_field"]
+    cases = []
+    for seed, (batch, samples) in enumerate(SPEECH_VALIDATION_SHAPES):
+        samples = max(samples, 2 * shortest)
+        feeds = speech_inputs(model_config, batch, samples, seed)
+        cases.append(({"batch": batch, "samples": samples,
+                       "real_samples": [int(n) for n in feeds["attention_mask"].sum(axis=1)]}, feeds))
+    return cases

@@ -1,4 +1,5 @@
-"""The two towers of a MindSpore image-text model as cells of their own, for ms.export.
+"""The two towers of a MindSpore image-text model, and a speech model's encoder, as cells of
+their own, for ms.export.
 
 ``ms.export`` compiles a cell's ``construct``; an image-text model's ``construct`` takes
 both modalities and returns logits, while a retrieval index embeds images and texts apart.
@@ -10,6 +11,11 @@ the ids, Python exceptions). Compiled into a graph they become a ``raise`` primi
 whose shape MindSpore cannot infer when the MINDIR is loaded ("Get infer shape function
 failed, primitive name:raise"), so ``input_checks_off`` hides them while the graph is
 compiled; the MINDIR's caller checks its inputs (as export.runtime does for ONNX).
+
+A wav2vec2 model checks its inputs in ``__call__`` and ``embed`` (not in ``construct`` or
+``encode``). ``SpeechEncoder`` compiles ``encode`` once and what ``embed`` and ``construct``
+compute from its hidden states, so no check is compiled in and none needs hiding; export.runtime
+checks a speech graph's inputs (SpeechNetwork.check).
 """
 from __future__ import annotations
 
@@ -38,6 +44,25 @@ class TextEncoder(nn.Cell):
 
     def construct(self, input_ids, attention_mask):
         return self.model.get_text_features(input_ids, attention_mask)
+
+
+class SpeechEncoder(nn.Cell):
+    """input_values float32, attention_mask int32 [batch, samples] (right-padded) ->
+    last_hidden_state [batch, frames, hidden], embedding [batch, hidden] and, with the CTC
+    head, logits [batch, frames, vocab] (export/signature.py, ``speech_graph``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.ctc = model.head == "ctc"
+
+    def construct(self, input_values, attention_mask):
+        hidden, _, frame_mask, _ = self.model.encode(input_values, attention_mask)
+        weights = frame_mask.astype(hidden.dtype).expand_dims(-1)
+        embedding = (hidden * weights).sum(axis=1) / weights.sum(axis=1)
+        if self.ctc:
+            return hidden, embedding, self.model.lm_head(self.model.dropout(hidden))
+        return hidden, embedding
 
 
 def _no_input_checks(pixel_values=None, input_ids=None, attention_mask=None):

@@ -1,4 +1,5 @@
-"""The two towers of a PyTorch image-text model as modules of their own, for torch.onnx.
+"""The two towers of a PyTorch image-text model, and a speech model's encoder, as modules of
+their own, for torch.onnx.
 
 torch.onnx.export (dynamo) exports a module's ``forward``; an image-text model's ``forward`` takes
 both modalities and returns logits, while a retrieval index embeds images and texts apart.
@@ -6,6 +7,11 @@ These wrappers trace ``get_image_features`` and ``get_text_features`` instead, t
 every image-text family has (torch_impl/clip.py; BriVL likewise). The models skip their
 numpy input checks while exported (torch.onnx.is_in_onnx_export), so the graphs hold no host round
 trip; export.runtime checks its inputs before running a graph.
+
+A wav2vec2 model's ``forward`` gives the CTC logits (or, without a CTC head, the hidden states)
+and ``embed`` the utterance embedding, each running the encoder. ``SpeechEncoder`` runs it
+once (``encode``, which has no host-side checks: nothing in the graph copies to numpy) and
+returns what both give (export/signature.py, ``speech_graph``).
 """
 from __future__ import annotations
 
@@ -32,3 +38,23 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         return self.model.get_text_features(input_ids, attention_mask)
+
+
+class SpeechEncoder(nn.Module):
+    """input_values float32, attention_mask int64 [batch, samples] (right-padded) ->
+    last_hidden_state [batch, frames, hidden], embedding [batch, hidden] and, with the CTC
+    head, logits [batch, frames, vocab]: ``Wav2Vec2.encode`` once, then what ``embed`` (the
+    mean over each row's real frames) and ``forward`` (lm_head) compute from it."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.ctc = model.head == "ctc"
+
+    def forward(self, input_values, attention_mask):
+        hidden, _, frame_mask, _ = self.model.encode(input_values, attention_mask)
+        weights = frame_mask.to(hidden.dtype).unsqueeze(-1)
+        embedding = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+        if self.ctc:
+            return hidden, embedding, self.model.lm_head(self.model.dropout(hidden))
+        return hidden, embedding

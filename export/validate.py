@@ -3,7 +3,8 @@
 fp32: the exported file and the source model run the same random inputs at two shapes
 (export/signature.py, validation_cases: for the GPT decoder a left-padded prompt with an
 empty past and a short continuation with a cache; for image-text towers batch 1 and a
-right-padded batch of 5); every output tensor must agree within TOLERANCE, measured as
+right-padded batch of 5; for a speech encoder one clip of a second and three right-padded
+clips of different lengths); every output tensor must agree within TOLERANCE, measured as
 max |exported - source| / max(1, max |source|) so that it is an absolute bound for values
 of order 1 and a relative one for larger logits. A failure names the worst tensor, the shape and the difference.
 
@@ -87,6 +88,40 @@ def tower_runner(model, graph: signature.GraphSignature):
     return run
 
 
+def speech_runner(model, graph: signature.GraphSignature):
+    """``run(feeds) -> outputs`` of a wav2vec2 model of either backend through its own
+    methods, the reference an exported speech encoder must match: ``encode``'s hidden states
+    (last_hidden_state), ``embed`` (embedding) and, with the CTC head, ``forward`` (logits),
+    the last two with the model's input checks."""
+    from taichu.api import backend_of
+
+    wanted = set(graph.output_names)
+    if backend_of(model) == "torch":
+        import torch
+
+        def run(feeds):
+            values = torch.from_numpy(feeds["input_values"])
+            mask = torch.from_numpy(feeds["attention_mask"])
+            with torch.no_grad():
+                outputs = {"last_hidden_state": model.encode(values, mask)[0], "embedding": model.embed(values, mask)}
+                if "logits" in wanted:
+                    outputs["logits"] = model(values, mask)
+            return {name: tensor.numpy() for name, tensor in outputs.items()}
+        return run
+
+    import mindspore as ms
+
+    def run(feeds):
+        # An int32 mask, as in the MINDIR (export/mindir_export.py).
+        values = ms.Tensor(feeds["input_values"])
+        mask = ms.Tensor(feeds["attention_mask"].astype(np.int32))
+        outputs = {"last_hidden_state": model.encode(values, mask)[0], "embedding": model.embed(values, mask)}
+        if "logits" in wanted:
+            outputs["logits"] = model(values, mask)
+        return {name: tensor.asnumpy() for name, tensor in outputs.items()}
+    return run
+
+
 def compare(source: dict[str, np.ndarray], exported: dict[str, np.ndarray]) -> tuple[str, float]:
     """(worst tensor, its scaled difference) over all outputs."""
     worst, worst_difference = "", -1.0
@@ -106,7 +141,15 @@ def validate_cases(run_exported, run_source, cases, label: str, tolerance: float
     ExportValidationError, naming the tensor and the shape, above ``tolerance``."""
     results = []
     for shape, feeds in cases:
-        worst, difference = compare(run_source(feeds), run_exported(feeds))
+        expected = run_source(feeds)
+        try:
+            exported = run_exported(feeds)
+        except Exception as error:     # an exported file that does not run is rejected too
+            where = ", ".join(f"{axis} {size}" for axis, size in shape.items())
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise ExportValidationError(f"{label} failed to run at {where}: {type(error).__name__}: "
+                                        f"{first_line}") from error
+        worst, difference = compare(expected, exported)
         results.append({**shape, "worst_tensor": worst, "max_difference": difference})
         if not difference <= tolerance:
             where = ", ".join(f"{axis} {size}" for axis, size in shape.items())

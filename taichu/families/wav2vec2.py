@@ -23,8 +23,8 @@ from pydantic import Field, StrictBool, StrictInt, model_validator
 from taichu.config import Section, TrainConfig, TransformerSize
 from taichu.parallel import ParallelConfig
 from taichu.families import Family, TensorSpec, layer_norm_specs, linear_specs
+from taichu.speech_inputs import SAMPLE_RATE, check_audio_batch, receptive_field_of
 
-SAMPLE_RATE = 16_000
 # The CTC alphabet of tone-numbered pinyin (taichu.speech): blank first (id 0, also the
 # padding of label rows), the word separator, the letters pypinyin writes (ü as "v"), the
 # tone digits (5 = neutral tone).
@@ -294,10 +294,7 @@ def frame_count(m: Wav2Vec2ModelConfig, num_samples):
 
 def receptive_field(m: Wav2Vec2ModelConfig) -> int:
     """Samples the first frame sees: the shortest clip that gives a frame."""
-    size = 1
-    for kernel, stride in reversed(list(zip(m.conv_kernel, m.conv_stride))):
-        size = (size - 1) * stride + kernel
-    return size
+    return receptive_field_of(m.conv_kernel, m.conv_stride)
 
 
 # ----------------------------------------------------------------------------- random draws
@@ -365,40 +362,6 @@ def gumbel_noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray
 
 def check_inputs(config: Wav2Vec2Config, shape: tuple[int, ...], attention_mask: np.ndarray | None = None,
                  dtype: str | None = None) -> None:
-    """The checks both backends run before a forward pass, with one wording.
-
-    Done outside the compiled graph, on the shape (and a numpy copy of the mask):
-    ``input_values`` is [batch, samples] of a floating dtype (``dtype``: its name, numpy's
-    or the framework's, e.g. "float32" or "torch.float32"); ``attention_mask`` (1 = real
-    sample) has its shape and is right-padded (ones, then zeros), because frames are
-    counted from each row's number of real samples, as Hugging Face does. Every row must
-    be long enough to make one frame: shorter than the receptive field, the feature
-    encoder gives it no frame at all.
-    """
-    m = config.model
-    shape = tuple(int(n) for n in shape)
-    if len(shape) != 2:
-        raise ValueError(f"input_values must be [batch, samples] (16 kHz mono audio), got shape {shape}")
-    if shape[0] == 0:
-        raise ValueError("input_values has an empty batch")
-    if dtype is not None and "float" not in str(dtype):
-        raise ValueError(f"input_values must be floating point (normalised audio), got {dtype}")
-    if attention_mask is None:
-        lengths = np.full(shape[0], shape[1], dtype=np.int64)
-    else:
-        if tuple(attention_mask.shape) != shape:
-            raise ValueError(f"attention_mask must have the shape of input_values {shape}, "
-                             f"got {tuple(attention_mask.shape)}")
-        mask = np.asarray(attention_mask) != 0
-        lengths = mask.sum(axis=1)
-        right_padded = mask == (np.arange(shape[1])[None, :] < lengths[:, None])
-        if not right_padded.all():
-            row = int(np.flatnonzero(~right_padded.all(axis=1))[0])
-            raise ValueError(f"attention_mask row {row} is not right-padded (ones, then zeros): "
-                             "frames are counted from each row's number of real samples")
-    shortest = receptive_field(m)
-    if lengths.min() < shortest:
-        row = int(np.argmin(lengths))
-        raise ValueError(f"input row {row} has {int(lengths[row])} real samples; the feature encoder needs "
-                         f"at least {shortest} samples ({1000 * shortest / SAMPLE_RATE:.1f} ms at "
-                         f"{SAMPLE_RATE} Hz) to make one frame")
+    """The checks both backends run before a forward pass, outside the compiled graph, on the
+    shape and a numpy copy of the mask (taichu.speech_inputs.check_audio_batch)."""
+    check_audio_batch(shape, attention_mask, receptive_field(config.model), dtype)
