@@ -165,6 +165,12 @@ def cmd_train(args) -> int:
         start = f"{result.start_val_loss:.4f} at step 0 -> " if result.start_val_loss is not None else ""
         print(f"held-out contrastive loss: {start}{result.val_loss:.4f} (taichu eval {result.final_dir} "
               "for zero-shot accuracy and Recall@K)")
+    elif result.val_loss is not None and result.unit == "clips":
+        start = f"{result.start_val_loss:.4f} at step 0 -> " if result.start_val_loss is not None else ""
+        what = ("CTC loss" if load_config(result.final_dir).model.head == "ctc"
+                else "pretraining loss (contrastive + diversity + feature penalty, per masked frame)")
+        print(f"held-out {what}: {start}{result.val_loss:.4f} (taichu eval {result.final_dir} for "
+              f"error rates of a CTC model)")
     elif result.val_loss is not None:
         start = (f"{math.exp(result.start_val_loss):,.1f} at step 0 -> "
                  if result.start_val_loss is not None else "")
@@ -258,6 +264,8 @@ def cmd_embed(args) -> int:
     out = Path(args.out)
     if out.suffix != ".npy":
         raise ValueError(f"--out {out}: must end in .npy (the row list goes beside it as .jsonl)")
+    if args.audio:
+        return _embed_audio(args, out)
     # Read and check every input before loading the model: a bad caption line fails fast.
     if args.images:
         images = list_images(args.images)
@@ -274,6 +282,92 @@ def cmd_embed(args) -> int:
     atomic_write_bytes(sidecar, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
     atomic_write(out, lambda handle: np.save(handle, vectors, allow_pickle=False))
     print(f"wrote {out} (float32 {list(vectors.shape)}, L2-normalised, {args.backend}) and {sidecar}")
+    return 0
+
+
+def _speech_runner(args, batch_size: int = 8):
+    """A taichu.recognition.SpeechRunner of args.model in args.backend; an export's graphs
+    run through export.runtime (which the CLI, unlike taichu/, may import)."""
+    from taichu.recognition import SpeechRunner
+
+    network = None
+    if args.backend in ("onnx", "mindir"):
+        from export.runtime import speech_network
+
+        network = speech_network(args.model, args.backend)
+    return SpeechRunner(args.model, args.backend, batch_size, network=network)
+
+
+def _read_audio_files(paths) -> tuple[list[str], list]:
+    """Every file read (and resampled to 16 kHz mono) before a model is loaded: a bad file
+    fails fast, naming itself."""
+    from taichu.speech import load_audio
+
+    names = [str(p) for p in paths]
+    return names, [load_audio(p) for p in names]
+
+
+def _embed_audio(args, out: Path) -> int:
+    import json
+
+    import numpy as np
+
+    from taichu.fileio import atomic_write, atomic_write_bytes
+
+    names, audios = _read_audio_files(args.audio)
+    runner = _speech_runner(args, args.batch_size)
+    runner.check(audios, names)
+    vectors = runner.embed(audios)
+    rows = [{"row": i, "audio": name, "seconds": round(len(a) / 16000, 3)}
+            for i, (name, a) in enumerate(zip(names, audios))]
+    sidecar = out.with_suffix(".jsonl")
+    atomic_write_bytes(sidecar, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+    atomic_write(out, lambda handle: np.save(handle, vectors, allow_pickle=False))
+    print(f"wrote {out} (float32 {list(vectors.shape)}, mean of the last hidden states over "
+          f"real frames, {args.backend}) and {sidecar}")
+    return 0
+
+
+def cmd_transcribe(args) -> int:
+    """Greedy CTC transcripts (tone-numbered pinyin) of audio files, one line per file."""
+    names, audios = _read_audio_files(args.audio)
+    runner = _speech_runner(args, args.batch_size)
+    runner.check(audios, names)
+    for name, text in zip(names, runner.transcribe(audios)):
+        print(f"{name}\t{text}")
+    return 0
+
+
+def _eval_speech(args) -> int:
+    """Syllable / character error rates of a CTC model on held-out clips: the model's own
+    test sentences (seen voices) and held-out voice, or a .jsonl of {audio, text|pinyin}."""
+    import json
+
+    from taichu.fileio import atomic_write_bytes
+    from taichu.recognition import evaluate_clips
+    from taichu.speech import load_speech_data, read_jsonl
+
+    runner = _speech_runner(args, args.batch_size)
+    if args.data:
+        sets = {Path(args.data).stem: read_jsonl(args.data)}
+    else:
+        data = load_speech_data(runner.config.data)
+        split = {"test": "test", "train": "train", "all": "test"}[args.split]
+        sets = {f"{split} (seen voices)": getattr(data, split)}
+        if data.held_out_voice and args.split != "train":
+            sets[f"held-out voice {runner.config.data.held_out_voice}"] = data.held_out_voice
+    results = {}
+    for name, clips in sets.items():
+        rates = evaluate_clips(runner, clips)
+        results[name] = rates
+        print(f"{name}: {rates['utterances']} clips, syllable error rate "
+              f"{rates['syllable_error_rate']:.1%}, character error rate "
+              f"{rates['character_error_rate']:.1%} ({args.backend})")
+        for example in rates["examples"][:2]:
+            print(f"    ref {example['reference']}\n    hyp {example['hypothesis']}")
+    if args.out:
+        atomic_write_bytes(args.out, (json.dumps(results, ensure_ascii=False, indent=2) + "\n").encode())
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -320,6 +414,8 @@ def cmd_eval(args) -> int:
     from taichu.fileio import atomic_write_bytes
     from taichu.retrieval import evaluate
 
+    if load_config(args.model).family == "wav2vec2":
+        return _eval_speech(args)
     metrics = evaluate(_embedder(args, args.batch_size), data=args.data, split=args.split)
     for line in metrics.lines():
         print(line)
@@ -330,13 +426,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _add_embed_inputs(parser: argparse.ArgumentParser, model_help: str) -> None:
-    """MODEL and what to embed, for `taichu embed` and `taichu index`."""
+def _add_embed_inputs(parser: argparse.ArgumentParser, model_help: str, audio: bool = False) -> None:
+    """MODEL and what to embed, for `taichu embed` (images, texts or audio) and `taichu index`."""
     parser.add_argument("model", help=model_help)
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--images", nargs="+", metavar="DIR_OR_FILE",
                         help="image files, or directories (image files found recursively)")
     inputs.add_argument("--texts", metavar="FILE", help="UTF-8 file, one caption per line")
+    if audio:
+        inputs.add_argument("--audio", nargs="+", metavar="FILE",
+                            help="audio files (wav, flac, ...; resampled to 16 kHz mono) for a "
+                                 "speech (wav2vec2) model: one utterance embedding each")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,8 +536,10 @@ def build_parser() -> argparse.ArgumentParser:
     image_text_model = ("image-text model directory (clip, brivl), or its export with --backend onnx "
                         "/ mindir")
     embed = commands.add_parser("embed", help="embed images or captions with an image-text model "
-                                              "(L2-normalised float32 .npy + a .jsonl of the rows)")
-    _add_embed_inputs(embed, image_text_model)
+                                              "(L2-normalised), or audio with a speech model "
+                                              "(float32 .npy + a .jsonl of the rows)")
+    _add_embed_inputs(embed, image_text_model + "; or a speech (wav2vec2) model with --audio",
+                      audio=True)
     embed.add_argument("--out", required=True, help="embeddings .npy (rows listed in the same name .jsonl)")
     embed.add_argument("--backend", choices=embed_backends, default="torch")
     embed.add_argument("--batch-size", type=int, default=64)
@@ -468,15 +570,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser("eval", help="Recall@1/5 text->image and image->text (and "
                                                   "zero-shot digits) on the held-out split")
-    evaluation.add_argument("model", help=image_text_model)
+    evaluation.add_argument("model", help=image_text_model + "; or a CTC speech (wav2vec2) model: "
+                                                            "syllable and character error rates")
     evaluation.add_argument("--backend", choices=embed_backends, default="torch")
     evaluation.add_argument("--data", help="digits, scenes or a .jsonl (default: the model "
-                                           "config's data.source)")
+                                           "config's data.source; speech: its held-out sentences "
+                                           "and held-out voice, or a .jsonl of {audio, text|pinyin})")
     evaluation.add_argument("--split", choices=("test", "train", "all"), default="test",
                             help="test = the held-out split training did not see")
     evaluation.add_argument("--out", help="also write the metrics as JSON")
     evaluation.add_argument("--batch-size", type=int, default=64)
     evaluation.set_defaults(func=cmd_eval)
+
+    transcribe = commands.add_parser("transcribe", help="transcribe audio files to tone-numbered "
+                                                        "pinyin with a CTC speech model")
+    transcribe.add_argument("model", help="speech model directory (wav2vec2, head ctc), or its "
+                                          "export with --backend onnx / mindir")
+    transcribe.add_argument("audio", nargs="+", help="audio files (wav, flac, ...; any rate, "
+                                                     "any channels: resampled to 16 kHz mono)")
+    transcribe.add_argument("--backend", choices=embed_backends, default="torch")
+    transcribe.add_argument("--batch-size", type=int, default=8)
+    transcribe.set_defaults(func=cmd_transcribe)
     return parser
 
 
