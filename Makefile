@@ -70,8 +70,8 @@ demo-clip: $(STAMP)
 # mode), then report syllable / character error rates on held-out sentences and on the
 # held-out voice and transcribe three held-out-voice clips beside their references.
 SPEECH_DEMO_DIR ?= runs/demo-speech
-SPEECH_DEMO_PRETRAIN ?= 200
-SPEECH_DEMO_FINETUNE ?= 500
+SPEECH_DEMO_PRETRAIN ?= 100
+SPEECH_DEMO_FINETUNE ?= 400
 SPEECH_DEMO_BACKEND ?= mindspore
 SPEECH_DEMO_COMMON = --set train.log_interval=20 --set train.checkpoint_interval=100000
 SPEECH_DEMO_CLIPS = from pathlib import Path; import soundfile; import taichu; \
