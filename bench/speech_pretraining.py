@@ -45,6 +45,8 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="override for both configs, e.g. data.sentences=1000")
+    parser.add_argument("--pretrained", help="reuse this run's pretraining (a directory written by an "
+                                             "earlier run: OUT of that run) instead of pretraining again")
     parser.add_argument("--quick", action="store_true", help="tiny budget; the doc is not touched")
     parser.add_argument("--no-doc", action="store_true")
     return parser.parse_args(argv)
@@ -102,14 +104,19 @@ def run(args) -> dict:
     results = {"pretraining": None, "finetune": []}
     started = time.perf_counter()
     pre_config = taichu.load_config(PRETRAIN, [*args.overrides, *schedule(args.pretrain_steps)])
-    before_dir = out / "pretrain-init"
-    taichu.save_model(taichu.build_model(pre_config, "torch"), before_dir)
+    source = Path(args.pretrained) if args.pretrained else out
+    before_dir, pretrained = source / "pretrain-init", source / "pretrain" / "final"
     t = time.perf_counter()
-    pretrained = run_training(pre_config, args.backend, out / "pretrain", init_dir=before_dir,
-                              progress=True).final_dir
-    evals = [r for r in read_metrics(out / "pretrain") if "val_loss" in r]
+    if args.pretrained:
+        previous = json.loads((source / "results.json").read_text())["pretraining"]
+        args.pretrain_steps, pretrain_minutes = previous["steps"], previous["minutes"]
+    else:
+        taichu.save_model(taichu.build_model(pre_config, "torch"), before_dir)
+        run_training(pre_config, args.backend, out / "pretrain", init_dir=before_dir, progress=True)
+        pretrain_minutes = (time.perf_counter() - t) / 60
+    evals = [r for r in read_metrics(source / "pretrain") if "val_loss" in r]
     results["pretraining"] = {
-        "steps": args.pretrain_steps, "minutes": (time.perf_counter() - t) / 60,
+        "steps": args.pretrain_steps, "minutes": pretrain_minutes,
         "val_loss": [(r["step"], r["val_loss"]) for r in evals],
         "before": pretraining_report(before_dir, pre_config),
         "after": pretraining_report(pretrained, pre_config)}
@@ -131,6 +138,7 @@ def run(args) -> dict:
             results["finetune"].append(row)
             print(json.dumps(row, ensure_ascii=False))
     results["minutes"] = (time.perf_counter() - started) / 60
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False))
     return results
 
@@ -194,7 +202,9 @@ def main(argv=None) -> None:
     if not args.no_doc:
         from benchdoc import write_section
 
-        write_section("speech_pretraining", "## Speech: does pretraining help? (bench/speech_pretraining.py)", text)
+        # One block per labelled budget, so runs at several budgets sit side by side.
+        name = "speech_pretraining" if args.labelled == 200 else f"speech_pretraining_{args.labelled}"
+        write_section(name, f"### {args.labelled} labelled clips", text)
 
 
 if __name__ == "__main__":
