@@ -36,3 +36,30 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def jsonl_objects(path, what: str, expected: str):
+    """(``file:line``, object) for every non-blank line of a UTF-8 ``.jsonl`` file, with one
+    wording for every data reader: FileNotFoundError names ``what`` ("image-text file"),
+    ValueError names the file and line of bad UTF-8, bad JSON or a line that is not a JSON
+    object (``expected`` says what it should be, e.g. "with an 'audio' key")."""
+    import json
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected a JSON object {expected}, got {type(record).__name__}")
+        yield where, record

@@ -333,25 +333,11 @@ def read_jsonl(path: str | Path, verify: bool = False) -> list[Pair]:
     file and the line: bad JSON, not an object, a missing or non-string key, an empty
     caption, an image file that is missing or (with ``verify``) not an image.
     """
+    from taichu.fileio import jsonl_objects
+
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"image-text file {path} not found")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").split("\n")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
     pairs = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object with 'image' and 'text' keys, "
-                             f"got {type(record).__name__}")
+    for where, record in jsonl_objects(path, "image-text file", "with 'image' and 'text' keys"):
         for key in ("image", "text"):
             if key not in record:
                 raise ValueError(f"{where}: missing key '{key}' (each line needs 'image' and 'text')")

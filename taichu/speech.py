@@ -392,25 +392,11 @@ def read_jsonl(path: str | Path) -> list[Clip]:
     problem raises ValueError (FileNotFoundError for a missing .jsonl) naming the file and
     the line.
     """
+    from taichu.fileio import jsonl_objects
+
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"speech file {path} not found")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").split("\n")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
     clips = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object with an 'audio' key, got "
-                             f"{type(record).__name__}")
+    for where, record in jsonl_objects(path, "speech file", "with an 'audio' key"):
         if "audio" not in record:
             raise ValueError(f"{where}: missing key 'audio' (each line needs 'audio'; 'text' and "
                              "'pinyin' are optional)")
