@@ -19,7 +19,6 @@ or on the machine. ``caption_ids`` turns captions into fixed-length token ids.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import struct
 from collections import Counter
