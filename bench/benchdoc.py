@@ -107,3 +107,21 @@ def drive(args, argv, name: str, heading: str, serve, run, report) -> None:
     start = time.perf_counter()
     results, extras = run(args)
     publish(name, heading, report(args, results, extras, time.perf_counter() - start), args.no_doc)
+
+
+# ------------------------------------------------ one framework per worker process
+
+def run_worker(script: str, kind: str, folder: Path, passthrough) -> dict:
+    """Run ``script --worker KIND --model-dir FOLDER ...`` in a fresh process (clean thread
+    pools, one framework each) and return the JSON its last stdout line holds."""
+    import json
+    import subprocess
+
+    cmd = [sys.executable, str(Path(script).resolve()), "--worker", kind, "--model-dir", str(folder),
+           *passthrough]
+    # GLOG_v=3: MindSpore errors only; some of its warnings print whole tensors.
+    env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
+    print(f"[{kind}]", file=sys.stderr, flush=True)
+    done = subprocess.run(cmd, cwd=Path(script).resolve().parents[1], env=env, text=True,
+                          stdout=subprocess.PIPE, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])

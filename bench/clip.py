@@ -50,7 +50,6 @@ import platform
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
+import benchdoc
 from benchdoc import CORES, WAIT_IDLE, cpu_ticks, drive, machine, others_share, settle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,13 +275,7 @@ def prepare(args, folder: Path) -> dict:
 
 
 def run_worker(kind: str, args, folder: Path) -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind,
-           "--model-dir", str(folder), *args.passthrough]
-    # GLOG_v=3: MindSpore errors only; some of its warnings print whole tensors.
-    env = {**os.environ, "GLOG_v": os.environ.get("GLOG_v", "3")}
-    print(f"[{kind}]", file=sys.stderr, flush=True)
-    done = subprocess.run(cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return benchdoc.run_worker(__file__, kind, folder, args.passthrough)
 
 
 def run(args) -> tuple[list, dict]:
