@@ -23,6 +23,8 @@ import contextlib
 
 from mindspore import nn
 
+from mindspore_impl.wav2vec2 import mean_over_frames
+
 
 class ImageEncoder(nn.Cell):
     """pixel_values [batch, channels, size, size] -> image_embeds [batch, dim]."""
@@ -58,8 +60,7 @@ class SpeechEncoder(nn.Cell):
 
     def construct(self, input_values, attention_mask):
         hidden, _, frame_mask, _ = self.model.encode(input_values, attention_mask)
-        weights = frame_mask.astype(hidden.dtype).expand_dims(-1)
-        embedding = (hidden * weights).sum(axis=1) / weights.sum(axis=1)
+        embedding = mean_over_frames(hidden, frame_mask)
         if self.ctc:
             return hidden, embedding, self.model.lm_head(self.model.dropout(hidden))
         return hidden, embedding

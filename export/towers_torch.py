@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from torch_impl.wav2vec2 import mean_over_frames
+
 
 class ImageEncoder(nn.Module):
     """pixel_values [batch, channels, size, size] -> image_embeds [batch, dim]."""
@@ -53,8 +55,7 @@ class SpeechEncoder(nn.Module):
 
     def forward(self, input_values, attention_mask):
         hidden, _, frame_mask, _ = self.model.encode(input_values, attention_mask)
-        weights = frame_mask.to(hidden.dtype).unsqueeze(-1)
-        embedding = (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+        embedding = mean_over_frames(hidden, frame_mask)
         if self.ctc:
             return hidden, embedding, self.model.lm_head(self.model.dropout(hidden))
         return hidden, embedding

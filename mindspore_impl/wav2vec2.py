@@ -595,8 +595,14 @@ class Wav2Vec2(nn.Cell):
         its real frames."""
         self._check(input_values, attention_mask)
         hidden, _, frame_mask, _ = self.encode(input_values, attention_mask)
-        weights = frame_mask.astype(hidden.dtype).expand_dims(-1)
-        return (hidden * weights).sum(axis=1) / weights.sum(axis=1)
+        return mean_over_frames(hidden, frame_mask)
+
+
+def mean_over_frames(hidden, frame_mask):
+    """[batch, frames, hidden] averaged over each row's real frames -> [batch, hidden] (the
+    utterance embedding of ``embed``, of the export and of taichu.recognition)."""
+    weights = frame_mask.astype(hidden.dtype).expand_dims(-1)
+    return (hidden * weights).sum(axis=1) / weights.sum(axis=1)
 
 
 def _init(param, init):

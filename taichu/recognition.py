@@ -114,24 +114,34 @@ def _framework_network(model_dir: Path, backend: str) -> Callable:
 
     model = load_model(model_dir, backend=backend)
     ctc = model.config.model.head == "ctc"
+    # One pass of the encoder for both outputs: the embedding as Wav2Vec2.embed pools it,
+    # the logits as forward projects them (lm_head; dropout is off in evaluation).
     if backend == "torch":
         import torch
+
+        from torch_impl.wav2vec2 import mean_over_frames
 
         def run(values, mask):
             with torch.no_grad():
                 x, m = torch.from_numpy(values), torch.from_numpy(mask)
-                out = {"embedding": model.embed(x, m).numpy()}
+                model._check(x, m)
+                hidden, _, frame_mask, _ = model.encode(x, m)
+                out = {"embedding": mean_over_frames(hidden, frame_mask).numpy()}
                 if ctc:
-                    out["logits"] = model(x, m).numpy()
+                    out["logits"] = model.lm_head(hidden).numpy()
                 return out
         return run
     import mindspore as ms
 
+    from mindspore_impl.wav2vec2 import mean_over_frames
+
     def run(values, mask):
         x, m = ms.Tensor(values), ms.Tensor(mask.astype(np.int32))
-        out = {"embedding": model.embed(x, m).asnumpy()}
+        model._check(x, m)
+        hidden, _, frame_mask, _ = model.encode(x, m)
+        out = {"embedding": mean_over_frames(hidden, frame_mask).asnumpy()}
         if ctc:
-            out["logits"] = model(x, m).asnumpy()
+            out["logits"] = model.lm_head(hidden).asnumpy()
         return out
     return run
 

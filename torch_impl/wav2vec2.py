@@ -458,8 +458,14 @@ class Wav2Vec2(nn.Module):
         its real frames."""
         self._check(input_values, attention_mask)
         hidden, _, frame_mask, _ = self.encode(input_values, attention_mask)
-        weights = frame_mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
+        return mean_over_frames(hidden, frame_mask)
+
+
+def mean_over_frames(hidden, frame_mask):
+    """[batch, frames, hidden] averaged over each row's real frames -> [batch, hidden] (the
+    utterance embedding of ``embed``, of the export and of taichu.recognition)."""
+    weights = frame_mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1)
 
 
 # ----------------------------------------------------------------------------- losses
