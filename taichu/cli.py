@@ -167,7 +167,7 @@ def cmd_train(args) -> int:
               "for zero-shot accuracy and Recall@K)")
     elif result.val_loss is not None and result.unit == "clips":
         start = f"{result.start_val_loss:.4f} at step 0 -> " if result.start_val_loss is not None else ""
-        what = ("CTC loss" if load_config(result.final_dir).model.head == "ctc"
+        what = ("CTC loss" if config.model.head == "ctc"
                 else "pretraining loss (contrastive + diversity + feature penalty, per masked frame)")
         print(f"held-out {what}: {start}{result.val_loss:.4f} (taichu eval {result.final_dir} for "
               f"error rates of a CTC model)")
