@@ -413,9 +413,7 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
         # fine-tuned with CTC).
         init_config = load_config(init_dir)
         _load_init(model, config, init_config, init_dir, is_main)
-        init_model = init_config.model.model_dump()
-        run_model = config.model.model_dump()
-        changed = {k: (v, run_model.get(k)) for k, v in init_model.items() if run_model.get(k) != v}
+        changed = _changed_fields(init_config.model.model_dump(), config.model.model_dump())
         if changed and is_main:
             print(f"--init {init_dir}: model fields differ from its config.yaml "
                   f"(init -> this run): {changed}")
@@ -501,6 +499,19 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
     return TrainResult(final_dir, train.max_steps, loss, val_loss, start_val_loss,
                        (train.max_steps - start_step) * units_per_step, time.perf_counter() - run_start,
                        data.unit)
+
+
+def _changed_fields(before: dict, after: dict, prefix: str = "") -> dict:
+    """``{dotted.field: (before, after)}`` for the leaves that differ: a config section
+    (a speech model's quantizer) shows as the fields that changed, not both whole sections."""
+    changed = {}
+    for key, value in before.items():
+        other = after.get(key)
+        if isinstance(value, dict) and isinstance(other, dict):
+            changed.update(_changed_fields(value, other, f"{prefix}{key}."))
+        elif other != value:
+            changed[f"{prefix}{key}"] = (value, other)
+    return changed
 
 
 def _load_init(model, config, init_config, init_dir: Path, verbose: bool) -> None:
