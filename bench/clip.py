@@ -32,7 +32,8 @@ there), then --repeats timed calls (--mindspore-repeats for MindSpore; 3x as man
 call, so load from other processes hits them alike; each framework runs in its own worker
 process (torch; onnxruntime; MindSpore), one after another, each with as many threads as
 cores (--wait-idle N: before each tower and batch of a round, wait up to N s for other
-processes to leave the cores idle). Outputs of the warm-up call are compared with torch's.
+processes to leave the cores idle, then call every runtime once untimed: thread pools that
+slept through the wait wake slowly). Outputs of the warm-up call are compared with torch's.
 Nothing here is a test: ratios within one run are the result.
 
     .venv/bin/python bench/clip.py            # table to stdout and docs/benchmarks.md
@@ -53,6 +54,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +211,9 @@ def serve(args) -> None:
             for tower in TOWERS:
                 for b in BATCHES:
                     # Once per tower and batch (calls are short; a wait samples 0.5 s).
-                    settle(SETTLE_WINDOW)
+                    # Not before round 0: its calls are the "first call" column (compiles).
+                    settle(SETTLE_WINDOW, wake=[partial(fns[tower], *batches[tower, b])
+                                                for fns in runtimes.values()] if i else ())
                     for _ in range(1 if i == 0 or b != 1 else BATCH1_FACTOR):
                         for name, fns in runtimes.items():
                             row = rows[name, tower, b]
@@ -363,7 +367,9 @@ def report(args, rows: list, extras: dict, wall: float) -> str:
         f"calls ({args.repeats * BATCH1_FACTOR} at batch 1; MindSpore {args.mindspore_repeats} "
         f"and {args.mindspore_repeats * BATCH1_FACTOR}). items/s (best) = batch / the best "
         "call; vs PyTorch eager = the reference's best call time / the row's, same tower and "
-        "batch. A call = numpy inputs in, numpy features out, input checks included: torch_impl "
+        "batch (with --wait-idle, each group of calls after round 0 waits for idle cores, then "
+        "calls every runtime once untimed: thread pools that slept through the wait wake "
+        "slowly, and only the first runtime timed would pay for it). A call = numpy inputs in, numpy features out, input checks included: torch_impl "
         "`get_*_features` under `torch.inference_mode()`, `OnnxImageTextEncoder.image_features` "
         "/ `.text_features`, mindspore_impl `get_*_features` (PyNative), and for graph mode the "
         "model's host-side `_check` followed by the `ms.jit`-compiled `get_*_features` "

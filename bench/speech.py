@@ -48,6 +48,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -211,7 +212,8 @@ def serve(args) -> None:
     with context():
         for i in range(args.warmup + args.calls):
             for b in BATCHES:
-                settle(0.5)
+                # Not before round 0: its first calls are the "first call" column (compiles).
+                settle(0.5, wake=[partial(fn, *batches[b]) for fn in runtimes.values()] if i else ())
                 for name, fn in runtimes.items():
                     row = rows[name, b]
                     ticks, start = cpu_ticks(), time.perf_counter()
@@ -385,7 +387,10 @@ def report(args, rows: list, extras: dict, wall: float) -> str:
         f"- Timing: per runtime and batch, {args.warmup} warm-up call(s) (the first is "
         "\"first call\": MindSpore graph compiles there, one graph per batch shape; the MINDIR "
         f"GraphCell too resolves its dynamic shapes there), then the median of {args.calls} "
-        "timed calls; vs torch_impl = torch_impl's median / the row's, same batch. A call = "
+        "timed calls; vs torch_impl = torch_impl's median / the row's, same batch (with "
+        "--wait-idle, each round waits for idle cores, then calls every runtime once untimed: "
+        "thread pools that slept through the wait wake slowly, and only the first runtime "
+        "timed would pay for it). A call = "
         "numpy in, numpy CTC logits [batch, frames, vocab] out: torch_impl's "
         "`model(input_values, attention_mask)` (with its host-side input checks) and HF's "
         "`Wav2Vec2ForCTC(...).logits` under `torch.inference_mode()`; "
