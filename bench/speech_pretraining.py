@@ -108,8 +108,13 @@ def run(args) -> dict:
     before_dir, pretrained = source / "pretrain-init", source / "pretrain" / "final"
     t = time.perf_counter()
     if args.pretrained:
-        previous = json.loads((source / "results.json").read_text())["pretraining"]
-        args.pretrain_steps, pretrain_minutes = previous["steps"], previous["minutes"]
+        previous = source / "results.json"
+        if previous.exists():
+            previous = json.loads(previous.read_text())["pretraining"]
+            args.pretrain_steps, pretrain_minutes = previous["steps"], previous["minutes"]
+        else:  # a run stopped during fine-tuning wrote no results: its metrics have the steps
+            args.pretrain_steps = max(r["step"] for r in read_metrics(source / "pretrain"))
+            pretrain_minutes = None
     else:
         taichu.save_model(taichu.build_model(pre_config, "torch"), before_dir)
         run_training(pre_config, args.backend, out / "pretrain", init_dir=before_dir, progress=True)
@@ -152,7 +157,8 @@ def report(args, results: dict) -> str:
              f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}` ({results['minutes']:.0f} min, "
              f"backend {args.backend}).", "",
              f"Pretraining (wav2vec2-small, {p['steps']} steps, every training clip, no transcripts, "
-             f"{p['minutes']:.1f} min): held-out loss "
+             + (f"{p['minutes']:.1f} min" if p["minutes"] is not None else "reused from an earlier run")
+             + "): held-out loss "
              + " -> ".join(f"{v:.3f} (step {s})" for s, v in p["val_loss"]) + "; in evaluation mode "
              f"(argmax codes) the contrastive loss per masked frame went "
              f"{p['before']['contrastive_per_masked_frame']:.3f} -> {p['after']['contrastive_per_masked_frame']:.3f} "
