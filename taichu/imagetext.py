@@ -275,10 +275,25 @@ def draw_scene(scene: Scene, image_size: int = SCENES_IMAGE_SIZE) -> Image.Image
     """
     _check_size(image_size, MIN_SCENE_SIZE)
     image = Image.new("RGB", (image_size, image_size), WHITE)
+    _draw_shapes(image, scene, [COLOURS[obj.colour] for obj in scene.objects])
+    return image
+
+
+def scene_class_map(scene: Scene, image_size: int = SCENES_IMAGE_SIZE) -> np.ndarray:
+    """uint8 ``[image_size, image_size]``: the shape drawn at each pixel of ``draw_scene``'s
+    image, 0 for the background and ``1 + SHAPES.index(shape)`` for a shape: the same
+    drawing calls without antialiasing, so it is exact, pixel for pixel."""
+    _check_size(image_size, MIN_SCENE_SIZE)
+    image = Image.new("L", (image_size, image_size), 0)
+    _draw_shapes(image, scene, [1 + SHAPES.index(obj.shape) for obj in scene.objects])
+    return np.asarray(image, dtype=np.uint8)
+
+
+def _draw_shapes(image: Image.Image, scene: Scene, fills) -> None:
+    image_size = image.size[0]
     draw = ImageDraw.Draw(image)
-    for obj, (x, y, r) in zip(scene.objects, scene.geometry):
+    for obj, (x, y, r), fill in zip(scene.objects, scene.geometry, fills):
         cx, cy, h = round(x * image_size), round(y * image_size), max(2, round(r * image_size))
-        fill = COLOURS[obj.colour]
         if obj.shape == "圆形":
             draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
         elif obj.shape == "正方形":
@@ -289,7 +304,6 @@ def draw_scene(scene: Scene, image_size: int = SCENES_IMAGE_SIZE) -> Image.Image
             draw.polygon([(cx, cy - h), (cx - h, base), (cx + h, base)], fill=fill)
         else:
             raise ValueError(f"unknown shape {obj.shape!r}")
-    return image
 
 
 def scene_pairs(count: int, seed: int = 0, image_size: int = SCENES_IMAGE_SIZE) -> list[Pair]:

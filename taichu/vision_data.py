@@ -1,0 +1,178 @@
+"""Images for the vision family's self-supervised pretraining (design.md §2.2): the image
+sources the project already has, and DINO's multi-crop views drawn from (seed, step, image).
+
+Sources (``load_images``): ``digits`` and ``scenes`` (taichu.imagetext's generated sets; the
+scenes keep their ``Scene``, so ``scene_class_map`` gives their exact per-pixel shape
+classes for evaluation), a ``.jsonl`` of ``{"image": path, ...}`` lines (the image-text
+reader; ``text`` may be any string), or a folder of image files. A folder is searched
+recursively in sorted order; a file that does not decode as an image is skipped with a
+warning naming it (a folder of pictures often holds a stray ``.txt`` or ``.DS_Store``), and a
+folder with no image at all is refused. Every image is converted to RGB (grey-scale,
+palette and 16-bit images included: ``taichu.images.load_image``) and may have any size.
+
+Views (``MultiCrop``, ``ViewBatches``): per image, 2 global crops covering ``global_scale``
+of its area resized to ``global_size`` and ``num_local`` local crops covering ``local_scale``
+resized to ``local_size`` (random-resized crops as torchvision's ``RandomResizedCrop``:
+area fraction uniform in the scale range, log aspect ratio uniform in [3/4, 4/3], 10 tries
+then the largest centred crop), each flipped horizontally with probability 1/2, bicubic
+resampling, normalised like the image towers (CLIP mean/std). Colour augmentation is left
+out on purpose: in the drawn scenes colour is what the captions and classes are about.
+The draws of an image come from ``numpy.random.default_rng([seed, step, index])``: the
+same crops whichever images share its batch, in both backends and after a resume.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from taichu.images import CLIP_MEAN, CLIP_STD, _normalise, load_image
+from taichu.imagetext import (SHAPES, ImageTextSet, Pair, _source_pairs, pairs_fingerprint,
+                              scene_class_map, split_pairs)
+
+SEGMENT_CLASSES = ("background", *SHAPES)   # scene_class_map's values, in order
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+# ----------------------------------------------------------------------------- sources
+
+def image_folder(path: str | Path) -> list[Pair]:
+    """Every decodable image under ``path`` (recursively, sorted), keyed by its path
+    relative to ``path``; other files are skipped with one warning that names them."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise ValueError(f"{root}: not a folder")
+    pairs, skipped = [], []
+    for file in sorted(p for p in root.rglob("*") if p.is_file()):
+        try:
+            load_image(file)
+        except ValueError:
+            skipped.append(file.relative_to(root).as_posix())
+            continue
+        pairs.append(Pair(image=file, text="", key=file.relative_to(root).as_posix()))
+    if skipped:
+        shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
+        warnings.warn(f"{root}: skipped {len(skipped)} file(s) that are not images: {shown}", stacklevel=2)
+    if not pairs:
+        raise ValueError(f"{root}: no image files (looked for any file that decodes as an image, "
+                         f"e.g. {', '.join(IMAGE_SUFFIXES[:4])})")
+    return pairs
+
+
+def load_images(source: str | Path | Sequence[str | Path], test_fraction: float = 0.2, seed: int = 0,
+                image_size: int | None = None, scene_count: int = 2000, scene_seed: int = 0) -> ImageTextSet:
+    """``digits``, ``scenes``, a ``.jsonl`` path, an image folder, or a list of them, split
+    into train and test by image (``taichu.imagetext.split_pairs``)."""
+    sources = [source] if isinstance(source, (str, Path)) else list(source)
+    if not sources:
+        raise ValueError("no image source given")
+    pairs, names = [], []
+    for item in sources:
+        if Path(str(item)).expanduser().is_dir():
+            more, name = image_folder(item), Path(str(item)).name
+        else:
+            more, name = _source_pairs(item, image_size, scene_count, scene_seed)
+        pairs += more
+        names.append(name)
+    train, test = split_pairs(pairs, test_fraction, seed)
+    return ImageTextSet(train=train, test=test, name="+".join(names),
+                        fingerprint=pairs_fingerprint(pairs, test_fraction, seed))
+
+
+def segmentation_target(pair: Pair, image_size: int) -> np.ndarray:
+    """uint8 ``[image_size, image_size]`` shape classes (``SEGMENT_CLASSES``) of a drawn
+    scene at ``image_size``: drawn again at that size, so exact (no resized labels)."""
+    if pair.scene is None:
+        raise ValueError(f"{pair.key}: per-pixel classes exist for drawn scenes only")
+    return scene_class_map(pair.scene, image_size)
+
+
+# ----------------------------------------------------------------------------- views
+
+def random_resized_box(width: int, height: int, scale: tuple[float, float], rng: np.random.Generator,
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, crop width, crop height) as torchvision's ``RandomResizedCrop`` draws
+    it: 10 tries of an area fraction uniform in ``scale`` and a log-uniform aspect ratio,
+    then the centred crop of the largest allowed ratio."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    aspect = width / height
+    if aspect < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif aspect > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+@dataclass(frozen=True)
+class MultiCrop:
+    """DINO's multi-crop: 2 global views and ``num_local`` local views of one image."""
+
+    global_size: int
+    local_size: int
+    num_local: int
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def __post_init__(self):
+        for name in ("global_scale", "local_scale"):
+            low, high = getattr(self, name)
+            if not 0.0 < low <= high <= 1.0:
+                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got {(low, high)}")
+        if self.num_local < 0 or self.global_size <= 0 or self.local_size <= 0:
+            raise ValueError("global_size and local_size must be positive and num_local >= 0")
+
+    def view(self, image: Image.Image, size: int, scale, rng: np.random.Generator) -> np.ndarray:
+        left, top, w, h = random_resized_box(*image.size, scale, rng)
+        crop = image.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
+        pixels = np.asarray(crop, dtype=np.uint8)
+        if rng.random() < 0.5:
+            pixels = pixels[:, ::-1]
+        return _normalise(pixels, np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32))
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator) -> tuple[list, list]:
+        """(2 global views, ``num_local`` local views), each float32 ``[3, size, size]``."""
+        image = image.convert("RGB")
+        globals_ = [self.view(image, self.global_size, self.global_scale, rng) for _ in range(2)]
+        locals_ = [self.view(image, self.local_size, self.local_scale, rng) for _ in range(self.num_local)]
+        return globals_, locals_
+
+
+class ViewBatches:
+    """Batches of multi-crop views of ``pairs``; ``batch(indices, step)`` draws image i's
+    views from ``default_rng([seed, step, i])`` (``step=None``: evaluation, the same views
+    every time)."""
+
+    EVAL_STEP = 2**31 - 1   # the draw stream of evaluation batches, never a training step
+
+    def __init__(self, pairs: Sequence[Pair], crop: MultiCrop, seed: int = 0):
+        self.pairs, self.crop, self.seed = list(pairs), crop, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def batch(self, indices, step: int | None = None) -> dict[str, np.ndarray]:
+        """``global_views`` float32 [2, B, 3, G, G], ``local_views`` [num_local, B, 3, L, L]."""
+        step = self.EVAL_STEP if step is None else int(step)
+        views = [self.crop(self.pairs[int(i)].load(), np.random.default_rng([self.seed, step, int(i)]))
+                 for i in indices]
+        c = self.crop
+        global_views = np.stack([np.stack([g[v] for g, _ in views]) for v in range(2)])
+        local_views = (np.stack([np.stack([l_[v] for _, l_ in views]) for v in range(c.num_local)])
+                       if c.num_local else np.zeros((0, len(views), 3, c.local_size, c.local_size), np.float32))
+        return {"global_views": global_views, "local_views": local_views}
