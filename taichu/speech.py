@@ -159,6 +159,8 @@ class _Espeak:
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        lib.espeak_TextToPhonemes.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_int]
+        lib.espeak_TextToPhonemes.restype = ctypes.c_char_p
         lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
                                      ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
         self.sample_rate = lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0, os.fsencode(self.data_path),
@@ -195,6 +197,23 @@ class _Espeak:
         return np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
 
 
+    def phonemes(self, text: str) -> str:
+        """espeak-ng's phoneme mnemonics for ``text`` in the plain ``cmn`` voice (what it
+        speaks, tones as pitch contours: 55, 35, 214, 51, 11 for the neutral tone)."""
+        buffer = ctypes.create_string_buffer(text.encode("utf-8"))
+        pointer = ctypes.c_void_p(ctypes.addressof(buffer))
+        parts = []
+        with self.lock:
+            self._fresh = False  # the next speak() reloads: no state of this call carries over
+            if self.lib.espeak_SetVoiceByName(b"cmn") != 0:
+                raise RuntimeError("espeak-ng refused the voice cmn")
+            while pointer.value:  # one clause per call; the pointer moves on (NULL at the end)
+                part = self.lib.espeak_TextToPhonemes(ctypes.byref(pointer), ESPEAK_CHARS_UTF8, 0)
+                if part:
+                    parts.append(part.decode("utf-8"))
+        return " ".join(parts)
+
+
 def _dlclose(handle) -> None:
     import _ctypes
 
@@ -215,6 +234,19 @@ def _espeak() -> _Espeak:
 
 def espeak_version() -> str:
     return _espeak().version
+
+
+# espeak-ng's Mandarin pitch contours (espeak-ng-data/phsource/ph_cmn) as pinyin tone numbers.
+SPOKEN_TONES = {"55": 1, "35": 2, "214": 3, "51": 4, "11": 5}
+
+
+def spoken_tones(text: str) -> list[int] | None:
+    """The tone of each syllable espeak-ng speaks for Chinese ``text`` (1-4, 5 neutral),
+    read from its phonemes; None where a contour is not one of SPOKEN_TONES. It applies
+    some sandhi (一, 不) and neutral tones of its own, so this can differ from
+    ``to_pinyin``'s tones: the label noise of the synthetic transcripts."""
+    tones = [SPOKEN_TONES.get(code) for code in re.findall(r"\d+", _espeak().phonemes(text))]
+    return None if None in tones else tones
 
 
 def voice_variants() -> tuple[str, ...]:

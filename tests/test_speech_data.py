@@ -6,7 +6,8 @@ import pytest
 
 from taichu.families.wav2vec2 import PINYIN_ALPHABET, SAMPLE_RATE, SpeechDataConfig
 from taichu.speech import (SPLITS, cache_path, decode_ids, encode_transcript, error_rates, load_audio,
-                           load_speech_data, read_jsonl, synthesize, synthetic_plan, to_pinyin)
+                           load_speech_data, read_jsonl, spoken_tones, synthesize, synthetic_plan,
+                           to_pinyin)
 
 
 def rms(audio):
@@ -74,6 +75,19 @@ def test_to_pinyin():
         to_pinyin("A股上涨")
     with pytest.raises(ValueError, match="'3'"):
         to_pinyin("3个人")
+
+
+def test_spoken_tones_are_what_espeak_says_and_leave_synthesis_alone():
+    """The tones espeak-ng speaks, from its phonemes: no third-tone sandhi (你好 stays 3 3),
+    一 before a fourth tone becomes 2, 个 and 面 spoken neutral where pypinyin writes 4:
+    where the synthetic transcripts' tones are not what the audio says."""
+    assert spoken_tones("你好") == [3, 3] and to_pinyin("你好") == "ni3|hao3"
+    assert spoken_tones("一个") == [2, 5] and to_pinyin("一个") == "yi2|ge4"
+    assert spoken_tones("外面一片宁静") == [4, 5, 2, 4, 2, 4]
+    assert to_pinyin("外面一片宁静") == "wai4|mian4|yi1|pian4|ning2|jing4"
+    before = synthesize("今天天气很好", voice="f2")
+    spoken_tones("中国人民")
+    assert np.array_equal(synthesize("今天天气很好", voice="f2"), before)
 
 
 def test_encode_decode_round_trip():
