@@ -154,25 +154,34 @@ class MultiCrop:
 
 
 class ViewBatches:
-    """Batches of multi-crop views of ``pairs``; ``batch(indices, step)`` draws image i's
-    views from ``default_rng([seed, step, i])`` (``step=None``: evaluation, the same views
-    every time)."""
+    """Batches of multi-crop views of ``pairs``, batch first. ``batch(indices, step)`` draws
+    image i's views, then the masking noise of its two global views (uniform [0, 1) per
+    patch, ``num_patches`` of them; the model masks where it is below p, and for the guided
+    mask the teacher's attention is low), from ``default_rng([seed, step, i])``;
+    ``step=None``: evaluation, the same draws every time."""
 
+    stochastic = True   # batch(indices, step): the draws depend on the step
     EVAL_STEP = 2**31 - 1   # the draw stream of evaluation batches, never a training step
 
-    def __init__(self, pairs: Sequence[Pair], crop: MultiCrop, seed: int = 0):
-        self.pairs, self.crop, self.seed = list(pairs), crop, int(seed)
+    def __init__(self, pairs: Sequence[Pair], crop: MultiCrop, num_patches: int = 0, seed: int = 0):
+        self.pairs, self.crop, self.num_patches, self.seed = list(pairs), crop, int(num_patches), int(seed)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def batch(self, indices, step: int | None = None) -> dict[str, np.ndarray]:
-        """``global_views`` float32 [2, B, 3, G, G], ``local_views`` [num_local, B, 3, L, L]."""
+        """``global_views`` float32 [B, 2, 3, G, G], ``local_views`` [B, num_local, 3, L, L],
+        ``mask_noise`` float32 [B, 2, num_patches]."""
         step = self.EVAL_STEP if step is None else int(step)
-        views = [self.crop(self.pairs[int(i)].load(), np.random.default_rng([self.seed, step, int(i)]))
-                 for i in indices]
         c = self.crop
-        global_views = np.stack([np.stack([g[v] for g, _ in views]) for v in range(2)])
-        local_views = (np.stack([np.stack([l_[v] for _, l_ in views]) for v in range(c.num_local)])
-                       if c.num_local else np.zeros((0, len(views), 3, c.local_size, c.local_size), np.float32))
-        return {"global_views": global_views, "local_views": local_views}
+        global_views = np.empty((len(indices), 2, 3, c.global_size, c.global_size), np.float32)
+        local_views = np.empty((len(indices), c.num_local, 3, c.local_size, c.local_size), np.float32)
+        mask_noise = np.empty((len(indices), 2, self.num_patches), np.float32)
+        for row, i in enumerate(indices):
+            rng = np.random.default_rng([self.seed, step, int(i)])
+            globals_, locals_ = c(self.pairs[int(i)].load(), rng)
+            global_views[row] = globals_
+            if c.num_local:
+                local_views[row] = locals_
+            mask_noise[row] = rng.random((2, self.num_patches), dtype=np.float32)
+        return {"global_views": global_views, "local_views": local_views, "mask_noise": mask_noise}

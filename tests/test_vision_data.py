@@ -49,9 +49,10 @@ def test_folder_skips_non_images_with_a_warning_and_reads_any_mode_and_size(tmp_
     with pytest.warns(UserWarning, match=r"skipped 1 file\(s\) that are not images: notes.txt"):
         pairs = image_folder(tmp_path)
     assert [p.key for p in pairs] == ["grey.png", "sub/palette.gif", "tall.jpg"]
-    batches = ViewBatches(pairs, CROP, seed=0)
+    batches = ViewBatches(pairs, CROP, num_patches=9, seed=0)
     out = batches.batch([0, 1, 2], step=0)
-    assert out["global_views"].shape == (2, 3, 3, 24, 24) and out["local_views"].shape == (3, 3, 3, 12, 12)
+    assert out["global_views"].shape == (3, 2, 3, 24, 24) and out["local_views"].shape == (3, 3, 3, 12, 12)
+    assert out["mask_noise"].shape == (3, 2, 9) and 0 <= out["mask_noise"].min() < out["mask_noise"].max() < 1
     # The grey image stays grey after the RGB conversion: its three channels, un-normalised, agree.
     grey = out["global_views"][0, 0] * np.asarray(CLIP_STD, np.float32)[:, None, None] \
         + np.asarray(CLIP_MEAN, np.float32)[:, None, None]
@@ -89,19 +90,21 @@ def test_random_resized_box_follows_the_scale_and_ratio():
 
 def test_views_depend_on_seed_step_and_image_only():
     pairs = load_images("scenes", scene_count=30).train
-    batches = ViewBatches(pairs, CROP, seed=7)
+    batches = ViewBatches(pairs, CROP, num_patches=9, seed=7)
     alone = batches.batch([5], step=3)
     mixed = batches.batch([2, 5, 9], step=3)
-    for key in ("global_views", "local_views"):
-        assert np.array_equal(alone[key][:, 0], mixed[key][:, 1]), key
-    assert not np.array_equal(batches.batch([5], step=4)["global_views"], alone["global_views"])
-    assert not np.array_equal(ViewBatches(pairs, CROP, seed=8).batch([5], step=3)["global_views"],
-                              alone["global_views"])
-    assert np.array_equal(batches.batch([5])["local_views"], batches.batch([5])["local_views"])
-    # The two global views differ (two crops), and local views are smaller crops.
-    assert not np.array_equal(alone["global_views"][0], alone["global_views"][1])
+    # Ten images: a small crop of one white-backed scene may be all background at two steps.
+    ten = batches.batch(range(10), step=3)
+    for key in ("global_views", "local_views", "mask_noise"):
+        assert np.array_equal(alone[key][0], mixed[key][1]), key
+        assert not np.array_equal(batches.batch(range(10), step=4)[key], ten[key]), key
+        assert not np.array_equal(ViewBatches(pairs, CROP, 9, seed=8).batch(range(10), step=3)[key], ten[key]), key
+        assert np.array_equal(batches.batch([5])[key], batches.batch([5])[key]), key
+    # The two global views differ (two crops), and so do their masking draws.
+    assert not np.array_equal(alone["global_views"][0, 0], alone["global_views"][0, 1])
+    assert not np.array_equal(alone["mask_noise"][0, 0], alone["mask_noise"][0, 1])
     none = ViewBatches(pairs, MultiCrop(global_size=24, local_size=12, num_local=0)).batch([1, 2], step=0)
-    assert none["local_views"].shape == (0, 2, 3, 12, 12)
+    assert none["local_views"].shape == (2, 0, 3, 12, 12) and none["mask_noise"].shape == (2, 2, 0)
 
 
 def test_bad_crop_settings_are_refused():
