@@ -45,9 +45,11 @@ class Attention(nn.Cell):
         self.num_heads = tower.num_heads
         self.head_dim = tower.head_dim
         self.scale = 1.0 / math.sqrt(tower.head_dim)
-        self.q_proj = Dense(tower.hidden_size, tower.hidden_size)
-        self.k_proj = Dense(tower.hidden_size, tower.hidden_size)
-        self.v_proj = Dense(tower.hidden_size, tower.hidden_size)
+        # q/k/v biases unless the tower says otherwise (the vision family's qkv_bias).
+        bias = getattr(tower, "qkv_bias", True)
+        self.q_proj = Dense(tower.hidden_size, tower.hidden_size, has_bias=bias)
+        self.k_proj = Dense(tower.hidden_size, tower.hidden_size, has_bias=bias)
+        self.v_proj = Dense(tower.hidden_size, tower.hidden_size, has_bias=bias)
         self.out_proj = Dense(tower.hidden_size, tower.hidden_size)
         self.attn_dropout = nn.Dropout(p=config.model.attention_dropout)
 

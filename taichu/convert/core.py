@@ -14,7 +14,8 @@ Formats:
   mindspore  a MindSpore .ckpt, or a MindSpore-written .safetensors (MindSpore leaf names)
   torch      a PyTorch state_dict: .safetensors, or .pt/.bin pickles with allow_pickle
   hf         a Hugging Face directory (config.json + model.safetensors; pytorch_model.bin
-             with allow_pickle): GPT2LMHeadModel for the gpt family, CLIPModel for clip
+             with allow_pickle): GPT2LMHeadModel for the gpt family, CLIPModel for clip,
+             ViTModel for vision's backbone
              (HF_FAMILIES: config.json mapping and tensor codec per family)
 """
 from __future__ import annotations
@@ -31,6 +32,7 @@ from taichu.config import ConfigError, apply_overrides, config_to_dict, dump_con
 from taichu.convert.codec import HF_CONFIG, Codec, HFFamily, refuse
 from taichu.convert.hf_clip import CLIP
 from taichu.convert.hf_gpt2 import GPT2
+from taichu.convert.hf_vit import VIT
 from taichu.convert.hf_wav2vec2 import WAV2VEC2
 from taichu.convert.hf_tokenizer import (SP_MODEL, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TOKENIZER_JSON,
                                          read_hf_tokenizer, tokenizer_section, write_hf_tokenizer)
@@ -46,7 +48,7 @@ TOKENIZER_FILE = SP_MODEL
 HF_TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, SP_MODEL)
 
 # Which Hugging Face architecture each of our families is (config.json both ways, tensor codec).
-HF_FAMILIES = {"gpt": GPT2, "clip": CLIP, "wav2vec2": WAV2VEC2}
+HF_FAMILIES = {"gpt": GPT2, "clip": CLIP, "wav2vec2": WAV2VEC2, "vision": VIT}
 
 
 def _hf_family(config) -> HFFamily:
@@ -68,20 +70,21 @@ def _hf_family_of(hf: dict) -> HFFamily | None:
 
 
 def _own_vocabulary(config) -> bool:
-    """Whether the family's Hugging Face form carries its vocabulary in files of its own
-    (wav2vec2's vocab.json), so no SentencePiece tokenizer travels with it."""
-    return hasattr(HF_FAMILIES.get(config.family), "write_files")
+    """Whether no SentencePiece tokenizer travels with the family's Hugging Face form: it
+    carries its vocabulary in files of its own (wav2vec2's vocab.json), or has no text
+    (vision)."""
+    return hasattr(HF_FAMILIES.get(config.family), "write_files") or not hasattr(config, "tokenizer")
 
 
 def hf_to_config(hf: dict, source: str, overrides: Iterable[str] = ()):
     """Our config from a Hugging Face config.json (GPT2LMHeadModel, CLIPModel,
-    Wav2Vec2ForPreTraining or Wav2Vec2ForCTC); HF features we lack are refused, naming the
+    Wav2Vec2ForPreTraining, Wav2Vec2ForCTC or ViTModel); HF features we lack are refused, naming the
     key and ``source``."""
     model_type = hf.get("model_type")
     family = _hf_family_of(hf)
     if family is None:
         supported = " and ".join(f"{f.architecture} ({f.model_type})" for f in HF_FAMILIES.values())
-        raise refuse(source, f"model_type {model_type!r}: only Hugging Face GPT-2, CLIP and wav2vec 2.0 "
+        raise refuse(source, f"model_type {model_type!r}: only Hugging Face GPT-2, CLIP, wav2vec 2.0 and ViT "
                              f"are supported ({supported})")
     raw = json.loads(json.dumps(family.from_hf(hf, source)))
     applied = apply_overrides(raw, overrides)
@@ -137,9 +140,9 @@ def _classify_safetensors(path: Path) -> str:
     if metadata.get("format") == "ms" or any(n.endswith(MINDSPORE_LEAVES) for n in names):
         return "mindspore"
     # GPT2LMHeadModel's prefix, GPT2Model's embedding, CLIPModel's misspelt LayerNorm,
-    # wav2vec2's parametrized (weight-normalised) position convolution.
+    # wav2vec2's parametrized (weight-normalised) position convolution, ViTModel's attention.
     if any(n.startswith(("transformer.", "vision_model.pre_layrnorm.")) or n == "wte.weight"
-           or ".parametrizations.weight." in n for n in names):
+           or ".parametrizations.weight." in n or ".attention.attention.query." in n for n in names):
         return "hf"
     return "torch"
 

@@ -49,7 +49,8 @@ class Family:
 
 _FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt", "clip": "taichu.families.clip",
                              "brivl": "taichu.families.brivl",
-                             "wav2vec2": "taichu.families.wav2vec2"}
+                             "wav2vec2": "taichu.families.wav2vec2",
+                             "vision": "taichu.families.vision"}
 BACKENDS = ("mindspore", "torch")
 
 
