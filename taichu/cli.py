@@ -171,6 +171,10 @@ def cmd_train(args) -> int:
                 else "pretraining loss (contrastive + diversity + feature penalty, per masked frame)")
         print(f"held-out {what}: {start}{result.val_loss:.4f} (taichu eval {result.final_dir} for "
               f"error rates of a CTC model)")
+    elif result.val_loss is not None and result.unit == "images":
+        start = f"{result.start_val_loss:.4f} at step 0 -> " if result.start_val_loss is not None else ""
+        print(f"held-out MST loss (self-distillation + restoring, fixed crops and masks): {start}"
+              f"{result.val_loss:.4f}")
     elif result.val_loss is not None:
         start = (f"{math.exp(result.start_val_loss):,.1f} at step 0 -> "
                  if result.start_val_loss is not None else "")

@@ -254,7 +254,7 @@ class TrainResult:
     start_val_loss: float | None = None  # at step 0 of a fresh run
     tokens: int = 0                      # tokens (or pairs) trained in this invocation
     seconds: float = 0.0
-    unit: str = "tokens"                 # what ``tokens`` counts: "tokens", "pairs" or "clips"
+    unit: str = "tokens"                 # what ``tokens`` counts: "tokens", "pairs", "clips", "images"
 
 
 def text_vocab_size(config) -> int:
@@ -297,7 +297,7 @@ class TrainingData:
     tokenizer: object
     train: object
     validation: object
-    unit: str               # what throughput counts: "tokens", "pairs" or "clips"
+    unit: str               # what throughput counts: "tokens", "pairs", "clips" or "images"
     units_per_sample: int
     # Which samples make up each step (SampleOrder(len(train), seed) when None). A set
     # whose batches draw randomness per step (speech masks) has ``stochastic = True`` and
@@ -365,8 +365,22 @@ def _speech_data(config, init_dir, rank) -> TrainingData:
                         "clips", 1, BucketOrder(train.lengths, config.train.seed))
 
 
+def _vision_data(config, init_dir, rank) -> TrainingData:
+    """Images from config.data (taichu.vision_data), split by image; multi-crop views and
+    masking noise drawn per (seed, step, image); no tokenizer."""
+    from taichu.vision_data import MultiCrop, ViewBatches, load_images
+
+    data, m = config.data, config.model
+    images = load_images(data.source, data.validation_fraction, data.split_seed,
+                         scene_count=data.scene_count, scene_seed=data.scene_seed)
+    crop = MultiCrop(m.image_size, m.crops.local_crop_size, m.crops.num_local_crops,
+                     tuple(data.global_crop_scale), tuple(data.local_crop_scale))
+    return TrainingData(None, ViewBatches(images.train, crop, m.num_patches, config.train.seed),
+                        ViewBatches(images.test, crop, m.num_patches, config.train.seed), "images", 1)
+
+
 TASK_DATA = {"language_model": _language_model_data, "image_text": _image_text_data,
-             "speech": _speech_data}
+             "speech": _speech_data, "vision": _vision_data}
 
 
 def _evaluate(trainer, dataset, train) -> float:
@@ -555,6 +569,8 @@ def _postfix(record: dict) -> str:
         text += f" {record['pairs_per_s']:,.1f} pairs/s"
     if "clips_per_s" in record:
         text += f" {record['clips_per_s']:,.1f} clips/s"
+    if "images_per_s" in record:
+        text += f" {record['images_per_s']:,.1f} images/s"
     if "val_loss" in record:
         text += f" val {record['val_loss']:.4f}"
     if "val_ppl" in record:

@@ -118,6 +118,22 @@ class CropsConfig(Section):
     local_crop_size: StrictInt = Field(96, gt=0)
 
 
+class VisionDataConfig(Section):
+    """Where the images come from (taichu.vision_data.load_images) and how they are cropped
+    (taichu.vision_data.MultiCrop: the sizes and the number of views are the model's)."""
+
+    # ``digits``, ``scenes``, a .jsonl of {"image": path, ...} lines, an image folder, or a
+    # list of them; split by image into train and validation.
+    source: str | list[str] = Field(default_factory=lambda: ["digits", "scenes"])
+    validation_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    split_seed: StrictInt = 0
+    scene_count: StrictInt = Field(2000, gt=0)
+    scene_seed: StrictInt = 0
+    # Area fractions of the image a global / local crop covers (DINO's defaults).
+    global_crop_scale: tuple[float, float] = (0.4, 1.0)
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
+
+
 class VisionModelConfig(TransformerSize):
     objective: Literal["mst", "backbone"] = "mst"
     # The ViT backbone (Hugging Face ViTModel's architecture).
@@ -184,6 +200,7 @@ class VisionModelConfig(TransformerSize):
 class VisionConfig(Section):
     family: Literal["vision"]
     model: VisionModelConfig
+    data: VisionDataConfig = VisionDataConfig()
     train: TrainConfig = TrainConfig()
     # Data parallel only (msrun / torchrun workers).
     parallel: ParallelConfig = ParallelConfig()
