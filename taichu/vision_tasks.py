@@ -1,10 +1,87 @@
-"""What the vision family's commands compute from model outputs, framework-free: the picture
-of ``taichu attention`` and the scores of ``taichu segment`` (mean intersection over union)
-and of the masking claim (how much of a mask lands on the shapes of a drawn scene)."""
+"""What the vision family's commands compute: ``VisionRunner`` (features, CLS attention and
+the mask it draws, from a model directory in either backend; the framework is imported when
+a runner is made), and, framework-free, the picture of ``taichu attention``, mean
+intersection over union, and the masking claim's score (how much of a mask lands on the
+shapes of a drawn scene)."""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
+
+
+class VisionRunner:
+    """A vision model directory run on images in ``backend`` (torch or mindspore, PyNative).
+
+    Images (anything ``taichu.images.load_image`` reads: any size and mode) go through
+    ``taichu.images.preprocess``: shorter side resized (bicubic) to the model's image_size,
+    centre crop, CLIP mean/std, as the training views are normalised. The encoder is the
+    teacher's backbone for an MST model (DINO evaluates the teacher) and the backbone for a
+    ``backbone`` model; ``encoder="student"`` picks the student's of an MST model."""
+
+    def __init__(self, model_dir, backend: str = "torch", batch_size: int = 64, encoder: str = "teacher"):
+        from taichu.api import load_model
+
+        if backend not in ("torch", "mindspore"):
+            raise ValueError(f"backend {backend!r}: a vision model runs in torch or mindspore")
+        self.model_dir, self.backend, self.batch_size = Path(model_dir), backend, batch_size
+        self.model = load_model(self.model_dir, backend=backend)
+        self.config = self.model.config
+        if self.config.family != "vision":
+            raise ValueError(f"{self.model_dir}: a {self.config.family} model, not a vision model")
+        m = self.config.model
+        if encoder not in ("teacher", "student"):
+            raise ValueError(f"encoder {encoder!r}: teacher or student")
+        use_teacher = encoder == "teacher" and m.objective == "mst"
+        self.encoder_name = "teacher" if use_teacher else "backbone"
+        self.backbone = self.model.teacher.backbone if use_teacher else self.model.backbone
+        if backend == "mindspore":
+            self.model.set_train(False)
+
+    def _run(self, pixels: np.ndarray):
+        """(hidden [n, 1 + patches, hidden], CLS attention [n, heads, 1 + patches]) as numpy."""
+        if self.backend == "torch":
+            import torch
+
+            with torch.no_grad():
+                hidden, attention, _ = self.backbone(torch.from_numpy(pixels), None, True)
+            return hidden.numpy(), attention.numpy()
+        import mindspore as ms
+
+        hidden, attention, _ = self.backbone(ms.Tensor(pixels), None, True)
+        return hidden.asnumpy(), attention.asnumpy()
+
+    def run(self, images: Sequence) -> tuple[np.ndarray, np.ndarray]:
+        """(CLS features [n, hidden] after the final LayerNorm, patch attention [n, patches]:
+        the last layer's CLS attention over the patches averaged over heads, the masking's Attn)."""
+        from taichu.images import preprocess
+
+        size = self.config.model.image_size
+        features, attention = [], []
+        for start in range(0, len(images), self.batch_size):
+            hidden, cls = self._run(preprocess(list(images[start:start + self.batch_size]), size))
+            features.append(hidden[:, 0])
+            attention.append(cls[:, :, 1:].mean(axis=1))
+        return np.concatenate(features), np.concatenate(attention)
+
+    def masks(self, attention: np.ndarray, seed: int = 0, mask: str | None = None) -> np.ndarray:
+        """[n, patches] bool: the mask the model's masking rule draws from ``attention`` with
+        noise from ``default_rng(seed)`` (``mask`` overrides the config's guided/random/none)."""
+        k = self.config.model.masking
+        noise = np.random.default_rng(seed).random(attention.shape, dtype=np.float32)
+        rule = (mask or k.mask, k.mask_prob, k.mask_threshold, k.mask_threshold_kind)
+        attention = np.ascontiguousarray(attention, np.float32)
+        if self.backend == "torch":   # the backend's own guided_mask, as training draws it
+            import torch
+
+            from torch_impl.vision import guided_mask
+            return guided_mask(torch.from_numpy(attention), torch.from_numpy(noise), *rule).numpy()
+        import mindspore as ms
+
+        from mindspore_impl.vision import guided_mask
+        return guided_mask(ms.Tensor(attention), ms.Tensor(noise), *rule).asnumpy()
 
 
 def _grid(values, name: str) -> np.ndarray:
