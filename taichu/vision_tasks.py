@@ -66,12 +66,14 @@ class VisionRunner:
             attention.append(cls[:, :, 1:].mean(axis=1))
         return np.concatenate(features), np.concatenate(attention)
 
-    def masks(self, attention: np.ndarray, seed: int = 0, mask: str | None = None) -> np.ndarray:
+    def masks(self, attention: np.ndarray, seed: int = 0, mask: str | None = None,
+              mask_prob: float | None = None) -> np.ndarray:
         """[n, patches] bool: the mask the model's masking rule draws from ``attention`` with
-        noise from ``default_rng(seed)`` (``mask`` overrides the config's guided/random/none)."""
+        noise from ``default_rng(seed)`` (``mask`` and ``mask_prob`` override the config's)."""
         k = self.config.model.masking
         noise = np.random.default_rng(seed).random(attention.shape, dtype=np.float32)
-        rule = (mask or k.mask, k.mask_prob, k.mask_threshold, k.mask_threshold_kind)
+        rule = (mask or k.mask, k.mask_prob if mask_prob is None else mask_prob, k.mask_threshold,
+                k.mask_threshold_kind)
         attention = np.ascontiguousarray(attention, np.float32)
         if self.backend == "torch":   # the backend's own guided_mask, as training draws it
             import torch
@@ -152,10 +154,11 @@ def patch_coverage(class_map, patch_size: int) -> np.ndarray:
     return blocks.mean(axis=(1, 3)).reshape(-1)
 
 
-def masked_on_shapes(masks, class_maps, patch_size: int, threshold: float = 0.5) -> float:
+def masked_on_shapes(masks, class_maps, patch_size: int, threshold: float = 0.0) -> float:
     """Of all masked patches of these images, the share that lies on a shape (more than
-    ``threshold`` of its pixels): the attention-guided mask claims this is low (it masks
-    background), a random mask gives the share of shape patches itself."""
+    ``threshold`` of its pixels; by default any shape pixel): the attention-guided mask
+    claims this is low (it masks background), a random mask gives the share of shape
+    patches itself."""
     on_shape = masked = 0
     for mask, class_map in zip(masks, class_maps):
         mask = np.asarray(mask, bool).reshape(-1)

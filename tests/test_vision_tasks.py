@@ -30,8 +30,12 @@ def test_patch_coverage_and_masked_on_shapes():
     assert coverage.mean() == pytest.approx((classes > 0).mean())   # equal-sized patches
     on = coverage > 0.5
     assert 0 < on.sum() < 64
-    assert masked_on_shapes([on], [classes], 8) == 1.0
-    assert masked_on_shapes([~on], [classes], 8) == 0.0
+    assert masked_on_shapes([on], [classes], 8, threshold=0.5) == 1.0
+    assert masked_on_shapes([~on], [classes], 8, threshold=0.5) == 0.0
+    touching = coverage > 0                      # the default: any shape pixel
+    assert (touching & ~on).any()
+    assert masked_on_shapes([touching & ~on], [classes], 8) == 1.0
+    assert masked_on_shapes([~touching], [classes], 8) == 0.0
     assert np.isnan(masked_on_shapes([np.zeros(64, bool)], [classes], 8))
     with pytest.raises(ValueError, match="whole number"):
         patch_coverage(classes, 7)
