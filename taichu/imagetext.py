@@ -448,21 +448,22 @@ def _source_pairs(source: str | Path, image_size: int | None, scene_count: int,
 
 def load_image_text(source: str | Path | Sequence[str | Path], test_fraction: float = 0.2,
                     seed: int = 0, image_size: int | None = None, scene_count: int = 2000,
-                    scene_seed: int = 0) -> ImageTextSet:
+                    scene_seed: int = 0, read_source=None) -> ImageTextSet:
     """``digits``, ``scenes``, a ``.jsonl`` path, or a list of them, split into train and test.
 
     ``seed`` and ``test_fraction`` drive the split (``split_pairs``, after concatenating
     the sources in order); ``scene_seed`` and ``scene_count`` what scenes are drawn;
     ``image_size`` is the stored image size for digits (default 32) and scenes (default
     64); jsonl images are kept as files and ``image_size`` does not apply
-    (``taichu.images.preprocess`` sizes every image for the model).
+    (``taichu.images.preprocess`` sizes every image for the model). ``read_source``
+    replaces how one source becomes (pairs, name) (the vision family also reads folders).
     """
     sources = [source] if isinstance(source, (str, Path)) else list(source)
     if not sources:
-        raise ValueError("no image-text source given")
+        raise ValueError("no image source given")
     pairs, names = [], []
     for item in sources:
-        more, name = _source_pairs(item, image_size, scene_count, scene_seed)
+        more, name = (read_source or _source_pairs)(item, image_size, scene_count, scene_seed)
         pairs += more
         names.append(name)
     train, test = split_pairs(pairs, test_fraction, seed)

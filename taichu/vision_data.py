@@ -32,8 +32,7 @@ import numpy as np
 from PIL import Image
 
 from taichu.images import CLIP_MEAN, CLIP_STD, _normalise, load_image
-from taichu.imagetext import (SHAPES, ImageTextSet, Pair, _source_pairs, pairs_fingerprint,
-                              scene_class_map, split_pairs)
+from taichu.imagetext import SHAPES, ImageTextSet, Pair, _source_pairs, load_image_text, scene_class_map
 
 SEGMENT_CLASSES = ("background", *SHAPES)   # scene_class_map's values, in order
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -67,21 +66,15 @@ def image_folder(path: str | Path) -> list[Pair]:
 def load_images(source: str | Path | Sequence[str | Path], test_fraction: float = 0.2, seed: int = 0,
                 image_size: int | None = None, scene_count: int = 2000, scene_seed: int = 0) -> ImageTextSet:
     """``digits``, ``scenes``, a ``.jsonl`` path, an image folder, or a list of them, split
-    into train and test by image (``taichu.imagetext.split_pairs``)."""
-    sources = [source] if isinstance(source, (str, Path)) else list(source)
-    if not sources:
-        raise ValueError("no image source given")
-    pairs, names = [], []
-    for item in sources:
-        if Path(str(item)).expanduser().is_dir():
-            more, name = image_folder(item), Path(str(item)).name
-        else:
-            more, name = _source_pairs(item, image_size, scene_count, scene_seed)
-        pairs += more
-        names.append(name)
-    train, test = split_pairs(pairs, test_fraction, seed)
-    return ImageTextSet(train=train, test=test, name="+".join(names),
-                        fingerprint=pairs_fingerprint(pairs, test_fraction, seed))
+    into train and test by image (``taichu.imagetext.load_image_text``)."""
+    return load_image_text(source, test_fraction, seed, image_size, scene_count, scene_seed,
+                           read_source=_read_source)
+
+
+def _read_source(source, image_size, scene_count, scene_seed) -> tuple[list[Pair], str]:
+    if Path(str(source)).expanduser().is_dir():
+        return image_folder(source), Path(str(source)).name
+    return _source_pairs(source, image_size, scene_count, scene_seed)
 
 
 def segmentation_target(pair: Pair, image_size: int) -> np.ndarray:
