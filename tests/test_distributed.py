@@ -24,6 +24,34 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def launch_two_workers(config_path, backend: str, out: Path, init: Path, overrides) -> None:
+    """``taichu train`` under msrun / torchrun with 2 workers and parallel.data_parallel=2."""
+    extra = ["--out", str(out), "--init", str(init), "--no-progress",
+             *[f"--set={o}" for o in [*overrides, "parallel.data_parallel=2"]]]
+    command = launch_command(str(config_path), backend, 2, extra, master_port=free_port(),
+                             log_dir=str(out / "msrun_logs"))
+    # msrun starts workers with the `python` found on PATH: the venv's must come first.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+
+
+def assert_same_steps(single: Path, parallel: Path, steps: int, lr: float, skip=()) -> None:
+    """Two runs took the same steps: losses <= 1e-5 relative; gradient norms <= 1e-4 (the
+    ranks' gradients averaged, not summed: Adam would hide a sum from losses and weights);
+    weights (but ``skip``) within 1% of lr a step (see the GPT test below for why)."""
+    loss, norm = ([{r["step"]: r[key] for r in read_metrics(run) if key in r} for run in (single, parallel)]
+                  for key in ("loss", "grad_norm"))
+    assert sorted(loss[1]) == list(range(1, steps + 1))
+    relative = max(abs(loss[0][s] - loss[1][s]) / loss[0][s] for s in loss[0])
+    assert relative <= 1e-5, f"worst relative loss difference {relative:.2e}"
+    worst_norm = max(abs(norm[0][s] - norm[1][s]) / norm[0][s] for s in norm[0])
+    assert sorted(norm[1]) == sorted(norm[0]) and worst_norm <= 1e-4, worst_norm
+    a = taichu.state_dict(taichu.load_model(single / "final", backend="torch"))
+    b = taichu.state_dict(taichu.load_model(parallel / "final", backend="torch"))
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a if k not in skip) < 0.01 * lr * steps
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend, accum, fsdp", [("mindspore", 1, False), ("torch", 2, False),
                                                    ("torch", 1, True)])

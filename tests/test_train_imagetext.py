@@ -3,18 +3,15 @@ take the same steps; two data-parallel processes equal one process; BriVL's MoCo
 is saved and survives resume; a short run really learns (zero-shot digits, Recall@K on
 scenes, measured by ``taichu eval``)."""
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import taichu
 from taichu.imagetext import load_data_config
-from taichu.parallel import launch_command
 from taichu.train import TASK_DATA, read_metrics, run_training
 from conftest import CONFIGS
 
@@ -141,7 +138,7 @@ def test_brivl_queue_is_saved_and_survives_resume(tmp_path, imagetext_cache):
 def test_brivl_two_process_data_parallel_matches_one_process(tmp_path, imagetext_cache, backend):
     """torchrun / msrun with 2 workers and the queue filled from both (keys all-gathered in
     rank order) = one process with 2 micro-batches: the same losses, weights and queues."""
-    from test_distributed import free_port
+    from test_distributed import launch_two_workers
 
     init = init_dir(BRIVL, imagetext_cache, tmp_path / "init")
     overrides = short_run(imagetext_cache, "train.max_steps=5")
@@ -149,14 +146,7 @@ def test_brivl_two_process_data_parallel_matches_one_process(tmp_path, imagetext
     run_training(taichu.load_config(BRIVL, overrides + ["train.grad_accum_steps=2"]), backend, single,
                  init_dir=init, progress=False)
     parallel = tmp_path / "parallel"
-    extra = ["--out", str(parallel), "--init", str(init), "--no-progress",
-             *[f"--set={o}" for o in overrides + ["parallel.data_parallel=2"]]]
-    command = launch_command(str(BRIVL), backend, 2, extra, master_port=free_port(),
-                             log_dir=str(parallel / "msrun_logs"))
-    # msrun starts workers with the `python` found on PATH: the venv's must come first.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    launch_two_workers(BRIVL, backend, parallel, init, overrides)
     one, two = losses(single), losses(parallel)
     assert sorted(two) == list(range(1, 6))
     relative = max(abs(one[s] - two[s]) / one[s] for s in one)

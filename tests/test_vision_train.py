@@ -2,17 +2,12 @@
 steps (crops and masking noise drawn in numpy per (seed, step, image)), the teacher, centre
 and update count move and are saved, resume is exact, and two data-parallel processes take
 the steps of one."""
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import taichu
-from taichu.parallel import launch_command
 from taichu.train import read_metrics, run_training
 from conftest import CONFIGS
 
@@ -83,30 +78,17 @@ def test_resume_continues_the_same_run(tmp_path):
 def test_two_process_data_parallel_matches_one_process(tmp_path):
     """torchrun with 2 workers = one process with 2 micro-batches: the same losses, gradient
     norms and weights, and the same centre (the mean of the ranks' new centres)."""
-    from test_distributed import free_port
+    from test_distributed import assert_same_steps, launch_two_workers
 
     init = init_dir(tmp_path / "init")
     lr, steps = 5e-4, 4
     overrides = [*DATA, f"train.max_steps={steps}", "train.log_interval=1", "train.eval_interval=1000",
                  "train.checkpoint_interval=1000"]
-    single = tmp_path / "single"
-    run_training(taichu.load_config(TINY, overrides + ["train.grad_accum_steps=2"]), "torch", single,
-                 init_dir=init, progress=False)
-    parallel = tmp_path / "parallel"
-    extra = ["--out", str(parallel), "--init", str(init), "--no-progress",
-             *[f"--set={o}" for o in overrides + ["parallel.data_parallel=2"]]]
-    command = launch_command(str(TINY), "torch", 2, extra, master_port=free_port())
-    done = subprocess.run(command, env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
-                                        f"{os.environ['PATH']}"}, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    one, two = losses(single), losses(parallel)
-    assert sorted(two) == list(range(1, steps + 1))
-    assert max(abs(one[s] - two[s]) / one[s] for s in one) <= 1e-5
-    norms = [{r["step"]: r["grad_norm"] for r in read_metrics(run) if "grad_norm" in r} for run in (single, parallel)]
-    assert max(abs(norms[0][s] - norms[1][s]) / norms[0][s] for s in norms[0]) <= 1e-4
-    a = taichu.state_dict(taichu.load_model(single / "final", backend="torch"))
-    b = taichu.state_dict(taichu.load_model(parallel / "final", backend="torch"))
-    # As in test_distributed: another summation order, turned by AdamW into step differences
-    # of a fraction of lr where a gradient cancels. Bound: 1% of lr per step.
-    assert max(float(np.abs(a[k] - b[k]).max()) for k in a if k != "center") < 0.01 * lr * steps
-    assert np.abs(a["center"] - b["center"]).max() <= 1e-5 * np.abs(a["center"]).max()
+    run_training(taichu.load_config(TINY, overrides + ["train.grad_accum_steps=2"]), "torch",
+                 tmp_path / "single", init_dir=init, progress=False)
+    launch_two_workers(TINY, "torch", tmp_path / "parallel", init, overrides)
+    assert_same_steps(tmp_path / "single", tmp_path / "parallel", steps, lr, skip=("center",))
+    # The centre: the mean of the ranks' new centres = the one process's over its micro-batches.
+    a, b = (taichu.state_dict(taichu.load_model(tmp_path / run / "final", "torch"))["center"]
+            for run in ("single", "parallel"))
+    assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()

@@ -2,17 +2,12 @@
 (seed, step, clip), both backends taking the same steps for both heads, two data-parallel
 processes taking the steps of one, resume, and a pretrained model fine-tuned with CTC through
 ``--init`` (backbone loaded, head fresh)."""
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import taichu
-from taichu.parallel import launch_command
 from taichu.speech import load_speech_data
 from taichu.speech_batches import SpeechBatches, padded_length
 from taichu.train import BucketOrder, micro_batches, read_metrics, run_training
@@ -157,38 +152,16 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, speech_cache):
     distractor indices point into the rank's own batch. Torch only (the speech-specific part
     is numpy; MindSpore's gradient exchange is the one tests/test_distributed.py and BriVL's
     test check, and an msrun run here costs ~1.5 min of the family's test budget)."""
-    from test_distributed import free_port
+    from test_distributed import assert_same_steps, launch_two_workers
 
-    backend, path = "torch", PRETRAIN
-    init = init_dir(path, speech_cache, tmp_path / "init")
+    init = init_dir(PRETRAIN, speech_cache, tmp_path / "init")
     lr, steps = 1e-3, 5
     overrides = [f"data.cache_dir={speech_cache}", f"train.max_steps={steps}", f"train.learning_rate={lr}",
                  "train.log_interval=1", "train.eval_interval=1000", "train.checkpoint_interval=1000"]
-    single = tmp_path / "single"
-    run_training(taichu.load_config(path, overrides + ["train.grad_accum_steps=2"]), backend, single,
-                 init_dir=init, progress=False)
-    parallel = tmp_path / "parallel"
-    extra = ["--out", str(parallel), "--init", str(init), "--no-progress",
-             *[f"--set={o}" for o in overrides + ["parallel.data_parallel=2"]]]
-    command = launch_command(str(path), backend, 2, extra, master_port=free_port(),
-                             log_dir=str(parallel / "msrun_logs"))
-    # msrun starts workers with the `python` found on PATH: the venv's must come first.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    one, two = losses(single), losses(parallel)
-    assert sorted(two) == list(range(1, steps + 1))
-    relative = max(abs(one[s] - two[s]) / one[s] for s in one)
-    assert relative <= 1e-5, f"worst relative loss difference {relative:.2e}"
-    norms = [{r["step"]: r["grad_norm"] for r in read_metrics(run) if "grad_norm" in r} for run in (single, parallel)]
-    worst_norm = max(abs(norms[0][s] - norms[1][s]) / norms[0][s] for s in norms[0])
-    assert sorted(norms[1]) == sorted(norms[0]) and worst_norm <= 1e-4, worst_norm
-    a = taichu.state_dict(taichu.load_model(single / "final", backend="torch"))
-    b = taichu.state_dict(taichu.load_model(parallel / "final", backend="torch"))
-    # As in test_distributed: the all-reduce sums in another order, and AdamW turns that into
-    # step differences of a fraction of lr where a gradient cancels; ranks not exchanging
-    # gradients differ by O(lr) a step. Bound: 1% of lr per step.
-    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 0.01 * lr * steps
+    run_training(taichu.load_config(PRETRAIN, overrides + ["train.grad_accum_steps=2"]), "torch",
+                 tmp_path / "single", init_dir=init, progress=False)
+    launch_two_workers(PRETRAIN, "torch", tmp_path / "parallel", init, overrides)
+    assert_same_steps(tmp_path / "single", tmp_path / "parallel", steps, lr)
 
 
 def test_pretrained_model_fine_tunes_with_ctc(tmp_path, speech_cache, capsys):
