@@ -21,11 +21,15 @@ float32 summation order).
 
     .venv/bin/python bench/vision_pretraining.py                 # 2 seeds, 300 steps; rewrites its doc block
     .venv/bin/python bench/vision_pretraining.py --quick         # tiny budget, doc untouched
+
+Runs already finished in --out (their final/ exists) are measured again, not retrained, so an
+interrupted run continues where it stopped (minutes: "-" for those).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -104,8 +108,10 @@ def run(args) -> dict:
     started = time.perf_counter()
     for seed in args.seeds:
         config = taichu.load_config(CONFIG, args.overrides + [f"train.seed={seed}"])
-        torch.manual_seed(seed)
-        init = taichu.save_model(taichu.build_model(config, "torch"), out / f"init-seed{seed}")
+        init = out / f"init-seed{seed}"
+        if not (init / "model.safetensors").exists():   # --resume-able: a finished piece is kept
+            torch.manual_seed(seed)
+            taichu.save_model(taichu.build_model(config, "torch"), init)
         row = {"arm": "untrained", "seed": seed, **probe(init)}
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
@@ -117,12 +123,15 @@ def run(args) -> dict:
                 share = random_prob(taichu.load_config(CONFIG, args.overrides))
                 schedule.append(f"model.masking.mask_prob={share}")
             config = taichu.load_config(CONFIG, args.overrides + schedule + [f"train.seed={seed}"])
-            t = time.perf_counter()
-            final = run_training(config, args.backend, out / f"{mask}-seed{seed}", init_dir=init,
-                                 progress=True).final_dir
-            val = [r["val_loss"] for r in read_metrics(out / f"{mask}-seed{seed}") if "val_loss" in r]
-            row = {"arm": mask, "seed": seed, "minutes": (time.perf_counter() - t) / 60,
-                   "val_loss": val[-1], **probe(final)}
+            t, run_dir = time.perf_counter(), out / f"{mask}-seed{seed}"
+            final = run_dir / "final"
+            minutes = None                 # a run finished by an earlier invocation is measured, not retrained
+            if not (final / "model.safetensors").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+                run_training(config, args.backend, run_dir, init_dir=init, progress=True)
+                minutes = (time.perf_counter() - t) / 60
+            val = [r["val_loss"] for r in read_metrics(run_dir) if "val_loss" in r]
+            row = {"arm": mask, "seed": seed, "minutes": minutes, "val_loss": val[-1], **probe(final)}
             if mask == "guided":
                 row["placement"] = mask_placement(final, args.scenes)
             results["rows"].append(row)
@@ -144,7 +153,8 @@ def report(args, results: dict) -> str:
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for r in results["rows"]:
         lines.append(f"| {r['arm']} | {r['seed']} | {100 * r['linear_probe']:.1f} | {100 * r['knn']:.1f} | "
-                     f"{r.get('val_loss', float('nan')):.3f} | {r.get('minutes', 0):.1f} |")
+                     f"{r.get('val_loss', float('nan')):.3f} | "
+                     f"{'-' if r.get('minutes') is None else format(r['minutes'], '.1f')} |")
     lines.append("")
     arms = {}
     for r in results["rows"]:
