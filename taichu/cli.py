@@ -161,25 +161,21 @@ def cmd_train(args) -> int:
     print(f"trained to step {result.steps}: {result.tokens:,} {result.unit} in "
           f"{result.seconds / 60:.1f} min ({result.tokens / max(result.seconds, 1e-9):,.0f} "
           f"{result.unit}/s, {args.backend}), last training loss {result.last_loss:.4f}")
-    if result.val_loss is not None and result.unit == "pairs":
-        start = f"{result.start_val_loss:.4f} at step 0 -> " if result.start_val_loss is not None else ""
-        print(f"held-out contrastive loss: {start}{result.val_loss:.4f} (taichu eval {result.final_dir} "
-              "for zero-shot accuracy and Recall@K)")
-    elif result.val_loss is not None and result.unit == "clips":
-        start = f"{result.start_val_loss:.4f} at step 0 -> " if result.start_val_loss is not None else ""
-        what = ("CTC loss" if config.model.head == "ctc"
-                else "pretraining loss (contrastive + diversity + feature penalty, per masked frame)")
-        print(f"held-out {what}: {start}{result.val_loss:.4f} (taichu eval {result.final_dir} for "
-              f"error rates of a CTC model)")
-    elif result.val_loss is not None and result.unit == "images":
-        start = f"{result.start_val_loss:.4f} at step 0 -> " if result.start_val_loss is not None else ""
-        print(f"held-out MST loss (self-distillation + restoring, fixed crops and masks): {start}"
-              f"{result.val_loss:.4f}")
-    elif result.val_loss is not None:
-        start = (f"{math.exp(result.start_val_loss):,.1f} at step 0 -> "
-                 if result.start_val_loss is not None else "")
-        print(f"held-out validation perplexity: {start}{math.exp(result.val_loss):,.1f} "
-              f"(loss {result.val_loss:.4f})")
+    if result.val_loss is not None:
+        # What the held-out loss is, per unit the run counts; next-token losses as perplexity.
+        show = (lambda loss: f"{loss:.4f}") if result.unit != "tokens" else (lambda loss: f"{math.exp(loss):,.1f}")
+        what = {"pairs": "contrastive loss",
+                "clips": "pretraining loss (contrastive + diversity + feature penalty, per masked frame)",
+                "images": "MST loss (self-distillation + restoring, fixed crops and masks)",
+                "tokens": "validation perplexity"}[result.unit]
+        if result.unit == "clips" and config.model.head == "ctc":
+            what = "CTC loss"
+        after = {"pairs": f" (taichu eval {result.final_dir} for zero-shot accuracy and Recall@K)",
+                 "clips": f" (taichu eval {result.final_dir} for error rates of a CTC model)",
+                 "images": f" (taichu probe {result.final_dir} for frozen-feature accuracy)",
+                 "tokens": f" (loss {result.val_loss:.4f})"}[result.unit]
+        start = f"{show(result.start_val_loss)} at step 0 -> " if result.start_val_loss is not None else ""
+        print(f"held-out {what}: {start}{show(result.val_loss)}{after}")
     print(f"final model: {result.final_dir}; metrics: {Path(args.out) / 'metrics.jsonl'} "
           f"(taichu plot {args.out})")
     return 0
