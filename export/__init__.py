@@ -1,6 +1,7 @@
 """Deployment: ONNX (from PyTorch) and MINDIR (from MindSpore) export, validated against the
-source model, ONNX Runtime generation (GPT), embedding (image-text towers) and speech
-recognition (wav2vec2: ``export.speech_network``).
+source model, ONNX Runtime generation (GPT), embedding (image-text towers), speech
+recognition (wav2vec2: ``export.speech_network``) and image features (vision:
+``export.vision_network``).
 
 ``export.OnnxGenerator`` needs only numpy, onnxruntime and sentencepiece,
 ``export.OnnxImageTextEncoder`` those and pillow; ``export.MindirGenerator`` and
@@ -15,7 +16,8 @@ _LAZY = {"OnnxGenerator": "export.runtime", "OnnxDecoder": "export.runtime",
          "MindirDecoder": "export.mindir_export", "MindirGraph": "export.mindir_export",
          "MindirGenerator": "export.runtime", "MindirImageTextEncoder": "export.runtime",
          "ImageTextEncoder": "export.runtime", "ExportGenerator": "export.runtime",
-         "SpeechNetwork": "export.runtime", "speech_network": "export.runtime"}
+         "SpeechNetwork": "export.runtime", "speech_network": "export.runtime",
+         "VisionNetwork": "export.runtime", "vision_network": "export.runtime"}
 __all__ = sorted(_LAZY)
 
 

@@ -4,15 +4,18 @@ What is exported depends on the family's task (export/signature.py): a GPT becom
 decoder graph (``model.onnx`` / ``model.mindir``, optional ``model_int8.onnx``); an
 image-text family (CLIP, BriVL) becomes two towers, ``image_encoder`` and ``text_encoder``
 (``.onnx`` / ``.mindir``); a speech family (wav2vec2) one ``encoder`` graph (hidden states,
-utterance embedding and, with the CTC head, logits). Tower and speech graphs are listed with
-their inputs, outputs and validation under ``graphs`` in export_info.json.
+utterance embedding and, with the CTC head, logits); the vision family one ``model`` graph,
+its ViT backbone (an MST model's teacher) as optimum exports a ViTModel: pixel_values ->
+last_hidden_state and pooler_output, batch dynamic, image size fixed. Tower, speech and
+vision graphs are listed with their inputs, outputs and validation under ``graphs`` in
+export_info.json.
 
 An ONNX export folder is self-contained: beside the graphs it holds ``config.yaml`` and
 ``tokenizer.model`` (ours, where the model has one), the Hugging Face ``config.json`` of the
 family's HF architecture (GPT -> GPT2LMHeadModel, CLIP -> CLIPModel, wav2vec2 ->
-Wav2Vec2ForCTC or Wav2Vec2ForPreTraining by its head; none for a family HF lacks, such as
-BriVL, which export_info.json says under ``huggingface``) and the Hugging Face tokenizer
-files (a SentencePiece model's tokenizer.json...; a CTC model's vocab.json and
+Wav2Vec2ForCTC or Wav2Vec2ForPreTraining by its head, vision -> ViTModel; none for a family
+HF lacks, such as BriVL, which export_info.json says under ``huggingface``) and the Hugging
+Face tokenizer files (a SentencePiece model's tokenizer.json...; a CTC model's vocab.json and
 tokenizer_config.json of Wav2Vec2CTCTokenizer), so that optimum's loaders and plain
 onnxruntime users start from the folder alone.
 
@@ -36,9 +39,17 @@ from export.runtime import INFO_FILE, INT8_FILE, MODEL_FILE, TOKENIZER_FILE
 from export.validate import ExportValidationError
 
 FORMATS = ("onnx", "mindir")
-TASKS = (signature.LANGUAGE_MODEL, signature.IMAGE_TEXT, signature.SPEECH)
+TASKS = (signature.LANGUAGE_MODEL, signature.IMAGE_TEXT, signature.SPEECH, signature.VISION)
 # Tasks exported as a set of encoder graphs (export_info.json's ``graphs``).
-ENCODER_TASKS = (signature.IMAGE_TEXT, signature.SPEECH)
+ENCODER_TASKS = (signature.IMAGE_TEXT, signature.SPEECH, signature.VISION)
+# Per encoder task: its ONNX exporter (export/onnx_export.py), MINDIR exporter
+# (export/mindir_export.py), validation reference (export/validate.py) and the MINDIR's
+# dynamic axes. Names: the modules import their framework, loaded only when used.
+ENCODER_EXPORTS = {
+    signature.IMAGE_TEXT: ("export_onnx_towers", "export_mindir_towers", "tower_runner", "batch and sequence"),
+    signature.SPEECH: ("export_onnx_speech", "export_mindir_speech", "speech_runner", "batch and samples"),
+    signature.VISION: ("export_onnx_vision", "export_mindir_vision", "vision_runner", "batch"),
+}
 
 
 def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | None = None,
@@ -65,9 +76,10 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | 
         # next-token agreement, which says nothing about embeddings.
         raise ValueError(f"--quantize int8 is not implemented for image-text models ({config.family}): "
                          f"their towers export in fp32 only; run without --quantize")
-    if quantize and task == signature.SPEECH:
-        raise ValueError(f"--quantize int8 is not implemented for speech models ({config.family}): "
-                         f"the encoder exports in fp32 only; run without --quantize")
+    if quantize and task in (signature.SPEECH, signature.VISION):
+        kind, graph = {signature.SPEECH: ("speech", "the encoder"), signature.VISION: ("vision", "the backbone")}[task]
+        raise ValueError(f"--quantize int8 is not implemented for {kind} models ({config.family}): "
+                         f"{graph} exports in fp32 only; run without --quantize")
     if opset is not None and fmt != "onnx":
         raise ValueError("--opset applies to ONNX exports only")
 
@@ -227,23 +239,24 @@ def _export_mindir(model, config, staging, validate, info, log):
 
 def _export_towers(model, config, fmt, staging, opset, validate, info, log):
     """The encoder graphs of an image-text model (image encoder and text encoder, each
-    validated against the model's own get_image_features / get_text_features) or of a speech
-    model (one encoder, validated against the model's encode, embed and forward)."""
-    from export.validate import speech_runner, tower_runner, validate_against_source
+    validated against the model's own get_image_features / get_text_features), of a speech
+    model (one encoder, validated against the model's encode, embed and forward) or of a
+    vision model (its backbone, validated against the backbone the model runs)."""
+    from export import validate as checks
 
-    speech = signature.task_of(config) == signature.SPEECH
-    runner = speech_runner if speech else tower_runner
+    onnx_exporter, mindir_exporter, runner, dynamic = ENCODER_EXPORTS[signature.task_of(config)]
+    runner = getattr(checks, runner)
     if fmt == "onnx":
         import onnxruntime
         import torch
 
-        from export.onnx_export import EXPORTER, MIN_OPSET, export_onnx_speech, export_onnx_towers
+        from export import onnx_export
         from export.runtime import OnnxGraph
 
-        opset = MIN_OPSET if opset is None else opset
-        files = (export_onnx_speech if speech else export_onnx_towers)(model, staging, opset)
+        opset = onnx_export.MIN_OPSET if opset is None else opset
+        files = getattr(onnx_export, onnx_exporter)(model, staging, opset)
         detail = f"opset {opset}"
-        info.update(opset=opset, exporter=_onnx_exporter(EXPORTER, torch),
+        info.update(opset=opset, exporter=_onnx_exporter(onnx_export.EXPORTER, torch),
                     runtime=f"onnxruntime {onnxruntime.__version__}")
         runtime, source, int_dtype = "onnxruntime", "torch_impl", "int64"
 
@@ -252,15 +265,15 @@ def _export_towers(model, config, fmt, staging, opset, validate, info, log):
     else:
         import mindspore as ms
 
-        from export.mindir_export import MindirGraph, export_mindir_speech, export_mindir_towers
+        from export import mindir_export
 
-        files = (export_mindir_speech if speech else export_mindir_towers)(model, staging)
-        detail = "dynamic batch and samples" if speech else "dynamic batch and sequence"
+        files = getattr(mindir_export, mindir_exporter)(model, staging)
+        detail = f"dynamic {dynamic}"
         info.update(exporter=f"mindspore.export MINDIR, mindspore {ms.__version__}")
         runtime, source, int_dtype = "mindspore.nn.GraphCell", "mindspore_impl", "int32"
 
         def load(path, graph):
-            return MindirGraph(path, graph).run
+            return mindir_export.MindirGraph(path, graph).run
     log(f"exported {', '.join(f.name for fs in files.values() for f in fs)} ({detail})")
     info.update(platform=platform.platform(), graphs=[])
     for graph in signature.graphs(config):
@@ -271,7 +284,7 @@ def _export_towers(model, config, fmt, staging, opset, validate, info, log):
                 spec["dtype"] = int_dtype
         info["graphs"].append(entry)          # listed before validation, so a rejection shows it
         if validate:
-            entry["validation"] = validate_against_source(
+            entry["validation"] = checks.validate_against_source(
                 load(staging / file, graph), runner(model, graph), config.model,
                 f"{file} in {runtime}", graph=graph)
             log(f"validated {file} against {source}: {_summary(entry['validation'])}")

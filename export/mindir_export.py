@@ -11,7 +11,8 @@ graphs (export/signature.py) except that token ids, masks and positions are int3
   (export/runtime.py) runs with mindspore alone;
 - image-text families: ``image_encoder.mindir`` (dynamic batch) and ``text_encoder.mindir``
   (dynamic batch and sequence);
-- speech (wav2vec2): ``encoder.mindir`` (dynamic batch and samples; the attention mask int32).
+- speech (wav2vec2): ``encoder.mindir`` (dynamic batch and samples; the attention mask int32);
+- vision: ``model.mindir``, the ViT backbone (dynamic batch; fixed channels and image size).
 """
 from __future__ import annotations
 
@@ -147,6 +148,16 @@ def export_mindir_speech(model, directory: Path) -> dict[str, list[Path]]:
     graph = signature.speech_graph(model.config.model)
     model.set_train(False)
     return _export_cells({graph.name: SpeechEncoder(model)}, (graph,), directory)
+
+
+def export_mindir_vision(model, directory: Path) -> dict[str, list[Path]]:
+    """Write the MindSpore vision ``model``'s backbone (signature.vision_backbone) as
+    ``model.mindir`` in ``directory`` (batch dynamic); the files written, by graph name."""
+    from export.towers_mindspore import VisionEncoder
+
+    graph = signature.vision_graph(model.config.model)
+    model.set_train(False)
+    return _export_cells({graph.name: VisionEncoder(model)}, (graph,), directory)
 
 
 def export_mindir_static_cache(model, directory: Path) -> dict[str, list[Path]]:

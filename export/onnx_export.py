@@ -1,6 +1,6 @@
 """ONNX from the PyTorch model: one decoder graph with a KV cache (GPT), optional int8, an
-image encoder and a text encoder graph (image-text families), or a speech encoder graph
-(wav2vec2).
+image encoder and a text encoder graph (image-text families), a speech encoder graph
+(wav2vec2), or a ViT backbone graph (vision).
 
 The exporter is torch.onnx's dynamo exporter (``torch.onnx.export(..., dynamo=True)``, which
 needs onnxscript), the one PyTorch supports; the TorchScript exporter (``dynamo=False``) is
@@ -25,6 +25,10 @@ The frame mask is computed inside the graph from the sample mask (sum, the same 
 arithmetic per row, compare with a range over frames): no data-dependent shape arises, and
 the encoder runs through ``Wav2Vec2.encode``, which has no numpy input check (see
 export/towers_torch.py).
+
+The vision backbone's only dynamic axis is ``batch``: the image size fixes the patch grid and
+with it the positions (a resize would be a different graph), so the example is batch 2 at
+the model's size.
 """
 from __future__ import annotations
 
@@ -93,6 +97,18 @@ def export_onnx_speech(model, directory: Path, opset: int = MIN_OPSET,
     shortest = signature.speech_sizes(m)["receptive_field"]
     example = signature.speech_inputs(m, batch=2, samples=max(4000, 4 * shortest), seed=0)
     return {graph.name: export_graph(SpeechEncoder(model).eval(), graph, example,
+                                     directory / f"{graph.name}.onnx", opset, external_data_threshold)}
+
+
+def export_onnx_vision(model, directory: Path, opset: int = MIN_OPSET,
+                       external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict[str, list[Path]]:
+    """Write the torch vision ``model``'s backbone (signature.vision_backbone) as
+    ``model.onnx`` in ``directory``; the files written, by graph name."""
+    from export.towers_torch import VisionEncoder
+
+    m = model.config.model
+    graph = signature.vision_graph(m)
+    return {graph.name: export_graph(VisionEncoder(model).eval(), graph, signature.vision_inputs(m, batch=2, seed=0),
                                      directory / f"{graph.name}.onnx", opset, external_data_threshold)}
 
 

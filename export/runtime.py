@@ -1,6 +1,7 @@
 """Running exports: a GPT decoder step and text generator, the image and text towers of
-an image-text model (CLIP, BriVL), and a speech model's encoder (wav2vec2: CTC logits and
-utterance embeddings, ``speech_network``), with ONNX Runtime or from MINDIR with MindSpore.
+an image-text model (CLIP, BriVL), a speech model's encoder (wav2vec2: CTC logits and
+utterance embeddings, ``speech_network``) and a vision model's backbone (features,
+``vision_network``), with ONNX Runtime or from MINDIR with MindSpore.
 
 The ONNX side needs only numpy, onnxruntime and sentencepiece, plus pillow for images (no
 torch, no mindspore, no yaml or pydantic: what an export needs is in its export_info.json):
@@ -29,6 +30,7 @@ TOKENIZER_FILE = "tokenizer.model"
 IMAGE_TEXT = "image_text"
 IMAGE_ENCODER, TEXT_ENCODER = "image_encoder", "text_encoder"
 SPEECH, SPEECH_ENCODER, SPEECH_FAMILY = "speech", "encoder", "wav2vec2"
+VISION, VISION_MODEL, VISION_FAMILY = "vision", "model", "vision"
 # ONNX Runtime threads of a speech network (as the tests and the 2-core CI machines use).
 SPEECH_THREADS = 2
 
@@ -102,6 +104,10 @@ class ExportGenerator:
         from taichu.tokenizer import Tokenizer
 
         self.info = read_export_info(directory)
+        task = self.info.get("task", "language_model")
+        if task != "language_model":     # a vision export's graph is model.onnx too
+            raise ValueError(f"{directory} is an export of a {self.info.get('family')} model (task {task}): "
+                             f"it has no decoder to generate with")
         tokenizer = directory / TOKENIZER_FILE
         if not tokenizer.is_file():
             raise FileNotFoundError(f"{tokenizer} not found: generation needs the model's tokenizer "
@@ -344,12 +350,18 @@ class MindirImageTextEncoder(ImageTextEncoder):
     FORMAT = "mindir"
 
     def _graph(self, path: Path, entry: dict):
-        from export.mindir_export import MindirGraph
-        from export.signature import GraphSignature, TensorInfo
+        return mindir_graph(path, entry)
 
-        def tensors(specs):
-            return tuple(TensorInfo(t["name"], t["dtype"], tuple(t["shape"])) for t in specs)
-        return MindirGraph(path, GraphSignature(entry["name"], tensors(entry["inputs"]), tensors(entry["outputs"])))
+
+def mindir_graph(path: Path, entry: dict):
+    """A MINDIR graph (export.mindir_export.MindirGraph, mindspore alone) of the signature in
+    its export_info.json ``entry`` (name, inputs, outputs)."""
+    from export.mindir_export import MindirGraph
+    from export.signature import GraphSignature, TensorInfo
+
+    def tensors(specs):
+        return tuple(TensorInfo(t["name"], t["dtype"], tuple(t["shape"])) for t in specs)
+    return MindirGraph(path, GraphSignature(entry["name"], tensors(entry["inputs"]), tensors(entry["outputs"])))
 
 
 def export_embedder(directory: str | Path, backend: str = "onnx", batch_size: int = 64) -> Embedder:
@@ -362,7 +374,36 @@ def export_embedder(directory: str | Path, backend: str = "onnx", batch_size: in
     return Embedder(directory, backend, batch_size, encoder=encoder)
 
 
-# ----------------------------------------------------------------------- speech
+# ----------------------------------------------------------------------- speech and vision
+
+
+def open_single_graph(export_dir: str | Path, backend: str, task: str, family: str, kind: str,
+                      source: str, name: str, threads: int | None):
+    """(export_info, the graph's export_info entry, the graph: ``run(feeds) -> outputs``) of
+    the one graph ``name`` of an export of ``task`` in ``backend`` (onnx: ONNX Runtime with
+    ``threads``; mindir: mindspore.nn.GraphCell). Refuses an export of another task or family
+    (``kind`` and ``source`` say which it should be: "a speech (wav2vec2)" model, exported
+    from "a wav2vec2" model directory) or another format, naming the command that makes one."""
+    if backend not in ("onnx", "mindir"):
+        raise ValueError(f"unknown export backend {backend!r} (choose from onnx, mindir)")
+    path = Path(export_dir)
+    directory = path.parent if path.is_file() else path
+    info = read_export_info(directory)
+    found, found_task, fmt = info.get("family"), info.get("task", "language_model"), info.get("format")
+    if found_task != task or found != family:
+        raise ValueError(f"{directory} is an export of a {found} model (task {found_task}), not of {kind} "
+                         f"model: export {source} model directory with `taichu export MODEL_DIR --format "
+                         f"{backend} --out DIR`")
+    if fmt != backend:
+        described = {"onnx": "an ONNX", "mindir": "a MINDIR"}.get(fmt, f"a {fmt}")
+        raise ValueError(f"{directory} is {described} export; --backend {backend} runs "
+                         f"{backend.upper()} exports (use --backend {fmt})")
+    graphs = {g["name"]: g for g in info["graphs"]}
+    if name not in graphs:
+        raise ValueError(f"{directory}: export_info.json lists no {name} graph")
+    entry = graphs[name]
+    file = directory / entry["file"]
+    return info, entry, OnnxGraph(file, threads) if backend == "onnx" else mindir_graph(file, entry)
 
 
 class SpeechNetwork:
@@ -381,41 +422,15 @@ class SpeechNetwork:
     """
 
     def __init__(self, export_dir: str | Path, backend: str = "onnx", threads: int = SPEECH_THREADS):
-        if backend not in ("onnx", "mindir"):
-            raise ValueError(f"unknown export backend {backend!r} (choose from onnx, mindir)")
-        path = Path(export_dir)
-        directory = path.parent if path.is_file() else path
-        self.info = read_export_info(directory)
-        family, task, fmt = self.info.get("family"), self.info.get("task", "language_model"), self.info.get("format")
-        if task != SPEECH or family != SPEECH_FAMILY:
-            raise ValueError(f"{directory} is an export of a {family} model (task {task}), not of a speech "
-                             f"(wav2vec2) model: export a wav2vec2 model directory with `taichu export "
-                             f"MODEL_DIR --format {backend} --out DIR`")
-        if fmt != backend:
-            kind = {"onnx": "an ONNX", "mindir": "a MINDIR"}.get(fmt, f"a {fmt}")
-            raise ValueError(f"{directory} is {kind} export; --backend {backend} runs "
-                             f"{backend.upper()} exports (use --backend {fmt})")
-        graphs = {g["name"]: g for g in self.info["graphs"]}
-        if SPEECH_ENCODER not in graphs:
-            raise ValueError(f"{directory}: export_info.json lists no {SPEECH_ENCODER} graph")
-        entry = graphs[SPEECH_ENCODER]
-        file = directory / entry["file"]
+        self.info, entry, self.graph = open_single_graph(export_dir, backend, SPEECH, SPEECH_FAMILY,
+                                                         "a speech (wav2vec2)", "a wav2vec2", SPEECH_ENCODER,
+                                                         threads)
         model = self.info["config"]["model"]
         self.backend = backend
         self.head = model["head"]
         self.hidden_size = model["hidden_size"]
         self.receptive_field = receptive_field_of(model["conv_kernel"], model["conv_stride"])
         self.output_names = [o["name"] for o in entry["outputs"]]
-        if backend == "onnx":
-            self.graph = OnnxGraph(file, threads)
-        else:
-            from export.mindir_export import MindirGraph
-            from export.signature import GraphSignature, TensorInfo
-
-            def tensors(specs):
-                return tuple(TensorInfo(t["name"], t["dtype"], tuple(t["shape"])) for t in specs)
-            self.graph = MindirGraph(file, GraphSignature(entry["name"], tensors(entry["inputs"]),
-                                                          tensors(entry["outputs"])))
 
     def check(self, input_values: np.ndarray, attention_mask: np.ndarray | None) -> np.ndarray:
         """The int64 mask to feed (all ones for None); raises ValueError on bad inputs."""
@@ -446,3 +461,57 @@ def speech_network(export_dir: str | Path, backend: str = "onnx") -> SpeechNetwo
         raise ValueError(f"unknown export backend {backend!r} (choose from {', '.join(EXPORT_BACKENDS)})")
     check_export_directory(export_dir, backend)
     return SpeechNetwork(export_dir, backend)
+
+
+class VisionNetwork:
+    """A vision export's ``model`` graph (``taichu export VISION_DIR --format onnx|mindir``):
+    ``run(pixel_values) -> {"last_hidden_state": [batch, 1 + patches, hidden],
+    "pooler_output": [batch, hidden]}`` (numpy), the backbone an MST model's teacher
+    (export/signature.py). What taichu.vision_tasks.VisionRunner drives for ``taichu probe
+    --backend onnx|mindir`` (``network(pixel_values)`` is ``run``).
+
+    pixel_values are checked before the graph runs: float32 [batch, channels, size, size]
+    at the exported size (taichu.images.preprocess makes them; the graph's positions fix the
+    size). The sizes come from export_info.json: numpy and the runtime only (onnxruntime, or
+    mindspore without any model code for "mindir").
+    """
+
+    def __init__(self, export_dir: str | Path, backend: str = "onnx", threads: int | None = None):
+        self.info, entry, self.graph = open_single_graph(export_dir, backend, VISION, VISION_FAMILY, "a vision",
+                                                         "a vision", VISION_MODEL, threads)
+        self.backend = backend
+        self.encoder_name = "teacher" if self.info["config"]["model"]["objective"] == "mst" else "backbone"
+        self.input_shape = tuple(entry["inputs"][0]["shape"][1:])              # (channels, size, size)
+        self.output_shapes = {o["name"]: tuple(o["shape"][1:]) for o in entry["outputs"]}
+
+    def check(self, pixel_values) -> None:
+        """Raises ValueError unless ``pixel_values`` is float32 [batch, channels, size, size]."""
+        expected = f"[batch, {', '.join(map(str, self.input_shape))}]"
+        if not isinstance(pixel_values, np.ndarray) or pixel_values.dtype != np.float32:
+            kind = pixel_values.dtype if isinstance(pixel_values, np.ndarray) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a float32 numpy array {expected} (taichu.images.preprocess), "
+                             f"got {kind}")
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != self.input_shape:
+            raise ValueError(f"pixel_values must be {expected}: the export's image size is fixed (resize with "
+                             f"taichu.images.preprocess), got shape {pixel_values.shape}")
+
+    def run(self, pixel_values: np.ndarray) -> dict[str, np.ndarray]:
+        """Both outputs of the graph by name, after checking the input; an empty batch gives
+        empty outputs without running the graph."""
+        self.check(pixel_values)
+        if pixel_values.shape[0] == 0:
+            return {name: np.zeros((0, *shape), np.float32) for name, shape in self.output_shapes.items()}
+        return self.graph.run({"pixel_values": np.ascontiguousarray(pixel_values)})
+
+    __call__ = run
+
+
+def vision_network(export_dir: str | Path, backend: str = "onnx") -> VisionNetwork:
+    """The backbone of a vision export for taichu.vision_tasks.VisionRunner: ONNX Runtime
+    ("onnx", ORT's default threads) or mindspore.nn.GraphCell ("mindir", mindspore alone, no
+    model code); ``network(pixel_values float32 [B, C, S, S]) -> {"last_hidden_state",
+    "pooler_output"}``. Refuses an export of another family or format."""
+    if backend not in EXPORT_BACKENDS:
+        raise ValueError(f"unknown export backend {backend!r} (choose from {', '.join(EXPORT_BACKENDS)})")
+    check_export_directory(export_dir, backend)
+    return VisionNetwork(export_dir, backend)

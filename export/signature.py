@@ -35,6 +35,18 @@ Every family exports one or more graphs, chosen by its task (``FAMILY.task``):
   outputs are the encoder's plus ``logits``, so code that reads ``last_hidden_state`` /
   ``embedding`` by name serves both heads, and Hugging Face tools that read ``logits`` by name
   (optimum's CTC model) find it.
+- ``vision`` (the vision family's ViT): one graph ``model``, as Hugging Face optimum exports
+  a ViTModel for feature extraction. Input ``pixel_values`` float32 [batch, channels, size,
+  size] (taichu.images.preprocess; size = ``model.image_size``: only batch is dynamic, since
+  the position grid is fixed by the config). Outputs ``last_hidden_state`` float32 [batch,
+  1 + patches, hidden] (after the final LayerNorm, CLS first) and ``pooler_output`` float32
+  [batch, hidden] (the pooler's tanh(dense(CLS)) where the backbone has one, else the CLS
+  token's final state, as the models' ``forward`` pools). The backbone is an MST model's
+  teacher (the EMA weights DINO/MST evaluate, what taichu.convert.hf_vit writes and
+  taichu.vision_tasks.VisionRunner runs by default), else ``model.backbone`` (``backbone``
+  and every objective with a task head: the head is not exported); ``vision_backbone``.
+  The graph shares its name with the GPT decoder's: code that picks by graph must look at
+  ``GraphSignature.task`` too.
 
 A dimension given as a string is a dynamic axis of that name.
 
@@ -47,9 +59,9 @@ from dataclasses import dataclass
 import numpy as np
 
 BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"
-LANGUAGE_MODEL, IMAGE_TEXT, SPEECH = "language_model", "image_text", "speech"
+LANGUAGE_MODEL, IMAGE_TEXT, SPEECH, VISION = "language_model", "image_text", "speech", "vision"
 DECODER, IMAGE_ENCODER, TEXT_ENCODER = "model", "image_encoder", "text_encoder"
-SPEECH_ENCODER = "encoder"
+SPEECH_ENCODER, VISION_MODEL = "encoder", "model"
 SAMPLES, FRAMES = "samples", "frames"
 
 
@@ -65,11 +77,15 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class GraphSignature:
-    """One exported graph: its name (the file stem) and its inputs and outputs, in order."""
+    """One exported graph: its name (the file stem), its inputs and outputs, in order, and
+    the task of the export it belongs to (names repeat across tasks: the GPT decoder and a
+    vision backbone are both ``model``; None where the graph was rebuilt from export_info.json
+    only to be run)."""
 
     name: str
     inputs: tuple[TensorInfo, ...]
     outputs: tuple[TensorInfo, ...]
+    task: str | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -106,12 +122,16 @@ def graphs(config) -> tuple[GraphSignature, ...]:
         return image_text_graphs(config.model)
     if task == SPEECH:
         return (speech_graph(config.model),)
+    if task == VISION:
+        return (vision_graph(config.model),)
     raise ValueError(f"family {config.family} (task {task}) has no export signature")
 
 
 def validation_cases(model_config, graph: GraphSignature) -> list[tuple[dict, dict[str, np.ndarray]]]:
     """(shape description, random inputs) at the two shapes an export is validated at."""
     m = model_config
+    if graph.task == VISION:
+        return [({"batch": b}, vision_inputs(m, b, seed)) for seed, b in enumerate(VISION_VALIDATION_BATCHES)]
     if graph.name == DECODER:
         return [({"batch": b, "sequence": n, "past": p}, sample_inputs(m, b, n, p, seed))
                 for seed, (b, n, p) in enumerate(DECODER_VALIDATION_SHAPES)]
@@ -152,7 +172,7 @@ def decoder_graph(model_config) -> GraphSignature:
     inputs += tuple(TensorInfo(n, "float32", cache) for n in input_names(m.num_layers)[3:])
     outputs = (TensorInfo("logits", "float32", (BATCH, SEQUENCE, m.vocab_size)),)
     outputs += tuple(TensorInfo(n, "float32", present) for n in output_names(m.num_layers)[1:])
-    return GraphSignature(DECODER, inputs, outputs)
+    return GraphSignature(DECODER, inputs, outputs, LANGUAGE_MODEL)
 
 
 def describe(model_config) -> dict:
@@ -218,20 +238,23 @@ def image_text_graphs(model_config) -> tuple[GraphSignature, GraphSignature]:
     image = GraphSignature(
         IMAGE_ENCODER,
         (TensorInfo("pixel_values", "float32", (BATCH, s["channels"], s["image_size"], s["image_size"])),),
-        (TensorInfo("image_embeds", "float32", (BATCH, s["dim"])),))
+        (TensorInfo("image_embeds", "float32", (BATCH, s["dim"])),), IMAGE_TEXT)
     text = GraphSignature(
         TEXT_ENCODER,
         (TensorInfo("input_ids", "int64", (BATCH, SEQUENCE)), TensorInfo("attention_mask", "int64", (BATCH, SEQUENCE))),
-        (TensorInfo("text_embeds", "float32", (BATCH, s["dim"])),))
+        (TensorInfo("text_embeds", "float32", (BATCH, s["dim"])),), IMAGE_TEXT)
     return image, text
 
 
 def image_inputs(model_config, batch: int, seed: int) -> dict[str, np.ndarray]:
     """Random ``pixel_values``: standard normal, the range of normalised pixels."""
     s = image_text_sizes(model_config)
-    rng = np.random.default_rng(seed)
-    shape = (batch, s["channels"], s["image_size"], s["image_size"])
-    return {"pixel_values": rng.standard_normal(shape).astype(np.float32)}
+    return _pixels(batch, s["channels"], s["image_size"], seed)
+
+
+def _pixels(batch: int, channels: int, size: int, seed: int) -> dict[str, np.ndarray]:
+    shape = (batch, channels, size, size)
+    return {"pixel_values": np.random.default_rng(seed).standard_normal(shape).astype(np.float32)}
 
 
 def text_inputs(model_config, batch: int, length: int, seed: int, pad_id: int = 0) -> dict[str, np.ndarray]:
@@ -276,7 +299,7 @@ def speech_graph(model_config) -> GraphSignature:
                TensorInfo("embedding", "float32", (BATCH, s["hidden"])))
     if s["head"] == "ctc":
         outputs += (TensorInfo("logits", "float32", (BATCH, FRAMES, s["vocab"])),)
-    return GraphSignature(SPEECH_ENCODER, inputs, outputs)
+    return GraphSignature(SPEECH_ENCODER, inputs, outputs, SPEECH)
 
 
 def speech_lengths(model_config, batch: int, samples: int) -> np.ndarray:
@@ -317,3 +340,28 @@ def speech_validation_cases(model_config) -> list[tuple[dict, dict[str, np.ndarr
         cases.append(({"batch": batch, "samples": samples,
                        "real_samples": [int(n) for n in feeds["attention_mask"].sum(axis=1)]}, feeds))
     return cases
+
+
+# ----------------------------------------------------------------------- vision backbone
+
+# Batch 1 and a batch of 5, as the image tower's.
+VISION_VALIDATION_BATCHES = IMAGE_VALIDATION_BATCHES
+
+
+def vision_backbone(model):
+    """The ViT a vision export holds, of a model of either backend: an MST model's teacher
+    backbone, else ``model.backbone`` (module docstring)."""
+    return model.teacher.backbone if model.config.model.objective == "mst" else model.backbone
+
+
+def vision_graph(model_config) -> GraphSignature:
+    m = model_config
+    inputs = (TensorInfo("pixel_values", "float32", (BATCH, m.num_channels, m.image_size, m.image_size)),)
+    outputs = (TensorInfo("last_hidden_state", "float32", (BATCH, 1 + m.num_patches, m.hidden_size)),
+               TensorInfo("pooler_output", "float32", (BATCH, m.hidden_size)))
+    return GraphSignature(VISION_MODEL, inputs, outputs, VISION)
+
+
+def vision_inputs(model_config, batch: int, seed: int) -> dict[str, np.ndarray]:
+    """Random ``pixel_values`` at the model's size: standard normal, the range of normalised pixels."""
+    return _pixels(batch, model_config.num_channels, model_config.image_size, seed)

@@ -1,5 +1,5 @@
-"""The two towers of a MindSpore image-text model, and a speech model's encoder, as cells of
-their own, for ms.export.
+"""The two towers of a MindSpore image-text model, a speech model's encoder and a vision
+model's backbone, as cells of their own, for ms.export.
 
 ``ms.export`` compiles a cell's ``construct``; an image-text model's ``construct`` takes
 both modalities and returns logits, while a retrieval index embeds images and texts apart.
@@ -16,6 +16,10 @@ A wav2vec2 model checks its inputs in ``__call__`` and ``embed`` (not in ``const
 ``encode``). ``SpeechEncoder`` compiles ``encode`` once and what ``embed`` and ``construct``
 compute from its hidden states, so no check is compiled in and none needs hiding; export.runtime
 checks a speech graph's inputs (SpeechNetwork.check).
+
+A vision model's backbone (``ViT.construct``) has no checks either; ``VisionEncoder`` compiles
+the exported one (signature.vision_backbone: an MST model's teacher) and pools as the model's
+``construct`` does; export.runtime checks the pixels (VisionNetwork.check).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import contextlib
 
 from mindspore import nn
 
+from export.signature import vision_backbone
 from mindspore_impl.wav2vec2 import mean_over_frames
 
 
@@ -64,6 +69,23 @@ class SpeechEncoder(nn.Cell):
         if self.ctc:
             return hidden, embedding, self.model.lm_head(self.model.dropout(hidden))
         return hidden, embedding
+
+
+class VisionEncoder(nn.Cell):
+    """pixel_values float32 [batch, channels, size, size] -> last_hidden_state [batch,
+    1 + patches, hidden], pooler_output [batch, hidden] (the pooler's, else the CLS state)."""
+
+    def __init__(self, model):
+        # No auto prefix: holding the backbone would otherwise rename its parameters
+        # ("backbone." + path), and an MST teacher's would take its student's names.
+        super().__init__(auto_prefix=False)
+        self.backbone = vision_backbone(model)
+
+    def construct(self, pixel_values):
+        hidden = self.backbone(pixel_values)[0]
+        if self.backbone.pooler is not None:
+            return hidden, self.backbone.pooler(hidden)
+        return hidden, hidden[:, 0]
 
 
 def _no_input_checks(pixel_values=None, input_ids=None, attention_mask=None):

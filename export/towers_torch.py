@@ -1,5 +1,5 @@
-"""The two towers of a PyTorch image-text model, and a speech model's encoder, as modules of
-their own, for torch.onnx.
+"""The two towers of a PyTorch image-text model, a speech model's encoder and a vision model's
+backbone, as modules of their own, for torch.onnx.
 
 torch.onnx.export (dynamo) exports a module's ``forward``; an image-text model's ``forward`` takes
 both modalities and returns logits, while a retrieval index embeds images and texts apart.
@@ -12,11 +12,17 @@ A wav2vec2 model's ``forward`` gives the CTC logits (or, without a CTC head, the
 and ``embed`` the utterance embedding, each running the encoder. ``SpeechEncoder`` runs it
 once (``encode``, which has no host-side checks: nothing in the graph copies to numpy) and
 returns what both give (export/signature.py, ``speech_graph``).
+
+A vision model's ``forward`` runs the student's backbone after a host-side shape check
+(skipped while exported); DINO/MST evaluate the teacher's. ``VisionEncoder`` calls the exported
+backbone (signature.vision_backbone) itself, which has no host-side check, and pools as
+``forward`` does.
 """
 from __future__ import annotations
 
 from torch import nn
 
+from export.signature import vision_backbone
 from torch_impl.wav2vec2 import mean_over_frames
 
 
@@ -59,3 +65,17 @@ class SpeechEncoder(nn.Module):
         if self.ctc:
             return hidden, embedding, self.model.lm_head(self.model.dropout(hidden))
         return hidden, embedding
+
+
+class VisionEncoder(nn.Module):
+    """pixel_values float32 [batch, channels, size, size] -> last_hidden_state [batch,
+    1 + patches, hidden], pooler_output [batch, hidden] (the pooler's, else the CLS state)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.backbone = vision_backbone(model)
+
+    def forward(self, pixel_values):
+        hidden = self.backbone(pixel_values)[0]
+        pooler = self.backbone.pooler
+        return hidden, (pooler(hidden) if pooler is not None else hidden[:, 0])

@@ -4,9 +4,10 @@ fp32: the exported file and the source model run the same random inputs at two s
 (export/signature.py, validation_cases: for the GPT decoder a left-padded prompt with an
 empty past and a short continuation with a cache; for image-text towers batch 1 and a
 right-padded batch of 5; for a speech encoder one clip of a second and three right-padded
-clips of different lengths); every output tensor must agree within TOLERANCE, measured as
-max |exported - source| / max(1, max |source|) so that it is an absolute bound for values
-of order 1 and a relative one for larger logits. A failure names the worst tensor, the shape and the difference.
+clips of different lengths; for a vision backbone batch 1 and batch 5); every output tensor
+must agree within TOLERANCE, measured as max |exported - source| / max(1, max |source|) so
+that it is an absolute bound for values of order 1 and a relative one for larger logits. A
+failure names the worst tensor, the shape and the difference.
 
 int8: quantization changes the numbers by design, so the check is on what generation
 sees: top-1 agreement with the fp32 graph on held-out text and the change in perplexity
@@ -119,6 +120,34 @@ def speech_runner(model, graph: signature.GraphSignature):
         if "logits" in wanted:
             outputs["logits"] = model(values, mask)
         return {name: tensor.asnumpy() for name, tensor in outputs.items()}
+    return run
+
+
+def vision_runner(model, graph: signature.GraphSignature):
+    """``run(feeds) -> outputs`` of a vision model of either backend: the exported backbone
+    (signature.vision_backbone) run as the model runs it, its final hidden states and their
+    pooling as the model's ``forward`` pools (the pooler's output, else the CLS state)."""
+    from taichu.api import backend_of
+
+    backbone = signature.vision_backbone(model)
+
+    def outputs(hidden):
+        return hidden, backbone.pooler(hidden) if backbone.pooler is not None else hidden[:, 0]
+
+    if backend_of(model) == "torch":
+        import torch
+
+        def run(feeds):
+            with torch.no_grad():
+                hidden, pooled = outputs(backbone(torch.from_numpy(feeds["pixel_values"]))[0])
+            return {"last_hidden_state": hidden.numpy(), "pooler_output": pooled.numpy()}
+        return run
+
+    import mindspore as ms
+
+    def run(feeds):
+        hidden, pooled = outputs(backbone(ms.Tensor(feeds["pixel_values"]))[0])
+        return {"last_hidden_state": hidden.asnumpy(), "pooler_output": pooled.asnumpy()}
     return run
 
 
