@@ -8,15 +8,19 @@ torch_impl/vision.py. taichu/families/vision.py has the config and the choices.
                  layer's CLS attention probabilities and every layer's output
   DINOHead       MLP (GELU) -> L2-normalised bottleneck -> weight-normalised Linear to K
   guided_mask    the attention-guided mask of the student's global views
-  GlobalDecoder  feature pyramid from the student's patch tokens back to pixels
-  MST            student (backbone, head, decoder), teacher (EMA backbone + head), center
+  GlobalDecoder  feature pyramid from the student's patch tokens back to pixels (or to
+                 per-pixel class scores, objective segmentation)
+  MST            student (backbone, head, decoder), teacher (EMA backbone + head), center;
+                 or backbone alone; or backbone + decoder (segmentation)
 
 Training interface, called by the shared trainer (inputs example-major, as
 taichu.vision_data.ViewBatches makes them):
 - ``training_loss(model, global_views [B, 2, C, G, G], local_views [B, n, C, L, L],
-  mask_noise [B, 2, N])`` -> (loss, new_center [1, K]); plain tensor math with static
-  shapes, so it compiles in graph mode;
-- ``after_step(model, new_centers)`` after each optimizer update: the centre becomes the
+  mask_noise [B, 2, N])`` -> (loss, new_center [1, K]) for mst;
+  ``training_loss(model, pixel_values [B, C, G, G], labels [B, G, G])`` -> (loss,) for
+  segmentation (taichu.vision_data.SegmentBatches); plain tensor math with static shapes,
+  so it compiles in graph mode;
+- ``after_step(model, new_centers)`` after each optimizer update (mst): the centre becomes the
   mean of the micro-batches' (and ranks') new centres, the teacher moves towards the student
   with the cosine momentum of this update (one compiled graph, the momentum an input), and
   the update is counted.
@@ -36,9 +40,9 @@ from mindspore import nn, ops
 from mindspore.common.initializer import TruncatedNormal, initializer
 
 from taichu.families.vision import (NORMALIZE_EPS, VisionConfig, bicubic_matrix, check_views,
-                                    lateral_layers, teacher_momentum)
+                                    decoder_outputs, lateral_layers, teacher_momentum)
 from mindspore_impl.clip import Encoder, PatchEmbedding
-from mindspore_impl.gpt import BATCH_MATMUL_TRANSPOSE_B, GELU, Dense
+from mindspore_impl.gpt import BATCH_MATMUL_TRANSPOSE_B, GELU, Dense, cross_entropy
 
 
 # ----------------------------------------------------------------------------- backbone
@@ -281,12 +285,12 @@ class GlobalDecoder(nn.Cell):
         self.upsamples = nn.CellList([Upsample(channels[s], channels[min(s + 1, stages - 1)])
                                       for s in range(stages)])
         self.smooth = nn.CellList([_conv3x3(c, c) for c in channels[1:]])
-        self.out = _conv3x3(channels[-1], m.num_channels)
+        self.out = _conv3x3(channels[-1], decoder_outputs(m))
         self.act = GELU()
 
     def construct(self, layer_outputs, rows: int, cols: int):
         """layer_outputs: every encoder layer's raw output [b, 1 + rows * cols, hidden];
-        -> pixels [b, channels, rows * 2^S, cols * 2^S]."""
+        -> pixels [b, channels, rows * 2^S, cols * 2^S] (class scores for segmentation)."""
         x = self.laterals[0](layer_outputs[self.sources[0]], rows, cols)
         for s in range(1, self.num_stages):
             lateral = _upsample_nearest(self.laterals[s](layer_outputs[self.sources[s]], rows, cols), 2 ** s)
@@ -309,7 +313,8 @@ class Teacher(nn.Cell):
 
 class MST(nn.Cell):
     """Objective ``mst``: the student's ``backbone``, ``head``, ``decoder``; the ``teacher``;
-    the ``center`` and ``num_updates`` buffers. Objective ``backbone``: ``backbone`` only."""
+    the ``center`` and ``num_updates`` buffers. Objective ``backbone``: ``backbone`` only.
+    Objective ``segmentation``: ``backbone`` and ``decoder`` (to class scores)."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -336,6 +341,13 @@ class MST(nn.Cell):
             # resumed run goes on from where it was.
             self.num_updates = ms.Parameter(ms.Tensor(np.zeros(1, np.int64)), name="num_updates",
                                             requires_grad=False)
+        elif m.objective == "segmentation":
+            self.decoder = GlobalDecoder(config)
+            # The decoder reads the layers' raw outputs (each lateral has its LayerNorm), so
+            # the backbone's final LayerNorm gets no gradient: kept as loaded, not trained
+            # (an unused trainable tensor breaks data-parallel training).
+            for param in self.backbone.layer_norm.get_parameters():
+                param.requires_grad = False
         self._init_weights()
         if m.objective == "mst":
             for student, teacher in self.momentum_pairs():
@@ -386,6 +398,12 @@ class MST(nn.Cell):
         if self.backbone.pooler is not None:
             return hidden, self.backbone.pooler(hidden)
         return hidden, hidden[:, 0]
+
+    def segment(self, pixel_values):
+        """[batch, classes, height, width]: per-pixel class scores (objective segmentation)
+        from every patch token of every layer through the decoder."""
+        _, _, layers = self.backbone(pixel_values, None, False, True)
+        return self.decoder(layers, pixel_values.shape[2] // self.patch_size, pixel_values.shape[3] // self.patch_size)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -449,7 +467,25 @@ def loss_terms(model: MST, global_views, local_views, mask_noise) -> dict:
             "student_logits": student_logits, "pixels": pixels}
 
 
-def training_loss(model: MST, global_views, local_views, mask_noise):
+def segmentation_loss(model: MST, pixel_values, labels):
+    """(loss,): the mean over all pixels of the cross-entropy of the decoder's class scores
+    against ``labels`` [B, H, W] (class ids), in float32."""
+    logits = model.segment(pixel_values)
+    scores = logits.astype(ms.float32).transpose(0, 2, 3, 1).reshape(-1, logits.shape[1])
+    return (cross_entropy(scores, labels.reshape(-1)),)
+
+
+def training_loss(model: MST, *inputs):
+    """The objective's loss: mst_loss (global_views, local_views, mask_noise) or
+    segmentation_loss (pixel_values, labels)."""
+    if model.objective == "segmentation":
+        return segmentation_loss(model, *inputs)
+    if model.objective != "mst":
+        raise ValueError(f"a model of objective {model.objective} has no training loss")
+    return mst_loss(model, *inputs)
+
+
+def mst_loss(model: MST, global_views, local_views, mask_noise):
     """(loss, new_center [1, K]). loss = DINO distillation (teacher: the unmasked global
     views; student: the masked global views and the local views) + restore_weight * the
     mean L1 distance of the decoder's pixels to the global views. new_center = m * center +
@@ -457,8 +493,6 @@ def training_loss(model: MST, global_views, local_views, mask_noise):
     Inputs example-major: global_views [B, 2, C, G, G], local_views [B, n, C, L, L] (n may
     be 0, or None), mask_noise [B, 2, patches] uniform [0, 1). No input checks here (this
     runs inside a compiled graph): check_views, where batches are made."""
-    if model.objective != "mst":
-        raise ValueError("only a model of objective mst has a pretraining loss")
     terms = loss_terms(model, global_views, local_views, mask_noise)
     loss = terms["distillation"] + model.restore_weight * terms["restoring"]
     return loss, ops.stop_gradient(terms["new_center"])
@@ -491,11 +525,13 @@ def update_teacher(model: MST, momentum: float) -> None:
     _MOMENTUM_UPDATES[model](ms.Tensor(momentum, ms.float32))
 
 
-def after_step(model: MST, new_centers) -> None:
+def after_step(model: MST, new_centers=None) -> None:
     """After an optimizer update: the centre (the mean of the micro-batches' and ranks'
     new centres = the EMA with the global batch's mean, equal-sized micro-batches), the
     teacher's EMA with the momentum of this update's step (cosine over train.max_steps),
-    then count the update."""
+    then count the update. Nothing for the other objectives."""
+    if model.objective != "mst":
+        return
     d = model.config.model.distillation
     ops.assign(model.center, new_centers.astype(ms.float32).mean(axis=0, keep_dims=True))
     momentum = teacher_momentum(int(model.num_updates.asnumpy()[0]), model.config.train.max_steps,

@@ -170,10 +170,15 @@ def cmd_train(args) -> int:
                 "tokens": "validation perplexity"}[result.unit]
         if result.unit == "clips" and config.model.head == "ctc":
             what = "CTC loss"
+        segmentation = result.unit == "images" and config.model.objective == "segmentation"
+        if segmentation:
+            what = "per-pixel cross-entropy"
         after = {"pairs": f" (taichu eval {result.final_dir} for zero-shot accuracy and Recall@K)",
                  "clips": f" (taichu eval {result.final_dir} for error rates of a CTC model)",
                  "images": f" (taichu probe {result.final_dir} for frozen-feature accuracy)",
                  "tokens": f" (loss {result.val_loss:.4f})"}[result.unit]
+        if segmentation:
+            after = f" (taichu segment {result.final_dir} for mIoU)"
         start = f"{show(result.start_val_loss)} at step 0 -> " if result.start_val_loss is not None else ""
         print(f"held-out {what}: {start}{show(result.val_loss)}{after}")
     print(f"final model: {result.final_dir}; metrics: {Path(args.out) / 'metrics.jsonl'} "

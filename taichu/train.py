@@ -367,12 +367,19 @@ def _speech_data(config, init_dir, rank) -> TrainingData:
 
 def _vision_data(config, init_dir, rank) -> TrainingData:
     """Images from config.data (taichu.vision_data), split by image; multi-crop views and
-    masking noise drawn per (seed, step, image); no tokenizer."""
-    from taichu.vision_data import MultiCrop, ViewBatches, load_images
+    masking noise drawn per (seed, step, image) for pretraining, drawn scenes and their
+    per-pixel classes for segmentation; no tokenizer."""
+    from taichu.vision_data import SEGMENT_CLASSES, MultiCrop, SegmentBatches, ViewBatches, load_images
 
     data, m = config.data, config.model
     images = load_images(data.source, data.validation_fraction, data.split_seed,
                          scene_count=data.scene_count, scene_seed=data.scene_seed)
+    if m.objective == "segmentation":
+        if tuple(m.segmentation.classes) != SEGMENT_CLASSES:
+            raise ValueError(f"model.segmentation.classes {m.segmentation.classes}: the drawn scenes' "
+                             f"classes are {list(SEGMENT_CLASSES)}")
+        return TrainingData(None, SegmentBatches(images.train, m.image_size, config.train.seed),
+                            SegmentBatches(images.test, m.image_size, config.train.seed), "images", 1)
     crop = MultiCrop(m.image_size, m.crops.local_crop_size, m.crops.num_local_crops,
                      tuple(data.global_crop_scale), tuple(data.local_crop_scale))
     return TrainingData(None, ViewBatches(images.train, crop, m.num_patches, config.train.seed),
@@ -529,15 +536,20 @@ def _changed_fields(before: dict, after: dict, prefix: str = "") -> dict:
 
 
 def _load_init(model, config, init_config, init_dir: Path, verbose: bool) -> None:
-    """Load ``--init`` weights into ``model``: every tensor must match, except those under
-    the prefixes the family's ``fresh_on_init`` names for this pair of configs, which keep
-    their fresh initialisation (and are dropped from the init), said in the log."""
+    """Load ``--init`` weights into ``model``: every tensor must match (after the family's
+    ``init_arrays`` renaming, if it has one), except those under the prefixes the family's
+    ``fresh_on_init`` names for this pair of configs, which keep their fresh initialisation
+    (and are dropped from the init), said in the log."""
     from taichu.api import load_state_dict, state_dict
     from taichu.families import get_family
     from taichu.weights import load_safetensors
 
     arrays = load_safetensors(init_dir)
     family = get_family(config.family)
+    if family.init_arrays is not None:
+        arrays, taken = family.init_arrays(init_config, config, arrays)
+        if taken and verbose:
+            print(f"--init {init_dir}: {taken}")
     fresh = family.fresh_on_init(init_config, config) if family.fresh_on_init else ()
     if fresh:
         specs = family.tensor_specs(config)

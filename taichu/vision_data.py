@@ -32,7 +32,8 @@ import numpy as np
 from PIL import Image
 
 from taichu.images import CLIP_MEAN, CLIP_STD, _normalise, load_image
-from taichu.imagetext import SHAPES, ImageTextSet, Pair, _source_pairs, load_image_text, scene_class_map
+from taichu.imagetext import (SHAPES, ImageTextSet, Pair, _source_pairs, draw_scene, load_image_text,
+                              scene_class_map)
 
 SEGMENT_CLASSES = ("background", *SHAPES)   # scene_class_map's values, in order
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -178,3 +179,46 @@ class ViewBatches:
                 local_views[row] = locals_
             mask_noise[row] = rng.random((2, self.num_patches), dtype=np.float32)
         return {"global_views": global_views, "local_views": local_views, "mask_noise": mask_noise}
+
+
+class SegmentBatches:
+    """Batches of drawn scenes and their exact per-pixel classes (objective segmentation):
+    ``pixel_values`` float32 [B, 3, S, S] (the scene drawn at the model's image_size S,
+    normalised like the image towers) and ``labels`` int64 [B, S, S] (``SEGMENT_CLASSES``
+    ids, drawn at the same size: exact, no resized labels). A training batch
+    (``batch(indices, step)``) flips each scene and its labels horizontally with
+    probability 1/2 from ``default_rng([seed, step, index])``; evaluation (step None) does
+    not flip. Refuses pairs that are not drawn scenes (no per-pixel classes)."""
+
+    stochastic = True
+
+    def __init__(self, pairs: Sequence[Pair], image_size: int, seed: int = 0,
+                 mean: tuple = CLIP_MEAN, std: tuple = CLIP_STD):
+        pairs = list(pairs)
+        others = [p.key for p in pairs if p.scene is None]
+        if others:
+            raise ValueError(f"segmentation needs drawn scenes (data.source: scenes): {len(others)} image(s) "
+                             f"have no per-pixel classes, e.g. {others[0]}")
+        self.pairs, self.image_size, self.seed = pairs, int(image_size), int(seed)
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def item(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 [S, S, 3] pixels, uint8 [S, S] classes) of one scene, unflipped."""
+        scene = self.pairs[int(index)].scene
+        image = draw_scene(scene, self.image_size).convert("RGB")
+        return np.asarray(image, np.uint8), scene_class_map(scene, self.image_size)
+
+    def batch(self, indices, step: int | None = None) -> dict[str, np.ndarray]:
+        size = self.image_size
+        pixel_values = np.empty((len(indices), 3, size, size), np.float32)
+        labels = np.empty((len(indices), size, size), np.int64)
+        for row, i in enumerate(indices):
+            pixels, classes = self.item(i)
+            if step is not None and np.random.default_rng([self.seed, int(step), int(i)]).random() < 0.5:
+                pixels, classes = pixels[:, ::-1], classes[:, ::-1]
+            pixel_values[row] = _normalise(pixels, self.mean, self.std)
+            labels[row] = classes
+        return {"pixel_values": pixel_values, "labels": labels}

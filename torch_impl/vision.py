@@ -8,14 +8,18 @@ mindspore_impl/vision.py. taichu/families/vision.py has the config and the choic
                  layer's CLS attention probabilities and every layer's output
   DINOHead       MLP (GELU) -> L2-normalised bottleneck -> weight-normalised Linear to K
   guided_mask    the attention-guided mask of the student's global views
-  GlobalDecoder  feature pyramid from the student's patch tokens back to pixels
-  MST            student (backbone, head, decoder), teacher (EMA backbone + head), center
+  GlobalDecoder  feature pyramid from the student's patch tokens back to pixels (or to
+                 per-pixel class scores, objective segmentation)
+  MST            student (backbone, head, decoder), teacher (EMA backbone + head), center;
+                 or backbone alone; or backbone + decoder (segmentation)
 
 Training interface, called by the shared trainer (inputs example-major, as
 taichu.vision_data.ViewBatches makes them):
 - ``training_loss(model, global_views [B, 2, C, G, G], local_views [B, n, C, L, L],
-  mask_noise [B, 2, N])`` -> (loss, new_center [1, K]);
-- ``after_step(model, new_centers)`` after each optimizer update: the centre becomes the
+  mask_noise [B, 2, N])`` -> (loss, new_center [1, K]) for mst;
+  ``training_loss(model, pixel_values [B, C, G, G], labels [B, G, G])`` -> (loss,) for
+  segmentation (taichu.vision_data.SegmentBatches);
+- ``after_step(model, new_centers)`` after each optimizer update (mst): the centre becomes the
   mean of the micro-batches' (and ranks') new centres, the teacher moves towards the student
   with the cosine momentum of this update, and the update is counted.
 State_dict names here are the project's canonical weight names.
@@ -29,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from taichu.families.vision import (NORMALIZE_EPS, VisionConfig, bicubic_matrix, check_views,
-                                    lateral_layers, teacher_momentum)
+                                    decoder_outputs, lateral_layers, teacher_momentum)
 from torch_impl.clip import Encoder
 
 
@@ -252,12 +256,12 @@ class GlobalDecoder(nn.Module):
         self.upsamples = nn.ModuleList([Upsample(channels[s], channels[min(s + 1, stages - 1)])
                                         for s in range(stages)])
         self.smooth = nn.ModuleList([nn.Conv2d(c, c, kernel_size=3, padding=1) for c in channels[1:]])
-        self.out = nn.Conv2d(channels[-1], m.num_channels, kernel_size=3, padding=1)
+        self.out = nn.Conv2d(channels[-1], decoder_outputs(m), kernel_size=3, padding=1)
         self.act = nn.GELU(approximate="none")
 
     def forward(self, layer_outputs, rows: int, cols: int):
         """layer_outputs: every encoder layer's raw output [b, 1 + rows * cols, hidden];
-        -> pixels [b, channels, rows * 2^S, cols * 2^S]."""
+        -> pixels [b, channels, rows * 2^S, cols * 2^S] (class scores for segmentation)."""
         x = self.laterals[0](layer_outputs[self.sources[0]], rows, cols)
         for s in range(1, len(self.laterals)):
             lateral = _upsample_nearest(self.laterals[s](layer_outputs[self.sources[s]], rows, cols), 2 ** s)
@@ -280,7 +284,8 @@ class Teacher(nn.Module):
 
 class MST(nn.Module):
     """Objective ``mst``: the student's ``backbone``, ``head``, ``decoder``; the ``teacher``;
-    the ``center`` and ``num_updates`` buffers. Objective ``backbone``: ``backbone`` only."""
+    the ``center`` and ``num_updates`` buffers. Objective ``backbone``: ``backbone`` only.
+    Objective ``segmentation``: ``backbone`` and ``decoder`` (to class scores)."""
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -305,6 +310,12 @@ class MST(nn.Module):
             # Optimizer updates so far: the teacher momentum schedule's step, saved so a
             # resumed run goes on from where it was.
             self.register_buffer("num_updates", torch.zeros(1, dtype=torch.int64))
+        elif m.objective == "segmentation":
+            self.decoder = GlobalDecoder(config)
+            # The decoder reads the layers' raw outputs (each lateral has its LayerNorm), so
+            # the backbone's final LayerNorm gets no gradient: kept as loaded, not trained
+            # (an unused trainable tensor breaks data-parallel training).
+            self.backbone.layer_norm.requires_grad_(False)
         self._init_weights()
         if m.objective == "mst":
             with torch.no_grad():
@@ -350,6 +361,12 @@ class MST(nn.Module):
         hidden = self.backbone(pixel_values)[0]
         pooler = self.backbone.pooler
         return hidden, (pooler(hidden) if pooler is not None else hidden[:, 0])
+
+    def segment(self, pixel_values):
+        """[batch, classes, height, width]: per-pixel class scores (objective segmentation)
+        from every patch token of every layer through the decoder."""
+        _, _, layers = self.backbone(pixel_values, with_layers=True)
+        return self.decoder(layers, pixel_values.shape[2] // self.patch_size, pixel_values.shape[3] // self.patch_size)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -414,7 +431,25 @@ def loss_terms(model: MST, global_views, local_views, mask_noise) -> dict:
             "student_logits": student_logits, "pixels": pixels}
 
 
-def training_loss(model: MST, global_views, local_views, mask_noise):
+def segmentation_loss(model: MST, pixel_values, labels):
+    """(loss,): the mean over all pixels of the cross-entropy of the decoder's class scores
+    against ``labels`` [B, H, W] (class ids), in float32."""
+    logits = model.segment(pixel_values)
+    scores = logits.float().permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+    return (F.cross_entropy(scores, labels.reshape(-1).long()),)
+
+
+def training_loss(model: MST, *inputs):
+    """The objective's loss: mst_loss (global_views, local_views, mask_noise) or
+    segmentation_loss (pixel_values, labels)."""
+    if model.objective == "segmentation":
+        return segmentation_loss(model, *inputs)
+    if model.objective != "mst":
+        raise ValueError(f"a model of objective {model.objective} has no training loss")
+    return mst_loss(model, *inputs)
+
+
+def mst_loss(model: MST, global_views, local_views, mask_noise):
     """(loss, new_center [1, K]). loss = DINO distillation (teacher: the unmasked global
     views; student: the masked global views and the local views) + restore_weight * the
     mean L1 distance of the decoder's pixels to the global views. new_center = m * center +
@@ -422,8 +457,6 @@ def training_loss(model: MST, global_views, local_views, mask_noise):
     Inputs example-major: global_views [B, 2, C, G, G], local_views [B, n, C, L, L] (n may
     be 0, or None), mask_noise [B, 2, patches] uniform [0, 1). No input checks here (the
     MindSpore mirror runs inside a compiled graph): check_views, where batches are made."""
-    if model.objective != "mst":
-        raise ValueError("only a model of objective mst has a pretraining loss")
     terms = loss_terms(model, global_views, local_views, mask_noise)
     loss = terms["distillation"] + model.restore_weight * terms["restoring"]
     return loss, terms["new_center"].detach()
@@ -437,11 +470,13 @@ def update_teacher(model: MST, momentum: float) -> None:
 
 
 @torch.no_grad()
-def after_step(model: MST, new_centers) -> None:
+def after_step(model: MST, new_centers=None) -> None:
     """After an optimizer update: the centre (the mean of the micro-batches' and ranks'
     new centres = the EMA with the global batch's mean, equal-sized micro-batches), the
     teacher's EMA with the momentum of this update's step (cosine over train.max_steps),
-    then count the update."""
+    then count the update. Nothing for the other objectives."""
+    if model.objective != "mst":
+        return
     d = model.config.model.distillation
     model.center.copy_(new_centers.float().mean(dim=0, keepdim=True))
     momentum = teacher_momentum(int(model.num_updates[0]), model.config.train.max_steps,

@@ -45,6 +45,11 @@ class Family:
     # (init config, run config) -> name prefixes that ``taichu train --init`` leaves freshly
     # initialised instead of loading (a head the init model does not have); None: none.
     fresh_on_init: Callable[[Any, Any], tuple[str, ...]] | None = None
+    # (init config, run config, init arrays) -> (the arrays as the run names them, a line
+    # for the log or ""): ``taichu train --init`` from a model whose tensors the run takes
+    # under other names (a pretrained vision model's teacher backbone as the backbone of a
+    # segmentation model); applied before fresh_on_init. None: names are kept.
+    init_arrays: Callable[[Any, Any, dict], tuple[dict, str]] | None = None
 
 
 _FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt", "clip": "taichu.families.clip",

@@ -16,6 +16,11 @@ patch tokens (L1 loss).
   ``num_updates`` (optimizer updates so far: the teacher momentum schedule's step).
 - ``backbone``: the ViT alone (``backbone.*``, with an optional pooler): what Hugging Face
   ``ViTModel`` is (taichu/convert/hf_vit.py) and what downstream tasks start from.
+- ``segmentation``: the ViT and the global decoder (``backbone.*``, ``decoder.*``) with the
+  decoder's output convolution predicting ``len(segmentation.classes)`` class scores per
+  pixel instead of the pixels (per-pixel cross-entropy): MST's dense downstream task,
+  fine-tuned from a pretrained model by ``taichu segment`` (the teacher's backbone and the
+  student's decoder, ``init_arrays``) or trained from scratch.
 
 The backbone is the architecture of Hugging Face ``ViTModel`` (patch Conv2d with bias, CLS
 token, learned positions, pre-LN layers, final LayerNorm, optional pooler = tanh(dense(CLS)))
@@ -118,6 +123,13 @@ class CropsConfig(Section):
     local_crop_size: StrictInt = Field(96, gt=0)
 
 
+class SegmentationConfig(Section):
+    """Objective ``segmentation``: the per-pixel classes, in the order of the labels' ids.
+    The drawn scenes' (taichu.vision_data.SEGMENT_CLASSES) by default."""
+
+    classes: list[str] = Field(default_factory=lambda: ["background", "圆形", "正方形", "三角形"], min_length=2)
+
+
 class VisionDataConfig(Section):
     """Where the images come from (taichu.vision_data.load_images) and how they are cropped
     (taichu.vision_data.MultiCrop: the sizes and the number of views are the model's)."""
@@ -135,7 +147,7 @@ class VisionDataConfig(Section):
 
 
 class VisionModelConfig(TransformerSize):
-    objective: Literal["mst", "backbone"] = "mst"
+    objective: Literal["mst", "backbone", "segmentation"] = "mst"
     # The ViT backbone (Hugging Face ViTModel's architecture).
     image_size: StrictInt = Field(gt=0)
     patch_size: StrictInt = Field(gt=0)
@@ -156,6 +168,7 @@ class VisionModelConfig(TransformerSize):
     distillation: DistillationConfig = DistillationConfig()
     decoder: DecoderConfig = DecoderConfig()
     crops: CropsConfig = CropsConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
 
     @property
     def grid(self) -> int:
@@ -177,10 +190,10 @@ class VisionModelConfig(TransformerSize):
     def _consistent(self) -> "VisionModelConfig":
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not divisible by patch_size {self.patch_size}")
-        if self.objective == "mst":
-            if self.crops.local_crop_size % self.patch_size:
-                raise ValueError(f"crops.local_crop_size {self.crops.local_crop_size} is not divisible "
-                                 f"by patch_size {self.patch_size}")
+        if self.objective == "mst" and self.crops.local_crop_size % self.patch_size:
+            raise ValueError(f"crops.local_crop_size {self.crops.local_crop_size} is not divisible "
+                             f"by patch_size {self.patch_size}")
+        if self.objective != "backbone":   # the models with the decoder
             if self.patch_size < 2 or self.patch_size & (self.patch_size - 1):
                 raise ValueError(f"patch_size {self.patch_size}: the decoder doubles the resolution per "
                                  "pyramid level, so the patch size must be a power of 2 (>= 2)")
@@ -189,11 +202,15 @@ class VisionModelConfig(TransformerSize):
                                  f"{self.patch_size} needs log2 = {self.num_stages} pyramid levels")
             if any(c <= 0 for c in self.decoder.channels):
                 raise ValueError("decoder.channels entries must be positive")
+            # An unused trainable layer breaks data-parallel training.
             if self.pooler:
-                raise ValueError("pooler: MST trains no pooler (an unused trainable layer breaks data-"
-                                 "parallel training); use it with objective backbone")
-            if self.masking.mask != "none" and not self.mask_token:
-                raise ValueError(f"masking.mask {self.masking.mask} needs mask_token: true")
+                raise ValueError(f"pooler: objective {self.objective} trains no pooler (an unused trainable "
+                                 "layer breaks data-parallel training); use it with objective backbone")
+        if self.objective == "mst" and self.masking.mask != "none" and not self.mask_token:
+            raise ValueError(f"masking.mask {self.masking.mask} needs mask_token: true")
+        if self.objective == "segmentation" and self.mask_token:
+            raise ValueError("mask_token: segmentation masks no patch (an unused trainable tensor breaks "
+                             "data-parallel training); set model.mask_token: false")
         return self
 
 
@@ -255,15 +272,23 @@ def decoder_specs(prefix: str, m: VisionModelConfig) -> dict[str, TensorSpec]:
     for s in range(1, stages):
         specs[f"{prefix}.smooth.{s - 1}.weight"] = TensorSpec((channels[s], channels[s], 3, 3), "conv2d")
         specs[f"{prefix}.smooth.{s - 1}.bias"] = TensorSpec((channels[s],), "conv2d")
-    specs[f"{prefix}.out.weight"] = TensorSpec((m.num_channels, channels[-1], 3, 3), "conv2d")
-    specs[f"{prefix}.out.bias"] = TensorSpec((m.num_channels,), "conv2d")
+    outputs = decoder_outputs(m)
+    specs[f"{prefix}.out.weight"] = TensorSpec((outputs, channels[-1], 3, 3), "conv2d")
+    specs[f"{prefix}.out.bias"] = TensorSpec((outputs,), "conv2d")
     return specs
+
+
+def decoder_outputs(m: VisionModelConfig) -> int:
+    """Channels of the decoder's output: the pixels' (mst) or the class scores (segmentation)."""
+    return len(m.segmentation.classes) if m.objective == "segmentation" else m.num_channels
 
 
 def tensor_specs(config: VisionConfig) -> dict[str, TensorSpec]:
     m = config.model
     if m.objective == "backbone":
         return backbone_specs("backbone", m)
+    if m.objective == "segmentation":
+        return {**backbone_specs("backbone", m), **decoder_specs("decoder", m)}
     # State_dict order of torch_impl.vision.MST: its buffers first, then its modules.
     specs = {"center": TensorSpec((1, m.head.num_prototypes), "parameter"),
              "num_updates": TensorSpec((1,), "parameter")}   # int64
@@ -275,10 +300,37 @@ def tensor_specs(config: VisionConfig) -> dict[str, TensorSpec]:
     return specs
 
 
+def init_arrays(init: VisionConfig, run: VisionConfig, arrays: dict) -> tuple[dict, str]:
+    """``taichu train --init`` from a pretraining (mst) model into a backbone or segmentation
+    model: the teacher's backbone becomes the backbone (the encoder DINO and MST evaluate
+    and fine-tune, and what the Hugging Face conversion writes), a segmentation model also
+    takes the student's decoder; the student's backbone, both heads, the centre and the
+    counter are not used."""
+    if init.model.objective != "mst" or run.model.objective == "mst":
+        return arrays, ""
+    taken = {name[len("teacher."):]: array for name, array in arrays.items() if name.startswith("teacher.backbone.")}
+    if run.model.objective == "segmentation":
+        taken.update({name: array for name, array in arrays.items() if name.startswith("decoder.")})
+    unused = sorted({name.split(".")[0] for name in arrays if name not in taken and not name.startswith("teacher.")}
+                    - {"backbone"}) + ["the student's backbone", "teacher.head"]
+    decoder = " and the student's decoder.*" if run.model.objective == "segmentation" else ""
+    return taken, (f"the pretraining model's teacher.backbone.* as backbone.*{decoder}; not used: "
+                   f"{', '.join(unused)}")
+
+
 def fresh_on_init(init: VisionConfig, run: VisionConfig) -> tuple[str, ...]:
-    """``taichu train --init`` from a model of the other objective: what only the run has
-    starts new (a pooler the pretraining model lacks)."""
-    return ("backbone.pooler.",) if run.model.pooler and not init.model.pooler else ()
+    """``taichu train --init`` from a model of another objective: what only the run has
+    starts new (a pooler the pretraining model lacks, the class-score output of a
+    segmentation decoder that was a pixel decoder), and the init's mask token is dropped
+    where the run has none."""
+    fresh = []
+    if run.model.pooler and not init.model.pooler:
+        fresh.append("backbone.pooler.")
+    if init.model.mask_token and not run.model.mask_token:
+        fresh.append("backbone.embeddings.mask_token")
+    if run.model.objective == "segmentation" and init.model.objective != "segmentation":
+        fresh.append("decoder.out.")
+    return tuple(fresh)
 
 
 def describe(config: VisionConfig) -> dict:
@@ -305,12 +357,15 @@ def describe(config: VisionConfig) -> dict:
                            if k.mask != "none" else "none")
         info["crops"] = (f"2 global {m.image_size}px + {m.crops.num_local_crops} local "
                          f"{m.crops.local_crop_size}px")
+    if m.objective == "segmentation":
+        info["decoder"] = (f"feature pyramid {m.decoder.channels} to {len(m.segmentation.classes)} classes "
+                           f"({', '.join(m.segmentation.classes)}) per pixel ({counts['decoder']:,} parameters)")
     return info
 
 
 FAMILY = Family(name="vision", module="vision", class_name="MST", config_class=VisionConfig,
                 tensor_specs=tensor_specs, describe=describe, task="vision",
-                fresh_on_init=fresh_on_init)
+                fresh_on_init=fresh_on_init, init_arrays=init_arrays)
 
 
 # ----------------------------------------------------------------------------- shared math
