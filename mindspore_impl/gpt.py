@@ -317,8 +317,13 @@ def cross_entropy(logits, labels):
     """
     labels = labels.astype(ms.int32)
     weight = ops.ones(logits.shape[-1], logits.dtype)
-    losses = _NLL_LOSS(ops.log_softmax(logits, -1), labels, weight)[0]
-    return losses.mean() / (labels != IGNORE_INDEX).astype(losses.dtype).mean()
+    # Ignored rows are given label 0 and their loss multiplied by 0, not left to NLLLoss's
+    # ignore_index: the CPU kernel does not write the ignored rows' losses, which then hold
+    # whatever the reused buffer held (1.0 in PyNative, -inf in a compiled DALL-E loss).
+    keep = labels != IGNORE_INDEX
+    losses = _NLL_LOSS(ops.log_softmax(logits, -1), labels * keep.astype(ms.int32), weight)[0]
+    keep = keep.astype(losses.dtype)
+    return (losses * keep).mean() / keep.mean()
 
 
 def _default_position_ids(attention_mask, batch, length, past_length):
