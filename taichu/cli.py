@@ -170,7 +170,7 @@ def cmd_train(args) -> int:
                 "tokens": "validation perplexity"}[result.unit]
         if result.unit == "clips" and config.model.head == "ctc":
             what = "CTC loss"
-        segmentation = result.unit == "images" and config.model.objective == "segmentation"
+        segmentation = result.unit == "images" and getattr(config.model, "objective", None) == "segmentation"
         if segmentation:
             what = "per-pixel cross-entropy"
         after = {"pairs": f" (taichu eval {result.final_dir} for zero-shot accuracy and Recall@K)",
@@ -179,6 +179,9 @@ def cmd_train(args) -> int:
                  "tokens": f" (loss {result.val_loss:.4f})"}[result.unit]
         if segmentation:
             after = f" (taichu segment {result.final_dir} for mIoU)"
+        if config.family == "vqvae":
+            what = "reconstruction + commitment loss (normalised pixels)"
+            after = " (taichu.image_tokens.reconstruction_report for PSNR and codebook usage)"
         start = f"{show(result.start_val_loss)} at step 0 -> " if result.start_val_loss is not None else ""
         print(f"held-out {what}: {start}{show(result.val_loss)}{after}")
     print(f"final model: {result.final_dir}; metrics: {Path(args.out) / 'metrics.jsonl'} "

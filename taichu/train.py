@@ -386,8 +386,19 @@ def _vision_data(config, init_dir, rank) -> TrainingData:
                         ViewBatches(images.test, crop, m.num_patches, config.train.seed), "images", 1)
 
 
+def _image_tokenizer_data(config, init_dir, rank) -> TrainingData:
+    """Images from config.data drawn or resized to the model's size, split by image; flips
+    and dead-code restart draws per (seed, step, image) (taichu.image_tokens); no tokenizer."""
+    from taichu.image_tokens import ImageBatches, load_split
+
+    data, seed = config.data, config.train.seed
+    images = load_split(config)
+    return TrainingData(None, ImageBatches(images.train, config, seed, data.flip),
+                        ImageBatches(images.test, config, seed, False), "images", 1)
+
+
 TASK_DATA = {"language_model": _language_model_data, "image_text": _image_text_data,
-             "speech": _speech_data, "vision": _vision_data}
+             "speech": _speech_data, "vision": _vision_data, "image_tokenizer": _image_tokenizer_data}
 
 
 def _evaluate(trainer, dataset, train) -> float:

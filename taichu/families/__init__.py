@@ -55,7 +55,8 @@ class Family:
 _FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt", "clip": "taichu.families.clip",
                              "brivl": "taichu.families.brivl",
                              "wav2vec2": "taichu.families.wav2vec2",
-                             "vision": "taichu.families.vision"}
+                             "vision": "taichu.families.vision",
+                             "vqvae": "taichu.families.vqvae"}
 BACKENDS = ("mindspore", "torch")
 
 
