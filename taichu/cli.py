@@ -182,6 +182,9 @@ def cmd_train(args) -> int:
         if config.family == "vqvae":
             what = "reconstruction + commitment loss (normalised pixels)"
             after = " (taichu.image_tokens.reconstruction_report for PSNR and codebook usage)"
+        if config.family == "dalle":
+            what = "next-token cross-entropy (text and image parts, weighted as model.*_loss_weight)"
+            after = ""
         start = f"{show(result.start_val_loss)} at step 0 -> " if result.start_val_loss is not None else ""
         print(f"held-out {what}: {start}{show(result.val_loss)}{after}")
     print(f"final model: {result.final_dir}; metrics: {Path(args.out) / 'metrics.jsonl'} "

@@ -397,8 +397,28 @@ def _image_tokenizer_data(config, init_dir, rank) -> TrainingData:
                         ImageBatches(images.test, config, seed, False), "images", 1)
 
 
+def _text_to_image_data(config, init_dir, rank) -> TrainingData:
+    """Captions and their images' codes (taichu.dalle_data: encoded once by the image
+    tokenizer in data.image_tokenizer, cached), split as the image-text families split the
+    pairs; the tokenizer learns the tokenizer corpus plus the training captions."""
+    from taichu.config import DataConfig
+    from taichu.corpus import load_corpus
+    from taichu.dalle_data import CaptionCodeBatches, load_caption_codes
+    from taichu.imagetext import caption_texts
+
+    data = load_caption_codes(config, rank)
+    corpus = load_corpus(DataConfig(corpus=config.data.tokenizer_corpus))
+    fingerprint = hashlib.sha256(f"{corpus.fingerprint}:{data.fingerprint}".encode()).hexdigest()
+    tokenizer = _tokenizer_for(config, corpus.train + list(caption_texts(data.train)), fingerprint,
+                               f"{corpus.name}+{data.name}", init_dir, rank)
+    length = config.model.text_length
+    return TrainingData(tokenizer, CaptionCodeBatches(data.train, data.train_codes, tokenizer, length),
+                        CaptionCodeBatches(data.test, data.test_codes, tokenizer, length), "pairs", 1)
+
+
 TASK_DATA = {"language_model": _language_model_data, "image_text": _image_text_data,
-             "speech": _speech_data, "vision": _vision_data, "image_tokenizer": _image_tokenizer_data}
+             "speech": _speech_data, "vision": _vision_data, "image_tokenizer": _image_tokenizer_data,
+             "text_to_image": _text_to_image_data}
 
 
 def _evaluate(trainer, dataset, train) -> float:

@@ -56,7 +56,8 @@ _FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt", "clip": "taichu.famil
                              "brivl": "taichu.families.brivl",
                              "wav2vec2": "taichu.families.wav2vec2",
                              "vision": "taichu.families.vision",
-                             "vqvae": "taichu.families.vqvae"}
+                             "vqvae": "taichu.families.vqvae",
+                             "dalle": "taichu.families.dalle"}
 BACKENDS = ("mindspore", "torch")
 
 

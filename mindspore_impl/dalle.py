@@ -1,0 +1,127 @@
+"""DALL-E in MindSpore (design.md §2.4, taichu/families/dalle.py), mirrored by
+torch_impl/dalle.py.
+
+A decoder over [text ; image codes] made of the GPT's blocks (mindspore_impl/gpt.py: Block,
+causal_attention_bias and the per-layer (key, value) cache), with its own embeddings (text
+tokens + text positions; image codes + row + column) and two heads (text vocabulary, image
+codebook). Attribute paths equal the PyTorch module's; canonical names differ only in the
+leaves (embedding_table, gamma/beta), mapped in taichu/weights.py.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from taichu.families.dalle import DalleConfig, check_inputs, loss_weights
+from mindspore_impl.gpt import GPT, IGNORE_INDEX, Block, Dense, causal_attention_bias, cross_entropy
+
+
+class DALLE(nn.Cell):
+    def __init__(self, config: DalleConfig):
+        super().__init__()
+        m = config.model
+        self.config = config
+        self.text_length = m.text_length
+        self.image_grid = m.image_grid
+        # What training_loss reads (plain numbers: MindSpore's graph mode compiles it).
+        self.pad_id = config.tokenizer.special_tokens.pad_id
+        self.text_weight, self.image_weight = loss_weights(config)
+        self.embed_text = nn.Embedding(m.vocab_size, m.hidden_size)
+        self.embed_text_positions = nn.Embedding(m.text_length, m.hidden_size)
+        self.embed_image = nn.Embedding(m.codebook_size, m.hidden_size)
+        self.embed_image_rows = nn.Embedding(m.image_grid, m.hidden_size)
+        self.embed_image_cols = nn.Embedding(m.image_grid, m.hidden_size)
+        self.dropout = nn.Dropout(p=m.dropout)
+        self.layers = nn.CellList([Block(config) for _ in range(m.num_layers)])
+        self.ln_f = nn.LayerNorm((m.hidden_size,), epsilon=m.layer_norm_eps)
+        # MindSpore idiom: the project's Dense (bias by Add, 2-D MatMul), as in the GPT.
+        self.text_head = Dense(m.hidden_size, m.vocab_size, has_bias=False)
+        self.image_head = Dense(m.hidden_size, m.codebook_size, has_bias=False)
+        self._init_weights()
+
+    # The GPT's initialisation (N(0, initializer_range), residual projections scaled by
+    # 1/sqrt(2 layers), zero biases) over this cell's Dense and Embedding layers.
+    _init_weights = GPT._init_weights
+
+    def text_embeddings(self, input_ids):
+        """[B, text_length, hidden]: token + position embeddings of the whole text."""
+        positions = ops.arange(0, input_ids.shape[1], dtype=ms.int32)
+        return self.embed_text(input_ids) + self.embed_text_positions(positions)
+
+    def image_embeddings(self, image_codes, start=0):
+        """[B, m, hidden]: code + row + column embeddings of image tokens start .. start + m - 1
+        (row-major over the grid)."""
+        index = ops.arange(start, start + image_codes.shape[1], dtype=ms.int32)
+        rows = index // self.image_grid
+        cols = index - rows * self.image_grid
+        return self.embed_image(image_codes) + self.embed_image_rows(rows) + self.embed_image_cols(cols)
+
+    def __call__(self, input_ids=None, image_codes=None, past_key_values=None, use_cache=False):
+        # Value checks run here, outside construct: graph mode cannot raise on tensor values.
+        past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        check_inputs(self.config, _shape(input_ids), _range(input_ids), _shape(image_codes),
+                     _range(image_codes), past_length)
+        return super().__call__(input_ids, image_codes, past_key_values, use_cache)
+
+    def construct(self, input_ids=None, image_codes=None, past_key_values=None, use_cache=False):
+        """(text_logits, image_logits), with use_cache also the per-layer (key, value).
+
+        Without a past: input_ids [B, text_length] (the whole text) and image_codes [B, n]
+        (the first n codes, n >= 0; None for n = 0) -> text_logits [B, text_length - 1,
+        vocab_size] (position i predicts text token i + 1) and image_logits [B, n + 1,
+        codebook_size] (the last text position and each code predict the next code).
+        With a past covering the text and j codes: input_ids None, image_codes [B, m] (codes
+        j .. j + m - 1) -> (None, image_logits [B, m, codebook_size]).
+        """
+        past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if input_ids is None:
+            x = self.image_embeddings(image_codes, past_length - self.text_length)
+        elif image_codes is None:
+            x = self.text_embeddings(input_ids)
+        else:
+            x = ops.cat((self.text_embeddings(input_ids), self.image_embeddings(image_codes)), axis=1)
+        x = self.dropout(x)
+        batch, length = x.shape[:2]
+        attention_bias = causal_attention_bias(None, batch, length, past_length, x.dtype)
+        presents = ()
+        for i in range(len(self.layers)):
+            past = None if past_key_values is None else past_key_values[i]
+            x, present = self.layers[i](x, attention_bias, past)
+            presents = presents + (present,)
+        hidden = self.ln_f(x)
+        if input_ids is not None:
+            split = self.text_length - 1
+            logits = (self.text_head(hidden[:, :split]), self.image_head(hidden[:, split:]))
+        else:
+            logits = (None, self.image_head(hidden))
+        if use_cache:
+            return logits + (presents,)
+        return logits
+
+
+def training_loss(model, input_ids, image_codes):
+    """The weighted mean of the text and image next-token cross-entropies (fp32) of
+    captions input_ids [B, text_length] (pads ignored as targets) and their codes
+    image_codes [B, image_grid ** 2]; returns (loss,)."""
+    text_logits, image_logits = model(input_ids, image_codes[:, :-1])
+    pad_id = model.pad_id
+    targets = input_ids[:, 1:]
+    # MindSpore idiom: masked_fill written as arithmetic on the int32 ids (one fused
+    # element-wise kernel on CPU); the same ids as torch's masked_fill.
+    targets = targets - (targets - IGNORE_INDEX) * (targets == pad_id).astype(targets.dtype)
+    text_loss = cross_entropy(text_logits.reshape(-1, text_logits.shape[-1]).astype(ms.float32),
+                              targets.reshape(-1))
+    image_loss = cross_entropy(image_logits.reshape(-1, image_logits.shape[-1]).astype(ms.float32),
+                               image_codes.reshape(-1))
+    return (model.text_weight * text_loss + model.image_weight * image_loss,)
+
+
+def _shape(x):
+    return None if x is None else tuple(x.shape)
+
+
+def _range(x):
+    if x is None or x.size == 0:
+        return None
+    values = x.asnumpy()
+    return int(values.min()), int(values.max())

@@ -1,0 +1,120 @@
+"""DALL-E in PyTorch (design.md §2.4, taichu/families/dalle.py), mirrored by
+mindspore_impl/dalle.py.
+
+A decoder over [text ; image codes] made of the GPT's blocks (torch_impl/gpt.py: Block,
+causal_attention_bias and the per-layer (key, value) cache), with its own embeddings (text
+tokens + text positions; image codes + row + column) and two heads (text vocabulary, image
+codebook). State_dict names are the canonical weight names.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from taichu.families.dalle import DalleConfig, check_inputs, loss_weights
+from torch_impl.gpt import GPT, Block, causal_attention_bias
+
+# Targets equal to this are left out of a cross-entropy's mean (F.cross_entropy's default).
+IGNORE_INDEX = -100
+
+
+class DALLE(nn.Module):
+    def __init__(self, config: DalleConfig):
+        super().__init__()
+        m = config.model
+        self.config = config
+        self.text_length = m.text_length
+        self.image_grid = m.image_grid
+        # What training_loss reads (plain numbers: MindSpore's graph mode compiles it).
+        self.pad_id = config.tokenizer.special_tokens.pad_id
+        self.text_weight, self.image_weight = loss_weights(config)
+        self.embed_text = nn.Embedding(m.vocab_size, m.hidden_size)
+        self.embed_text_positions = nn.Embedding(m.text_length, m.hidden_size)
+        self.embed_image = nn.Embedding(m.codebook_size, m.hidden_size)
+        self.embed_image_rows = nn.Embedding(m.image_grid, m.hidden_size)
+        self.embed_image_cols = nn.Embedding(m.image_grid, m.hidden_size)
+        self.dropout = nn.Dropout(m.dropout)
+        self.layers = nn.ModuleList([Block(config) for _ in range(m.num_layers)])
+        self.ln_f = nn.LayerNorm(m.hidden_size, eps=m.layer_norm_eps)
+        self.text_head = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
+        self.image_head = nn.Linear(m.hidden_size, m.codebook_size, bias=False)
+        self._init_weights()
+
+    # The GPT's initialisation (N(0, initializer_range), residual projections scaled by
+    # 1/sqrt(2 layers), zero biases) over this module's Linear and Embedding layers.
+    _init_weights = GPT._init_weights
+
+    def text_embeddings(self, input_ids):
+        """[B, text_length, hidden]: token + position embeddings of the whole text."""
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.embed_text(input_ids) + self.embed_text_positions(positions)
+
+    def image_embeddings(self, image_codes, start: int = 0):
+        """[B, m, hidden]: code + row + column embeddings of image tokens start .. start + m - 1
+        (row-major over the grid)."""
+        index = torch.arange(start, start + image_codes.shape[1], device=image_codes.device)
+        rows = torch.div(index, self.image_grid, rounding_mode="floor")
+        cols = index - rows * self.image_grid
+        return self.embed_image(image_codes) + self.embed_image_rows(rows) + self.embed_image_cols(cols)
+
+    def forward(self, input_ids=None, image_codes=None, past_key_values=None, use_cache=False):
+        """(text_logits, image_logits), with use_cache also the per-layer (key, value).
+
+        Without a past: input_ids [B, text_length] (the whole text) and image_codes [B, n]
+        (the first n codes, n >= 0; None for n = 0) -> text_logits [B, text_length - 1,
+        vocab_size] (position i predicts text token i + 1) and image_logits [B, n + 1,
+        codebook_size] (the last text position and each code predict the next code).
+        With a past covering the text and j codes: input_ids None, image_codes [B, m] (codes
+        j .. j + m - 1) -> (None, image_logits [B, m, codebook_size]).
+        """
+        past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+        if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            check_inputs(self.config, _shape(input_ids), _range(input_ids), _shape(image_codes),
+                         _range(image_codes), past_length)
+        if input_ids is None:
+            x = self.image_embeddings(image_codes, past_length - self.text_length)
+        elif image_codes is None:
+            x = self.text_embeddings(input_ids)
+        else:
+            x = torch.cat((self.text_embeddings(input_ids), self.image_embeddings(image_codes)), dim=1)
+        x = self.dropout(x)
+        batch, length = x.shape[:2]
+        attention_bias = causal_attention_bias(None, batch, length, past_length, x.dtype, x.device)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            past = None if past_key_values is None else past_key_values[i]
+            x, present = layer(x, attention_bias, past)
+            presents.append(present)
+        hidden = self.ln_f(x)
+        if input_ids is not None:
+            split = self.text_length - 1
+            logits = (self.text_head(hidden[:, :split]), self.image_head(hidden[:, split:]))
+        else:
+            logits = (None, self.image_head(hidden))
+        if use_cache:
+            return logits + (tuple(presents),)
+        return logits
+
+
+def training_loss(model, input_ids, image_codes):
+    """The weighted mean of the text and image next-token cross-entropies (fp32) of
+    captions input_ids [B, text_length] (pads ignored as targets) and their codes
+    image_codes [B, image_grid ** 2]; returns (loss,)."""
+    text_logits, image_logits = model(input_ids, image_codes[:, :-1])
+    pad_id = model.pad_id
+    targets = input_ids[:, 1:]
+    targets = targets.masked_fill(targets == pad_id, IGNORE_INDEX)
+    text_loss = F.cross_entropy(text_logits.float().reshape(-1, text_logits.shape[-1]), targets.reshape(-1),
+                                ignore_index=IGNORE_INDEX)
+    image_loss = F.cross_entropy(image_logits.float().reshape(-1, image_logits.shape[-1]),
+                                 image_codes.reshape(-1))
+    return (model.text_weight * text_loss + model.image_weight * image_loss,)
+
+
+def _shape(x):
+    return None if x is None else tuple(x.shape)
+
+
+def _range(x):
+    return None if x is None or x.numel() == 0 else (int(x.min()), int(x.max()))
