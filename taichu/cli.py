@@ -602,9 +602,11 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--backend", choices=embed_backends, default="torch")
     transcribe.add_argument("--batch-size", type=int, default=8)
     transcribe.set_defaults(func=cmd_transcribe)
+    from taichu.cli_imagine import add_commands as add_imagine_commands
     from taichu.cli_vision import add_commands as add_vision_commands
 
     add_vision_commands(commands)
+    add_imagine_commands(commands)
     return parser
 
 
