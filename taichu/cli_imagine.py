@@ -96,12 +96,12 @@ def cmd_imagine(args) -> int:
             held = sum(sum(v) for v in result.checks[i].values())
             total = sum(len(v) for v in result.checks[i].values())
             parts.append(f"check {held}/{total}")
-        labels.append(" ".join(parts))
+        labels.append("\n".join([" ".join(parts[:2]), *parts[2:]]))
         detail = f"  ({check_summary(result.checks[i])})" if result.checks else ""
         print(" ".join(parts) + detail)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(result.images, labels, columns=args.columns).save(out)
+    image_grid(result.images, labels, columns=args.columns, scale=args.scale).save(out)
     if args.codes:
         np.save(args.codes, result.codes)
     summary = {"prompt": args.prompt, "model": str(model_dir), "backend": args.backend, "seed": args.seed,
@@ -145,5 +145,6 @@ def add_commands(commands) -> None:
     imagine.add_argument("--top-p", type=float, default=1.0)
     imagine.add_argument("--seed", type=int, default=0)
     imagine.add_argument("--columns", type=int, default=4)
+    imagine.add_argument("--scale", type=int, default=4, help="enlargement of each image in the grid")
     imagine.add_argument("--codes", help="also save the sampled codes as .npy")
     imagine.set_defaults(func=cmd_imagine)

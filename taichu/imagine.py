@@ -139,12 +139,14 @@ def check_summary(checks: dict) -> str:
 def image_grid(images: np.ndarray, labels: Sequence[str] | None = None, columns: int = 4,
                scale: int = 3) -> Image.Image:
     """The images in rows of ``columns``, each ``scale`` times enlarged (nearest), with an
-    ASCII label under each (PIL's default font has no CJK glyphs: scores and indices only)."""
+    ASCII label under each, one line per "\n" (PIL's default font has no CJK glyphs: scores
+    and indices only)."""
     images = np.asarray(images, np.uint8)
     n, size = images.shape[0], images.shape[1] * scale
     columns = max(1, min(columns, n))
     rows = -(-n // columns)
-    label_height = 12 if labels else 0
+    lines = max((str(label).count("\n") + 1 for label in labels), default=0) if labels else 0
+    label_height = 12 * lines
     gap = 4
     grid = Image.new("RGB", (columns * (size + gap) + gap, rows * (size + label_height + gap) + gap), (255, 255, 255))
     draw = ImageDraw.Draw(grid)

@@ -87,8 +87,8 @@ def test_imagine_command_reranks_and_checks(models, tmp_path):
     scores = summary["clip_scores"]
     assert len(scores) == 3 and scores == sorted(scores, reverse=True)     # best first
     assert all(set(c) == {"colour", "shape", "position", "count"} and len(c["colour"]) == 2 for c in summary["checks"])
-    with Image.open(out) as grid:     # 3 images of 16 px, 3x enlarged, in one row with labels
-        assert grid.size == (3 * (48 + 4) + 4, 48 + 12 + 8)
+    with Image.open(out) as grid:     # 3 images of 16 px, 4x enlarged, in one row, 2-line labels
+        assert grid.size == (3 * (64 + 4) + 4, 64 + 24 + 8)
     codes = np.load(tmp_path / "codes.npy")
     assert codes.shape == (3, 4, 4)
     # The reranked order holds the same samples: the CLIP scores of the decoded images.
