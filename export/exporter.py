@@ -8,7 +8,11 @@ utterance embedding and, with the CTC head, logits); the vision family one ``mod
 its ViT backbone (an MST model's teacher) as optimum exports a ViTModel: pixel_values ->
 last_hidden_state and pooler_output, batch dynamic, image size fixed. Tower, speech and
 vision graphs are listed with their inputs, outputs and validation under ``graphs`` in
-export_info.json.
+export_info.json. A DALL-E (text_to_image) becomes ``prefill`` (caption -> first code's
+logits + cache) and ``decode`` (codes + past -> logits + presents; in MINDIR one code over a
+static cache with an explicit write position); an image tokenizer (vqvae) ``decoder`` (codes
+-> normalised pixels) and ``encoder`` (pixels -> codes); both listed under ``graphs`` too
+(export/signature.py has every signature).
 
 An ONNX export folder is self-contained: beside the graphs it holds ``config.yaml`` and
 ``tokenizer.model`` (ours, where the model has one), the Hugging Face ``config.json`` of the
@@ -39,9 +43,12 @@ from export.runtime import INFO_FILE, INT8_FILE, MODEL_FILE, TOKENIZER_FILE
 from export.validate import ExportValidationError
 
 FORMATS = ("onnx", "mindir")
-TASKS = (signature.LANGUAGE_MODEL, signature.IMAGE_TEXT, signature.SPEECH, signature.VISION)
-# Tasks exported as a set of encoder graphs (export_info.json's ``graphs``).
-ENCODER_TASKS = (signature.IMAGE_TEXT, signature.SPEECH, signature.VISION)
+TASKS = (signature.LANGUAGE_MODEL, signature.IMAGE_TEXT, signature.SPEECH, signature.VISION,
+         signature.TEXT_TO_IMAGE, signature.IMAGE_TOKENIZER)
+# Tasks exported as a set of named graphs (export_info.json's ``graphs``): every task but the
+# GPT's, whose decoder keeps its top-level entries (inputs, outputs, validation).
+ENCODER_TASKS = (signature.IMAGE_TEXT, signature.SPEECH, signature.VISION, signature.TEXT_TO_IMAGE,
+                 signature.IMAGE_TOKENIZER)
 # Per encoder task: its ONNX exporter (export/onnx_export.py), MINDIR exporter
 # (export/mindir_export.py), validation reference (export/validate.py) and the MINDIR's
 # dynamic axes. Names: the modules import their framework, loaded only when used.
@@ -49,7 +56,17 @@ ENCODER_EXPORTS = {
     signature.IMAGE_TEXT: ("export_onnx_towers", "export_mindir_towers", "tower_runner", "batch and sequence"),
     signature.SPEECH: ("export_onnx_speech", "export_mindir_speech", "speech_runner", "batch and samples"),
     signature.VISION: ("export_onnx_vision", "export_mindir_vision", "vision_runner", "batch"),
+    signature.TEXT_TO_IMAGE: ("export_onnx_dalle", "export_mindir_dalle", "dalle_runner",
+                              "batch; decode over a static cache of dynamic length"),
+    signature.IMAGE_TOKENIZER: ("export_onnx_image_tokenizer", "export_mindir_image_tokenizer",
+                                "image_tokenizer_runner", "batch"),
 }
+# --quantize int8 is refused for every task but the GPT's: what kind of model, what it exports.
+NO_INT8 = {signature.IMAGE_TEXT: ("image-text", "their towers export"),
+           signature.SPEECH: ("speech", "the encoder exports"),
+           signature.VISION: ("vision", "the backbone exports"),
+           signature.TEXT_TO_IMAGE: ("text-to-image", "the prefill and decode graphs export"),
+           signature.IMAGE_TOKENIZER: ("image tokenizer", "the decoder and encoder export")}
 
 
 def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | None = None,
@@ -71,15 +88,13 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | 
         raise ValueError(f"unknown quantization {quantize!r}; only int8 is supported")
     if quantize and fmt != "onnx":
         raise ValueError("--quantize int8 applies to ONNX exports only")
-    if quantize and task == signature.IMAGE_TEXT:
-        # Not implemented rather than unchecked: the int8 check (validate_int8) measures
-        # next-token agreement, which says nothing about embeddings.
-        raise ValueError(f"--quantize int8 is not implemented for image-text models ({config.family}): "
-                         f"their towers export in fp32 only; run without --quantize")
-    if quantize and task in (signature.SPEECH, signature.VISION):
-        kind, graph = {signature.SPEECH: ("speech", "the encoder"), signature.VISION: ("vision", "the backbone")}[task]
+    if quantize and task in NO_INT8:
+        # Not implemented rather than unchecked: the int8 check (validate_int8) measures a GPT's
+        # next-token agreement on text, which says nothing about embeddings, features, pixels
+        # or image codes.
+        kind, graph = NO_INT8[task]
         raise ValueError(f"--quantize int8 is not implemented for {kind} models ({config.family}): "
-                         f"{graph} exports in fp32 only; run without --quantize")
+                         f"{graph} in fp32 only; run without --quantize")
     if opset is not None and fmt != "onnx":
         raise ValueError("--opset applies to ONNX exports only")
 
@@ -238,10 +253,12 @@ def _export_mindir(model, config, staging, validate, info, log):
 
 
 def _export_towers(model, config, fmt, staging, opset, validate, info, log):
-    """The encoder graphs of an image-text model (image encoder and text encoder, each
-    validated against the model's own get_image_features / get_text_features), of a speech
-    model (one encoder, validated against the model's encode, embed and forward) or of a
-    vision model (its backbone, validated against the backbone the model runs)."""
+    """The graphs of an image-text model (image encoder and text encoder, each validated
+    against the model's own get_image_features / get_text_features), of a speech model (one
+    encoder, validated against the model's encode, embed and forward), of a vision model (its
+    backbone, validated against the backbone the model runs), of a DALL-E (prefill and
+    decode, validated against its forward with the growing cache) or of an image tokenizer
+    (decoder and encoder, validated against its decode and encode)."""
     from export import validate as checks
 
     onnx_exporter, mindir_exporter, runner, dynamic = ENCODER_EXPORTS[signature.task_of(config)]
@@ -276,10 +293,10 @@ def _export_towers(model, config, fmt, staging, opset, validate, info, log):
             return mindir_export.MindirGraph(path, graph).run
     log(f"exported {', '.join(f.name for fs in files.values() for f in fs)} ({detail})")
     info.update(platform=platform.platform(), graphs=[])
-    for graph in signature.graphs(config):
+    for graph in signature.graphs(config, fmt):
         file = files[graph.name][0].name
         entry = {"name": graph.name, "file": file, **graph.describe()}
-        for spec in entry["inputs"]:
+        for spec in entry["inputs"] + entry["outputs"]:
             if spec["dtype"] == "int64":
                 spec["dtype"] = int_dtype
         info["graphs"].append(entry)          # listed before validation, so a rejection shows it

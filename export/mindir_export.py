@@ -12,7 +12,17 @@ graphs (export/signature.py) except that token ids, masks and positions are int3
 - image-text families: ``image_encoder.mindir`` (dynamic batch) and ``text_encoder.mindir``
   (dynamic batch and sequence);
 - speech (wav2vec2): ``encoder.mindir`` (dynamic batch and samples; the attention mask int32);
-- vision: ``model.mindir``, the ViT backbone (dynamic batch; fixed channels and image size).
+- vision: ``model.mindir``, the ViT backbone (dynamic batch; fixed channels and image size);
+- DALL-E: ``prefill.mindir`` (the ONNX prefill's signature, int32 ids) and ``decode.mindir``
+  over a static cache (signature.dalle_graphs(static=True): one code, an explicit int32
+  ``write_position``, a cache whose length is dynamic; export.runtime.dalle_network uses
+  text_length + grid^2 - 1 slots, all generation needs). Not the ONNX decode's growing cache:
+  its positions come from the past's length, a shape MindSpore would have to turn into a
+  value inside a dynamic-shape graph, and a cache that grows changes the shapes every step
+  (the GPT's reason for its static cache, design.md §4); with the static cache the shapes stay
+  the same for a whole generation;
+- image tokenizer (vqvae): ``decoder.mindir`` and ``encoder.mindir`` (dynamic batch; codes
+  int32).
 """
 from __future__ import annotations
 
@@ -158,6 +168,28 @@ def export_mindir_vision(model, directory: Path) -> dict[str, list[Path]]:
     graph = signature.vision_graph(model.config.model)
     model.set_train(False)
     return _export_cells({graph.name: VisionEncoder(model)}, (graph,), directory)
+
+
+def export_mindir_dalle(model, directory: Path) -> dict[str, list[Path]]:
+    """Write the MindSpore DALL-E ``model`` as ``prefill.mindir`` and ``decode.mindir`` (static
+    cache; batch and cache length dynamic) in ``directory``; the files written, by graph name."""
+    from export.towers_mindspore import DallePrefill, DalleStaticDecoder
+
+    model.set_train(False)
+    graphs = signature.dalle_graphs(model.config.model, static=True)
+    return _export_cells({signature.PREFILL: DallePrefill(model), signature.DECODE: DalleStaticDecoder(model)},
+                         graphs, directory)
+
+
+def export_mindir_image_tokenizer(model, directory: Path) -> dict[str, list[Path]]:
+    """Write the MindSpore vqvae ``model`` as ``decoder.mindir`` and ``encoder.mindir`` (batch
+    dynamic) in ``directory``; the files written, by graph name."""
+    from export.towers_mindspore import CodeDecoder, CodeEncoder
+
+    model.set_train(False)
+    graphs = signature.image_tokenizer_graphs(model.config.model)
+    return _export_cells({signature.CODE_DECODER: CodeDecoder(model), signature.CODE_ENCODER: CodeEncoder(model)},
+                         graphs, directory)
 
 
 def export_mindir_static_cache(model, directory: Path) -> dict[str, list[Path]]:

@@ -112,6 +112,39 @@ def export_onnx_vision(model, directory: Path, opset: int = MIN_OPSET,
                                      directory / f"{graph.name}.onnx", opset, external_data_threshold)}
 
 
+def export_onnx_dalle(model, directory: Path, opset: int = MIN_OPSET,
+                      external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict[str, list[Path]]:
+    """Write the torch DALL-E ``model`` as ``prefill.onnx`` and ``decode.onnx`` in
+    ``directory`` (signature.dalle_graphs); the files written, by graph name."""
+    from export.towers_torch import DalleDecoder, DallePrefill
+
+    m = model.config.model
+    prefill, decode = signature.dalle_graphs(m)
+    # Distinct sizes >= 2: batch 2; decode 3 codes after the text and 4 codes (a past of
+    # text_length + 4, a total of text_length + 7), or fewer on a grid too small for that.
+    codes = max(2, min(3, m.image_tokens - 3))
+    done = max(2, min(4, m.image_tokens - 1 - codes))
+    examples = {prefill.name: (DallePrefill(model).eval(), signature.dalle_inputs(m, prefill, 2, 0, 0, seed=0)),
+                decode.name: (DalleDecoder(model).eval(), signature.dalle_inputs(m, decode, 2, codes, done, seed=0))}
+    return {graph.name: export_graph(examples[graph.name][0], graph, examples[graph.name][1],
+                                     directory / f"{graph.name}.onnx", opset, external_data_threshold)
+            for graph in (prefill, decode)}
+
+
+def export_onnx_image_tokenizer(model, directory: Path, opset: int = MIN_OPSET,
+                                external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict[str, list[Path]]:
+    """Write the torch vqvae ``model`` as ``decoder.onnx`` (codes -> pixels) and
+    ``encoder.onnx`` (pixels -> codes) in ``directory``; the files written, by graph name."""
+    from export.towers_torch import CodeDecoder, CodeEncoder
+
+    m = model.config.model
+    graphs = signature.image_tokenizer_graphs(m)
+    modules = {signature.CODE_DECODER: CodeDecoder(model).eval(), signature.CODE_ENCODER: CodeEncoder(model).eval()}
+    return {graph.name: export_graph(modules[graph.name], graph, signature.image_tokenizer_inputs(m, graph, 2, seed=0),
+                                     directory / f"{graph.name}.onnx", opset, external_data_threshold)
+            for graph in graphs}
+
+
 def export_graph(module, graph: signature.GraphSignature, example: dict, out_file: Path,
                  opset: int = MIN_OPSET, external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> list[Path]:
     """Export ``module`` on ``example`` (inputs by name) into ``out_file`` with ``graph``'s

@@ -17,6 +17,15 @@ A vision model's ``forward`` runs the student's backbone after a host-side shape
 (skipped while exported); DINO/MST evaluate the teacher's. ``VisionEncoder`` calls the exported
 backbone (signature.vision_backbone) itself, which has no host-side check, and pools as
 ``forward`` does.
+
+A DALL-E generates over its KV cache: ``DallePrefill`` runs the caption (``forward(input_ids,
+None, None, True)``) and returns the first code's logits and the cache; ``DalleDecoder`` runs
+codes after a past (``forward(None, image_codes, past, True)``), the codes' grid positions
+taken from the past's length, symbolic in the exported graph. The model's numpy input checks
+are skipped while exported (torch.onnx.is_in_onnx_export); export.runtime.dalle_network checks.
+
+An image tokenizer (vqvae) exports ``VQVAE.decode`` (``CodeDecoder``) and ``VQVAE.encode``
+(``CodeEncoder``); neither has host-side checks.
 """
 from __future__ import annotations
 
@@ -79,3 +88,59 @@ class VisionEncoder(nn.Module):
         hidden = self.backbone(pixel_values)[0]
         pooler = self.backbone.pooler
         return hidden, (pooler(hidden) if pooler is not None else hidden[:, 0])
+
+
+def _flat(presents) -> tuple:
+    """(key 0, value 0, key 1, ...) of per-layer (key, value) pairs."""
+    return tuple(t for key_value in presents for t in key_value)
+
+
+class DallePrefill(nn.Module):
+    """input_ids [batch, text_length] -> logits [batch, codebook] (the first image code's),
+    present key and value of each layer [batch, heads, text_length, head_dim]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        _, logits, presents = self.model(input_ids, None, None, True)
+        return (logits[:, -1],) + _flat(presents)
+
+
+class DalleDecoder(nn.Module):
+    """image_codes [batch, sequence], past key and value of each layer [batch, heads, past,
+    head_dim] -> logits [batch, sequence, codebook], present key and value of each layer
+    [batch, heads, past + sequence, head_dim]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.model.num_layers
+
+    def forward(self, image_codes, *past):
+        past_key_values = tuple((past[2 * i], past[2 * i + 1]) for i in range(self.num_layers))
+        _, logits, presents = self.model(None, image_codes, past_key_values, True)
+        return (logits,) + _flat(presents)
+
+
+class CodeDecoder(nn.Module):
+    """codes [batch, grid, grid] -> pixel_values [batch, 3, size, size] (normalised)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, codes):
+        return self.model.decode(codes)
+
+
+class CodeEncoder(nn.Module):
+    """pixel_values [batch, 3, size, size] (normalised) -> codes [batch, grid, grid] int64."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model.encode(pixel_values)

@@ -4,7 +4,10 @@ fp32: the exported file and the source model run the same random inputs at two s
 (export/signature.py, validation_cases: for the GPT decoder a left-padded prompt with an
 empty past and a short continuation with a cache; for image-text towers batch 1 and a
 right-padded batch of 5; for a speech encoder one clip of a second and three right-padded
-clips of different lengths; for a vision backbone batch 1 and batch 5); every output tensor
+clips of different lengths; for a vision backbone batch 1 and batch 5; for a DALL-E's
+prefill batch 1 and 3, for its decode the first code after the text and 4 codes after 5 (a
+static-cache decode: the first code's slot and a later one); for an image tokenizer's
+decoder and encoder batch 1 and 5); every output tensor
 must agree within TOLERANCE, measured as max |exported - source| / max(1, max |source|) so
 that it is an absolute bound for values of order 1 and a relative one for larger logits. A
 failure names the worst tensor, the shape and the difference.
@@ -148,6 +151,84 @@ def vision_runner(model, graph: signature.GraphSignature):
     def run(feeds):
         hidden, pooled = outputs(backbone(ms.Tensor(feeds["pixel_values"]))[0])
         return {"last_hidden_state": hidden.asnumpy(), "pooler_output": pooled.asnumpy()}
+    return run
+
+
+def dalle_runner(model, graph: signature.GraphSignature):
+    """``run(feeds) -> outputs`` of a DALL-E of either backend through its own ``forward``
+    with the growing cache, the reference its exported ``prefill`` and ``decode`` must match:
+    prefill = forward(input_ids, None, None, True), its last image logits and presents;
+    decode = forward(None, image_codes, past, True). For the static-cache decode (MINDIR),
+    the past is the cache's slots before ``write_position``, and the expected cache is the
+    forward's presents followed by the input cache's later slots, untouched."""
+    from taichu.api import backend_of
+
+    torch_backend = backend_of(model) == "torch"
+    past_names, present_names = signature.dalle_cache_names(model.config.model.num_layers)
+    if torch_backend:
+        import torch
+
+        def tensor(x):
+            return torch.from_numpy(x)
+    else:
+        import mindspore as ms
+
+        def tensor(x):
+            return ms.Tensor(x.astype(np.int32) if x.dtype == np.int64 else x)
+
+    def numpy(x):
+        return x.numpy() if torch_backend else x.asnumpy()
+
+    def forward(text, codes, past):
+        if torch_backend:
+            with torch.no_grad():
+                return model(text, codes, past, True)
+        return model(text, codes, past, True)
+
+    def run(feeds):
+        if graph.name == signature.PREFILL:
+            _, logits, presents = forward(tensor(feeds["input_ids"]), None, None)
+            logits = logits[:, -1]
+        else:
+            cache = [feeds[n] for n in past_names]
+            slot = int(feeds["write_position"]) if signature.is_static_decode(graph) else cache[0].shape[2]
+            past = tuple((tensor(cache[2 * i][:, :, :slot]), tensor(cache[2 * i + 1][:, :, :slot]))
+                         for i in range(len(cache) // 2))
+            _, logits, presents = forward(None, tensor(feeds["image_codes"]), past)
+            if signature.is_static_decode(graph):
+                logits = logits[:, -1]
+        outputs = {"logits": numpy(logits)}
+        for i, key_value in enumerate(presents):
+            for j, t in enumerate(key_value):
+                name, value = present_names[2 * i + j], numpy(t)
+                if graph.name == signature.DECODE and signature.is_static_decode(graph):
+                    value = np.concatenate([value, cache[2 * i + j][:, :, value.shape[2]:]], axis=2)
+                outputs[name] = value
+        return outputs
+    return run
+
+
+def image_tokenizer_runner(model, graph: signature.GraphSignature):
+    """``run(feeds) -> outputs`` of a vqvae of either backend: its ``decode`` (codes ->
+    normalised pixels) or ``encode`` (pixels -> codes), the reference of its exported graphs."""
+    from taichu.api import backend_of
+
+    method = model.decode if graph.name == signature.CODE_DECODER else model.encode
+    (name,) = graph.input_names
+    (output,) = graph.output_names
+    if backend_of(model) == "torch":
+        import torch
+
+        def run(feeds):
+            with torch.no_grad():
+                return {output: method(torch.from_numpy(feeds[name])).numpy()}
+        return run
+
+    import mindspore as ms
+
+    def run(feeds):
+        value = feeds[name]
+        return {output: method(ms.Tensor(value.astype(np.int32) if value.dtype == np.int64 else value)).asnumpy()}
     return run
 
 

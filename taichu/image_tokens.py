@@ -20,7 +20,9 @@ from typing import Sequence
 import numpy as np
 
 from taichu.families.vqvae import code_usage, psnr
-from taichu.images import _is_single, crop_and_resize, load_image
+# normalise / denormalise live in taichu.images (numpy only: export.runtime's image decoder
+# shares denormalise without importing pydantic); imported here under their old home.
+from taichu.images import _is_single, crop_and_resize, denormalise, load_image, normalise
 
 BATCH = 64   # images per forward pass in inference
 
@@ -81,19 +83,6 @@ def load_split(config, source=None):
     return load_images(source if source is not None else data.source, data.validation_fraction,
                        data.split_seed, image_size=max(size, MIN_SCENE_SIZE), scene_count=data.scene_count,
                        scene_seed=data.scene_seed)
-
-
-def normalise(pixels: np.ndarray, mean, std) -> np.ndarray:
-    """uint8 [n, S, S, 3] -> float32 [n, 3, S, S], as taichu.images.preprocess does."""
-    x = pixels.astype(np.float32) / np.float32(255)
-    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
-
-
-def denormalise(pixels: np.ndarray, mean, std) -> np.ndarray:
-    """float [n, 3, S, S] normalised -> uint8 [n, S, S, 3] (rounded, clipped to 0-255)."""
-    x = pixels.astype(np.float64).transpose(0, 2, 3, 1) * np.asarray(std, np.float64) + np.asarray(mean, np.float64)
-    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- a loaded model

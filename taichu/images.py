@@ -168,6 +168,22 @@ def preprocess(images: ImageSource | Iterable[ImageSource], image_size: int,
     return out
 
 
+def normalise(pixels: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 [n, S, S, 3] -> float32 [n, 3, S, S], as ``preprocess`` does (the image
+    tokenizer's training and encoding input, taichu.image_tokens)."""
+    x = pixels.astype(np.float32) / np.float32(255)
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def denormalise(pixels: np.ndarray, mean, std) -> np.ndarray:
+    """float [n, 3, S, S] normalised -> uint8 [n, S, S, 3] (in float64: times std plus mean,
+    times 255, rounded half to even by np.rint, clipped to 0-255). The one way decoded pixels
+    become images: taichu.image_tokens.decode_codes and export.runtime's image decoder."""
+    x = pixels.astype(np.float64).transpose(0, 2, 3, 1) * np.asarray(std, np.float64) + np.asarray(mean, np.float64)
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+
+
 def crop_and_resize(image: Image.Image, image_size: int) -> np.ndarray:
     """uint8 ``[image_size, image_size, 3]``: steps 2 and 3 of the module docstring."""
     width, height = image.size

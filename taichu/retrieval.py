@@ -95,10 +95,12 @@ def _check_finite(name: str, x: np.ndarray) -> None:
 
 def check_export_directory(directory: str | Path, backend: str) -> None:
     """Refuse a directory that `taichu export --format BACKEND` did not write."""
-    from taichu.config import ConfigError
-
     directory = Path(directory)
     if not (directory / EXPORT_INFO).is_file():
+        # Imported only to refuse: taichu.config needs yaml and pydantic, which the export
+        # runtimes (export.runtime) do not.
+        from taichu.config import ConfigError
+
         kind = {"onnx": "an ONNX", "mindir": "a MINDIR"}[backend]
         raise ConfigError(f"{directory} is not {kind} export (no {EXPORT_INFO}): --backend "
                           f"{backend} takes the directory written by `taichu export "

@@ -33,7 +33,7 @@ UNIGRAM, BPE = 1, 2   # TrainerSpec.ModelType
 # Families that frame their text as a caption, [bos] + text + [eos], right-padded
 # (taichu.imagetext.caption_ids); the others as a prompt, [bos] + text (taichu.generate),
 # left-padded for batched generation.
-CAPTION_FAMILIES = ("clip", "brivl")
+CAPTION_FAMILIES = ("clip", "brivl", "dalle")
 # Texts every conversion is checked on, besides each learned piece on its own: Chinese,
 # digits, full-width punctuation, rare hanzi and emoji (byte fallback), spaces, ASCII.
 PROBE_TEXTS = (
@@ -108,9 +108,11 @@ def _framing(config) -> tuple[bool, str, int]:
     """(add eos, padding side, longest text) of the family's text input."""
     model = config.model
     text = getattr(model, "text", model)
+    # A DALL-E's captions fill its text_length slots (taichu.imagetext.caption_ids).
+    longest = getattr(text, "max_position_embeddings", None) or text.text_length
     if config.family in CAPTION_FAMILIES:
-        return True, "right", text.max_position_embeddings
-    return False, "left", text.max_position_embeddings
+        return True, "right", longest
+    return False, "left", longest
 
 
 def _build_tokenizer(proto, add_eos: bool):
