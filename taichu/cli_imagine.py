@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 BACKENDS = ("torch", "mindspore")
+EXPORTS = ("onnx", "mindir")
 
 
 def _model_of(path, family: str):
@@ -70,18 +71,29 @@ def cmd_imagine(args) -> int:
     sampling = SamplingConfig(max_new_tokens=config.model.image_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
-    from taichu.api import load_model
-    from taichu.image_tokens import decode_codes
+    if args.backend in EXPORTS:
+        # An export of the DALL-E and one of its image tokenizer (no model code runs).
+        from export.runtime import dalle_network, image_decoder_network
 
-    step = dalle_step(load_model(model_dir, backend=args.backend))
-    tokenizer_dir = image_tokenizer_dir(config, args.image_tokenizer)
+        if not args.image_tokenizer:
+            raise ValueError(f"--backend {args.backend}: --image-tokenizer names the image tokenizer's "
+                             f"{args.backend} export (`taichu export VQVAE_DIR --format {args.backend} --out DIR`)")
+        step = dalle_network(model_dir, args.backend).step
+        decode = image_decoder_network(args.image_tokenizer, args.backend).decode
+    else:
+        from taichu.api import load_model
+        from taichu.image_tokens import decode_codes
 
-    def decode(codes):
-        return decode_codes(tokenizer_dir, codes, args.backend)
+        step = dalle_step(load_model(model_dir, backend=args.backend))
+        tokenizer_dir = image_tokenizer_dir(config, args.image_tokenizer)
+
+        def decode(codes):
+            return decode_codes(tokenizer_dir, codes, args.backend)
     rerank = None
     if args.rerank:
         def rerank(prompt, images):
-            return rerank_scores(args.rerank, prompt, images, args.rerank_backend or args.backend)
+            backend = args.rerank_backend or (args.backend if args.backend in BACKENDS else "torch")
+            return rerank_scores(args.rerank, prompt, images, backend)
     result = imagine(step, decode, tokenizer, args.prompt, args.num, config.model.text_length,
                      config.model.image_grid, sampling, rerank)
     if result.cut_tokens:
@@ -131,15 +143,17 @@ def add_commands(commands) -> None:
 
     imagine = commands.add_parser("imagine", help="generate images from a Chinese caption with a DALL-E, "
                                                   "optionally reranked by a CLIP")
-    imagine.add_argument("model", help="dalle model directory")
+    imagine.add_argument("model", help="dalle model directory, or its export with --backend onnx / mindir")
     imagine.add_argument("--prompt", required=True)
     imagine.add_argument("--num", type=int, default=8, help="images to sample")
     imagine.add_argument("--out", required=True, help="the grid .png (scores in a .json beside it)")
-    imagine.add_argument("--backend", choices=BACKENDS, default="torch")
+    imagine.add_argument("--backend", choices=BACKENDS + EXPORTS, default="torch")
     imagine.add_argument("--image-tokenizer", help="vqvae directory to decode with (default: the model "
-                                                   "config's data.image_tokenizer)")
+                                                   "config's data.image_tokenizer); with --backend onnx / "
+                                                   "mindir its export")
     imagine.add_argument("--rerank", help="image-text model directory (CLIP, BriVL) that orders the images")
-    imagine.add_argument("--rerank-backend", choices=BACKENDS)
+    imagine.add_argument("--rerank-backend", choices=BACKENDS,
+                         help="backend of the reranker (default: --backend, torch for an export)")
     imagine.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     imagine.add_argument("--top-k", type=int, default=0)
     imagine.add_argument("--top-p", type=float, default=1.0)

@@ -133,3 +133,24 @@ def test_tokenize_and_decode_commands(models, tmp_path):
     assert np.array_equal(decoded, decode_codes(models["vqvae"], codes, "torch"))
     done = taichu_cli("decode-images", models["dalle"], codes_file, "--out", tmp_path / "x")
     assert done.returncode == 2 and "not a vqvae model" in done.stderr
+
+
+def test_imagine_on_onnx_exports_writes_the_torch_codes(models, tmp_path):
+    """`taichu imagine EXPORT --backend onnx --image-tokenizer VQVAE_EXPORT`: the codes torch
+    samples for the same seed (sampled, not greedy), from onnxruntime alone."""
+    from export.exporter import export_model
+
+    dalle_onnx, vq_onnx = tmp_path / "dalle-onnx", tmp_path / "vq-onnx"
+    export_model(models["dalle"], "onnx", dalle_onnx, log=lambda *_: None)
+    export_model(models["vqvae"], "onnx", vq_onnx, log=lambda *_: None)
+    codes = {}
+    for backend, model, extra in (("torch", models["dalle"], []),
+                                  ("onnx", dalle_onnx, ["--image-tokenizer", vq_onnx])):
+        done = taichu_cli("imagine", model, "--backend", backend, *extra, "--prompt", PROMPT, "--num", 3,
+                          "--seed", 5, "--top-k", 8, "--out", tmp_path / f"{backend}.png",
+                          "--codes", tmp_path / f"{backend}.npy")
+        assert done.returncode == 0, done.stderr[-2000:]
+        codes[backend] = np.load(tmp_path / f"{backend}.npy")
+    assert np.array_equal(codes["torch"], codes["onnx"])
+    done = taichu_cli("imagine", dalle_onnx, "--backend", "onnx", "--prompt", PROMPT, "--out", tmp_path / "x.png")
+    assert done.returncode == 2 and "--image-tokenizer" in done.stderr
