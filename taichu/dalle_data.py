@@ -21,13 +21,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from taichu.fileio import write_cache_folder
 
 CODES_FORMAT = "taichu-image-codes-v1"
 # rank != 0 waits this long for rank 0's cache before encoding itself.
@@ -133,22 +133,6 @@ def cache_root(data) -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "taichu") / "image_codes"
 
 
-def _write_cache(path: Path, codes: np.ndarray, index: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the cache from other users
-        np.save(tmp / "codes.npy", codes, allow_pickle=False)
-        (tmp / "index.json").write_text(json.dumps(index, ensure_ascii=False, indent=1), encoding="utf-8")
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not (path / "index.json").is_file():  # not another process's finished copy
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _read_cache(path: Path, key: str, counts: tuple[int, int]) -> np.ndarray:
     index = json.loads((path / "index.json").read_text(encoding="utf-8"))
     codes = np.load(path / "codes.npy", allow_pickle=False)
@@ -191,7 +175,7 @@ def load_caption_codes(config, rank: int = 0) -> CaptionCodes:
                  "image_tokenizer_fingerprint": tokenizer_fingerprint, "pairs": pairs.name,
                  "pairs_fingerprint": pairs.fingerprint, "train": counts[0], "test": counts[1],
                  "backend": backend, "shape": list(codes.shape), "dtype": str(codes.dtype)}
-        _write_cache(path, codes, index)
+        write_cache_folder(path, {"codes": codes}, index)
         print(f"image codes of {pairs.name}: {counts[0]} train + {counts[1]} held-out images encoded by "
               f"{data.image_tokenizer} in {backend} ({time.time() - start:.0f} s), cached in {path}", flush=True)
     m = config.model

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -63,3 +65,26 @@ def jsonl_objects(path, what: str, expected: str):
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object {expected}, got {type(record).__name__}")
         yield where, record
+
+
+def write_cache_folder(path: str | Path, arrays: dict, index: dict) -> None:
+    """A cache folder written whole or not at all: ``NAME.npy`` per array (no pickle) and
+    ``index.json`` in a temp folder beside ``path``, then one rename. If another process
+    finished the same folder first, its copy stays (the rename fails; ours is dropped)."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the cache from other users
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", array, allow_pickle=False)
+        (tmp / "index.json").write_text(json.dumps(index, ensure_ascii=False, indent=1), encoding="utf-8")
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not (path / "index.json").is_file():  # not another process's finished copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

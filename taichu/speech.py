@@ -42,6 +42,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from taichu.families.wav2vec2 import PINYIN_ALPHABET, SAMPLE_RATE
+from taichu.fileio import write_cache_folder
 
 SYNTHETIC = "synthetic"
 # Bump when anything that shapes a synthetic clip changes (synthesis, trimming, the
@@ -595,23 +596,6 @@ def cache_path(data, fingerprint: str) -> Path:
     return cache_root(data) / fingerprint[:16]
 
 
-def _write_cache(path: Path, audio: np.ndarray, index: dict) -> None:
-    """Write the cache folder whole or not at all: a temp folder beside it, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the cache from other users
-        np.save(tmp / "audio.npy", audio, allow_pickle=False)
-        (tmp / "index.json").write_text(json.dumps(index, ensure_ascii=False, indent=1), encoding="utf-8")
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if not (path / "index.json").is_file():  # not another process's finished copy
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _speech_data(audio: np.ndarray, index: dict) -> SpeechData:
     """SpeechData from the cache's int16 samples and index: the one way clips are built, so
     fresh synthesis and a cache read give identical arrays."""
@@ -654,7 +638,7 @@ def _synthesise(plan: Sequence[_Utterance], fingerprint: str, path: Path) -> Spe
     index = {"format": CACHE_FORMAT, "name": SYNTHETIC, "fingerprint": fingerprint,
              "sample_rate": SAMPLE_RATE, "samples": len(audio), "espeak": espeak_version(),
              "synthesis_version": SYNTHESIS_VERSION, "counts": counts, "hours": hours, "clips": entries}
-    _write_cache(path, audio, index)
+    write_cache_folder(path, {"audio": audio}, index)
     print(f"speech data {SYNTHETIC}: {counts['train']} train, {counts['validation']} validation, "
           f"{counts['test']} test, {counts['held_out_voice']} held-out-voice clips, {hours:.2f} hours "
           f"(synthesised in {time.time() - start:.0f} s, cached in {path})", flush=True)
