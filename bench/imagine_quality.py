@@ -59,17 +59,17 @@ def tokenizer_quality(vqvae: str, backend: str) -> dict:
     return {source: reconstruction_report(vqvae, source, backend) for source in ("scenes", "digits")}
 
 
-def held_out(dalle: str, count: int):
-    """(config, captions, scenes, draw_scene) of the first ``count`` distinct held-out
-    captions of the DALL-E's split that no training pair has (scene captions repeat: about
-    half of the held-out ones also caption a training scene)."""
+def held_out(dalles: list[str], count: int):
+    """(config, captions, scenes, draw_scene): the first ``count`` distinct held-out captions
+    of the first DALL-E's split that no model's training pairs have (scene captions repeat:
+    about half of the held-out ones also caption a training scene)."""
     from taichu.config import load_config
     from taichu.imagetext import draw_scene, load_data_config
 
-    config = load_config(dalle)
-    split = load_data_config(config.data)
-    chosen, seen = [], {pair.text for pair in split.train}
-    for pair in split.test:
+    config = load_config(dalles[0])
+    seen = {pair.text for dalle in dalles for pair in load_data_config(load_config(dalle).data).train}
+    chosen = []
+    for pair in load_data_config(config.data).test:
         if pair.scene is not None and pair.text not in seen:
             seen.add(pair.text)
             chosen.append(pair)
@@ -121,7 +121,7 @@ def run(args) -> dict:
     started = time.perf_counter()
     results = {"tokenizer": tokenizer_quality(args.vqvae, args.backend)}
     # The held-out captions of the first model's split (every model here trains on the same data).
-    config, captions, scenes, draw_scene = held_out(args.dalle[0], args.captions)
+    config, captions, scenes, draw_scene = held_out(args.dalle, args.captions)
 
     size = load_config(args.vqvae).model.image_size
     true = np.stack([np.asarray(draw_scene(s, max(32, size)).convert("RGB").resize((size, size))) for s in scenes])
@@ -142,7 +142,9 @@ def run(args) -> dict:
         for seed in args.seeds:
             rows.append(sample_arms(args, step, ids, captions, grid, size, seed))
             print(json.dumps({"model": dalle, **rows[-1]}), flush=True)
-        results["models"].append({"dalle": dalle, "steps": load_config(dalle).train.max_steps, "samples": rows})
+        trained = load_config(dalle)
+        results["models"].append({"dalle": dalle, "steps": trained.train.max_steps, "samples": rows,
+                                  "scenes": trained.data.scene_count})
     results["minutes"] = (time.perf_counter() - started) / 60
     results["captions"], results["samples_per_caption"] = len(captions), args.samples
     results["rerank"] = args.rerank
@@ -175,9 +177,10 @@ def report(args, results: dict) -> str:
         rows = model["samples"]
         for arm in [k for k in rows[0] if k not in ("seed", "seconds")]:
             for row in rows:
-                lines.append(f"| {model['steps']} steps: {arm}, seed {row['seed']} | {fmt(row[arm])} |")
+                lines.append(f"| {model['scenes']} scenes, {model['steps']} steps: {arm}, seed {row['seed']} | "
+                             f"{fmt(row[arm])} |")
             values = np.array([100 * row[arm]["all"] for row in rows])
-            summary.append(f"- {model['steps']} steps, {arm}: every check holds for {values.mean():.1f} ± "
+            summary.append(f"- {model['scenes']} scenes, {model['steps']} steps, {arm}: every check holds for {values.mean():.1f} ± "
                            f"{values.std():.1f} % of captions ({len(rows)} sampling seeds)")
     return "\n".join(lines + [""] + summary)
 
