@@ -12,7 +12,8 @@ export` runs, validation included) in a temp dir. Runtimes, each with 2 threads:
 - torch_impl: `dalle_step(load_model(DALLE, "torch"))` + the vqvae decoder in torch;
 - ONNX Runtime: `export.runtime.DalleNetwork` + `ImageDecoderNetwork` (what `dalle_network` /
   `image_decoder_network` open; prefill.onnx once, decode.onnx per code, growing cache);
-- MindSpore PyNative: `dalle_step(load_model(DALLE, "mindspore"))` + the vqvae in mindspore;
+- MindSpore: `dalle_step(load_model(DALLE, "mindspore"))` (jit-compiled static-cache prefill and
+  decode graphs, mindspore_impl.dalle) + the vqvae in mindspore (PyNative);
 - MINDIR: the same networks on the MINDIR exports (nn.GraphCell, static cache, no model code).
 
 The decoders are `taichu.image_tokens.decode_codes` minus its model loading (loaded once, as
@@ -56,7 +57,7 @@ CONFIGS = {False: ("configs/dalle/dalle-small.yaml", "configs/vqvae/vqvae-small.
            True: ("configs/dalle/dalle-tiny.yaml", "configs/vqvae/vqvae-tiny.yaml")}
 TOKENIZER_CONFIG = "configs/gpt/gpt-tiny.yaml"   # vocab 4096, the dalle configs' (tests/conftest.py's)
 WORK = ROOT / "runs" / "bench-imagine"
-REFERENCE, ONNX, PYNATIVE, MINDIR = "torch_impl", "ONNX Runtime", "MindSpore PyNative", "MINDIR (nn.GraphCell)"
+REFERENCE, ONNX, MINDSPORE, MINDIR = "torch_impl", "ONNX Runtime", "MindSpore (jit)", "MINDIR (nn.GraphCell)"
 
 
 def batches(args) -> tuple[int, ...]:
@@ -109,7 +110,7 @@ def mindspore_worker(args, paths):
     from export.runtime import DalleNetwork, ImageDecoderNetwork
     from taichu.imagine import dalle_step
 
-    runtimes = {PYNATIVE: (dalle_step(taichu.load_model(paths["dalle"], "mindspore")),
+    runtimes = {MINDSPORE: (dalle_step(taichu.load_model(paths["dalle"], "mindspore")),
                            vq_decoder(paths["vqvae"], "mindspore"))}
     if not args.no_mindir:
         runtimes[MINDIR] = (DalleNetwork(paths["exports"]["dalle"]["mindir"], "mindir").step,
@@ -286,7 +287,7 @@ def report(args, rows: list, extras: dict, wall: float) -> str:
            "People's Daily tokenizer") + f". Caption `{PROMPT}`: {prep['tokens']} tokens, "
         f"[bos] + tokens + [eos] padded to {prep['text_length']} ({prep['cut']} cut); a {grid} x {grid} "
         f"grid = prefill + {grid ** 2 - 1} decode steps, {grid ** 2} sampler calls. Batch 8 = 8 rows of the caption.",
-        f"- Timing: per runtime and batch, round 0 = first image (MindSpore PyNative's first ops and "
+        f"- Timing: per runtime and batch, round 0 = first image (MindSpore's compilation and "
         f"MINDIR's graph setup land there), then the median of {args.rounds} rounds of a whole generation: "
         "`sample_codes(step, ids, grid, SamplingConfig(temperature=1, top_k=0, seed=0))` (numpy sampler "
         "included) then `decode(codes)` (numpy codes in, uint8 images out). Per code = sampling loop / grid^2. "
@@ -295,7 +296,7 @@ def report(args, rows: list, extras: dict, wall: float) -> str:
         "prefill and decoder once untimed (thread pools that slept through the wait wake slowly).",
         f"- Threads: {THREADS} everywhere (torch.set_num_threads, ONNX Runtime intra_op_num_threads, "
         "MindSpore op_tuning.threads_num); one worker process per framework, one after another "
-        "(torch; onnxruntime; MindSpore PyNative and MINDIR alternating).",
+        "(torch; onnxruntime; MindSpore and MINDIR alternating).",
         "- Agreement: round 0's codes against torch_impl's for the same seed and batch (the sampler draws "
         "from the logits, so a runtime's float differences change a code only near a cumulative-"
         "probability boundary); pixel difference over rows whose codes all equal torch_impl's. The exports' "

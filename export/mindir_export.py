@@ -173,11 +173,11 @@ def export_mindir_vision(model, directory: Path) -> dict[str, list[Path]]:
 def export_mindir_dalle(model, directory: Path) -> dict[str, list[Path]]:
     """Write the MindSpore DALL-E ``model`` as ``prefill.mindir`` and ``decode.mindir`` (static
     cache; batch and cache length dynamic) in ``directory``; the files written, by graph name."""
-    from export.towers_mindspore import DallePrefill, DalleStaticDecoder
+    from mindspore_impl.dalle import StaticCacheDecoder, StaticCachePrefill
 
     model.set_train(False)
     graphs = signature.dalle_graphs(model.config.model, static=True)
-    return _export_cells({signature.PREFILL: DallePrefill(model), signature.DECODE: DalleStaticDecoder(model)},
+    return _export_cells({signature.PREFILL: StaticCachePrefill(model), signature.DECODE: StaticCacheDecoder(model)},
                          graphs, directory)
 
 

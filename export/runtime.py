@@ -606,6 +606,10 @@ class DalleNetwork:
         # Every position the model can take (its own bound: the text and all grid^2 codes).
         self.capacity = self.text_length + self.image_tokens
         self.past_names = [t["name"] for t in decode_entry["inputs"] if t["name"].startswith("past_key_values.")]
+        if backend == "mindir":   # the static-cache loop the MindSpore model compiles too
+            from taichu.imagine import static_cache_step
+
+            self._mindir_step = static_cache_step(self.prefill_graph.cell, self.decode_graph.cell, self.capacity)
 
     def check_text(self, text_ids) -> np.ndarray:
         shape_text = f"[batch, text_length = {self.text_length}]"
@@ -651,13 +655,8 @@ class DalleNetwork:
         if self.backend == "onnx":
             out = self.prefill_graph.session.run(None, {"input_ids": text_ids})
             return out[0], DalleCache(list(out[1:]), self.text_length, batch, self)
-        import mindspore as ms
-
-        out = self.prefill_graph.cell(ms.Tensor(text_ids.astype(np.int32)))
-        pad = ((0, 0), (0, 0), (0, self.capacity - self.text_length), (0, 0))
-        # Once per generation: through numpy, no graph to compile for it.
-        cache = [ms.Tensor(np.pad(t.asnumpy(), pad)) for t in out[1:]]
-        return out[0].asnumpy().astype(np.float32), DalleCache(cache, self.text_length, batch, self)
+        logits, (cache, length) = self._mindir_step(text_ids, None, None)
+        return logits, DalleCache(cache, length, batch, self)
 
     def _decode(self, codes: np.ndarray, cache: DalleCache):
         if self.backend == "onnx":
@@ -665,15 +664,8 @@ class DalleNetwork:
             out = self.decode_graph.session.run(None, feeds)
             logits = np.ascontiguousarray(out[0][:, -1])
             return logits, DalleCache(list(out[1:]), cache.length + codes.shape[1], cache.batch, self)
-        import mindspore as ms
-
-        tensors, length = cache.tensors, cache.length
-        ids = codes.astype(np.int32)
-        for k in range(ids.shape[1]):
-            # The slot is a tensor, not a Python int: one compiled graph for every step.
-            out = self.decode_graph.cell(ms.Tensor(ids[:, k:k + 1]), ms.Tensor(length, ms.int32), *tensors)
-            tensors, length = list(out[1:]), length + 1
-        return out[0].asnumpy().astype(np.float32), DalleCache(tensors, length, cache.batch, self)
+        logits, (tensors, length) = self._mindir_step(None, codes, (cache.tensors, cache.length))
+        return logits, DalleCache(tensors, length, cache.batch, self)
 
 
 def dalle_network(export_dir: str | Path, backend: str = "onnx") -> DalleNetwork:

@@ -21,14 +21,10 @@ A vision model's backbone (``ViT.construct``) has no checks either; ``VisionEnco
 the exported one (signature.vision_backbone: an MST model's teacher) and pools as the model's
 ``construct`` does; export.runtime checks the pixels (VisionNetwork.check).
 
-A DALL-E's MINDIR generates over a static cache, as the GPT's does (mindspore_impl.gpt's
-StaticCachePrefill / StaticCacheDecoder): ``DallePrefill`` compiles ``construct(input_ids,
-None, None, True)`` (the model's ``__call__``, which holds its numpy checks, is not what graph
-mode compiles for a sub-cell) and returns the first code's logits and the text's keys and
-values; ``DalleStaticDecoder`` writes one code's key and value at slot ``write_position`` of a
-cache of fixed length (the GPT blocks' ``cache_slot``) and attends to the slots up to it, the
-code's grid position being write_position - text_length: a tensor, so one compiled graph serves
-every step. The caller (export.runtime.dalle_network) checks codes and positions.
+A DALL-E's MINDIR generates over a static cache, as the GPT's does: the model's own
+``StaticCachePrefill`` / ``StaticCacheDecoder`` (mindspore_impl/dalle.py, also what
+``taichu imagine --backend mindspore`` compiles). The caller (export.runtime.dalle_network)
+checks codes and positions.
 
 An image tokenizer (vqvae) compiles ``decode`` (``CodeDecoder``) and ``encode`` (``CodeEncoder``),
 neither of which has host-side checks.
@@ -37,11 +33,9 @@ from __future__ import annotations
 
 import contextlib
 
-import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn
 
 from export.signature import vision_backbone
-from mindspore_impl.gpt import causal_attention_bias
 from mindspore_impl.wav2vec2 import mean_over_frames
 
 
@@ -119,58 +113,6 @@ def input_checks_off(model):
         yield
     finally:
         del model._check
-
-
-class DallePrefill(nn.Cell):
-    """input_ids int32 [batch, text_length] -> logits [batch, codebook] (the first image
-    code's), key and value of each layer [batch, heads, text_length, head_dim]."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def construct(self, input_ids):
-        # Indexed rather than unpacked: an unused unpacked output (the text logits) makes
-        # graph mode warn that it eliminated a node.
-        returned = self.model(input_ids, None, None, True)
-        outputs = (returned[1][:, -1],)
-        for key_value in returned[2]:
-            outputs = outputs + key_value
-        return outputs
-
-
-class DalleStaticDecoder(nn.Cell):
-    """One code over a cache of fixed length: (image_codes int32 [batch, 1], write_position
-    int32 scalar, key and value of each layer [batch, heads, cache, head_dim]) -> (logits
-    [batch, codebook], the keys and values with this code's written at slot write_position).
-    Slots 0..write_position are attended to (the text, the codes so far, this one); the code's
-    grid index is write_position - text_length (row-major)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.num_layers = model.config.model.num_layers
-        self.text_length, self.grid = model.text_length, model.image_grid
-
-    def construct(self, image_codes, write_position, *cache):
-        model = self.model
-        batch, length = image_codes.shape
-        total = cache[0].shape[2]
-        index = (write_position - self.text_length).reshape((1,))
-        row = index // self.grid
-        col = index - row * self.grid
-        x = model.embed_image(image_codes) + model.embed_image_rows(row) + model.embed_image_cols(col)
-        slots = ops.arange(0, total, dtype=ms.int32)
-        # As the GPT's StaticCacheDecoder: the query after every slot, a mask of the slots
-        # written so far (this one included).
-        mask = ops.broadcast_to((slots <= write_position).astype(ms.int32).view(1, total), (batch, total))
-        attention_bias = causal_attention_bias(mask, batch, length, total - length, x.dtype)
-        cache_slot = (slots == write_position).view(1, 1, total, 1)
-        outputs = ()
-        for i in range(self.num_layers):
-            x, key_value = model.layers[i](x, attention_bias, (cache[2 * i], cache[2 * i + 1]), cache_slot)
-            outputs = outputs + key_value
-        return (model.image_head(model.ln_f(x))[:, -1],) + outputs
 
 
 class CodeDecoder(nn.Cell):

@@ -7,8 +7,8 @@ model may rerank the samples by image-text similarity.
 A runtime supplies ``step(text_ids, codes, past) -> (image logits of the last position
 float32 [B, K], past)``: a prefill when ``text_ids`` [B, text_length] is given (``codes``
 and ``past`` None), else one decoding step for ``codes`` [B, m] after ``past``
-(``dalle_step`` for a taichu DALL-E in torch or mindspore; export.runtime's ``dalle_network``
-for an ONNX / MINDIR export), and ``decode(codes [B, h, w]) -> uint8 [B, S, S, 3]``
+(``dalle_step`` for a taichu DALL-E in torch or mindspore, the latter compiled over a static
+cache, ``static_cache_step``; export.runtime's ``dalle_network`` for an ONNX / MINDIR export), and ``decode(codes [B, h, w]) -> uint8 [B, S, S, 3]``
 (taichu.image_tokens.decode_codes, or an export's image decoder).
 
 The prompt: ``[bos] + tokens + [eos]`` right-padded to the model's text_length, as in
@@ -28,8 +28,18 @@ from taichu.generate import SamplingConfig, choose_tokens, process_logits
 
 
 def dalle_step(model):
-    """``step`` for a taichu DALL-E of either backend, with the model's growing cache."""
+    """``step`` for a taichu DALL-E of either backend: PyTorch eager over the model's growing
+    cache; MindSpore compiled (mindspore.jit) over a static cache (``static_cache_step``),
+    as the GPT generates in MindSpore. Inputs are checked here (taichu.families.dalle
+    check_inputs): the compiled graphs cannot raise."""
     from taichu.api import backend_of
+    from taichu.families.dalle import check_inputs
+
+    def check(text_ids, codes, length):
+        def span(x):
+            return None if x is None or not x.size else (int(x.min()), int(x.max()))
+        check_inputs(model.config, None if text_ids is None else text_ids.shape, span(text_ids),
+                     None if codes is None else codes.shape, span(codes), length)
 
     if backend_of(model) == "torch":
         import torch
@@ -45,12 +55,42 @@ def dalle_step(model):
 
     import mindspore as ms
 
+    from mindspore_impl.dalle import StaticCacheDecoder, StaticCachePrefill
+
+    model.set_train(False)
+    m = model.config.model
+    compiled = static_cache_step(ms.jit(StaticCachePrefill(model)), ms.jit(StaticCacheDecoder(model)),
+                                 m.text_length + m.image_grid ** 2)
+
+    def step(text_ids, codes, past):
+        check(text_ids, codes, 0 if past is None else past[1])
+        return compiled(text_ids, codes, past)
+    return step
+
+
+def static_cache_step(prefill, decode, capacity: int):
+    """``step`` over two MindSpore callables with the signatures of mindspore_impl.dalle's
+    StaticCachePrefill and StaticCacheDecoder: the jit-compiled cells, or the same graphs
+    loaded from MINDIR (nn.GraphCell, export.runtime.dalle_network). The prefill's keys and
+    values are padded once to ``capacity`` slots (every position the model can take), then
+    each code is written at its slot; ``past`` is (the cache tensors, positions so far). No
+    input checks here (the callers check)."""
+    import mindspore as ms
+
     def step(text_ids, codes, past):
         if text_ids is not None:
-            _, logits, past = model(ms.Tensor(text_ids.astype(np.int32)), None, None, True)
-        else:
-            _, logits, past = model(None, ms.Tensor(codes.astype(np.int32)), past, True)
-        return logits[:, -1].asnumpy().astype(np.float32), past
+            out = prefill(ms.Tensor(text_ids.astype(np.int32)))
+            pad = ((0, 0), (0, 0), (0, capacity - text_ids.shape[1]), (0, 0))
+            # Once per generation, through numpy: no graph to compile for it.
+            cache = [ms.Tensor(np.pad(t.asnumpy(), pad)) for t in out[1:]]
+            return out[0].asnumpy().astype(np.float32), (cache, text_ids.shape[1])
+        tensors, length = past
+        ids = codes.astype(np.int32)
+        for k in range(ids.shape[1]):
+            # The slot is a tensor, not a Python int: one compiled graph for every step.
+            out = decode(ms.Tensor(ids[:, k:k + 1]), ms.Tensor(length, ms.int32), *tensors)
+            tensors, length = list(out[1:]), length + 1
+        return out[0].asnumpy().astype(np.float32), (tensors, length)
     return step
 
 
