@@ -9,6 +9,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
 
+def logged_losses(run_dir) -> dict:
+    """{step: training loss} of a run's metrics.jsonl (what the parity tests compare)."""
+    from taichu.train import read_metrics
+
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
 @pytest.fixture
 def tiny_config():
     return load_config(CONFIGS / "gpt" / "gpt-tiny.yaml")

@@ -13,7 +13,7 @@ import pytest
 import taichu
 from taichu.train import (SampleOrder, learning_rate, latest_good_checkpoint, micro_batches,
                           read_metrics, run_training, verify_checkpoint)
-from conftest import CONFIGS
+from conftest import CONFIGS, logged_losses as losses
 
 TINY = CONFIGS / "gpt" / "gpt-tiny.yaml"
 
@@ -34,10 +34,6 @@ def init_dir(tmp_path, tiny_tokenizer):
     config = taichu.load_config(TINY)
     return taichu.save_model(taichu.build_model(config, "torch"), tmp_path / "init",
                              tokenizer=tiny_tokenizer)
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def test_schedule_and_data_order():

@@ -13,7 +13,7 @@ import pytest
 import taichu
 from taichu.imagetext import load_data_config
 from taichu.train import TASK_DATA, read_metrics, run_training
-from conftest import CONFIGS
+from conftest import CONFIGS, logged_losses as losses
 
 CLIP = CONFIGS / "clip" / "clip-tiny.yaml"
 BRIVL = CONFIGS / "brivl" / "brivl-tiny.yaml"
@@ -40,10 +40,6 @@ def init_dir(config_path, cache, out):
     tokenizer = TASK_DATA["image_text"](config, None, 0).tokenizer
     torch.manual_seed(0)
     return taichu.save_model(taichu.build_model(config, "torch"), out, tokenizer=tokenizer.path)
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def state_differences(a_dir, b_dir) -> dict[str, float]:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import taichu
-from taichu.train import read_metrics, run_training
-from conftest import CONFIGS
+from taichu.train import run_training
+from conftest import CONFIGS, logged_losses as losses
 
 TINY = CONFIGS / "vision" / "vision-tiny.yaml"
 # Few images keep the data set cheap; the tiny model sees 32 px crops of 64 px scenes.
@@ -18,10 +18,6 @@ DATA = ["data.source=scenes", "data.scene_count=60"]
 
 def config(*extra):
     return taichu.load_config(TINY, [*DATA, "train.log_interval=1", "train.eval_interval=1000", *extra])
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def init_dir(out):

@@ -10,18 +10,14 @@ import pytest
 
 import taichu
 from taichu.families.vqvae import code_usage, psnr
-from taichu.train import read_metrics, run_training
-from conftest import CONFIGS
+from taichu.train import run_training
+from conftest import CONFIGS, logged_losses as losses
 
 TINY = CONFIGS / "vqvae" / "vqvae-tiny.yaml"
 
 
 def config(*extra):
     return taichu.load_config(TINY, ["train.log_interval=1", "train.eval_interval=1000", *extra])
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def init_dir(out):

@@ -10,8 +10,8 @@ import pytest
 import taichu
 from taichu.speech import load_speech_data
 from taichu.speech_batches import SpeechBatches, padded_length
-from taichu.train import BucketOrder, micro_batches, read_metrics, run_training
-from conftest import CONFIGS
+from taichu.train import BucketOrder, micro_batches, run_training
+from conftest import CONFIGS, logged_losses as losses
 
 PRETRAIN = CONFIGS / "wav2vec2" / "wav2vec2-tiny.yaml"
 CTC = CONFIGS / "wav2vec2" / "wav2vec2-tiny-ctc.yaml"
@@ -25,10 +25,6 @@ def speech_cache(tmp_path_factory):
 
 def config(path, cache, *extra):
     return taichu.load_config(path, [f"data.cache_dir={cache}", *extra])
-
-
-def losses(run_dir):
-    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
 def init_dir(path, cache, out):
