@@ -134,15 +134,21 @@ demo-vision: $(STAMP)
 # the tokenizer at ~4 images/s against ~250 (docs/text_to_image.md).
 IMAGINE_DEMO_DIR ?= runs/demo-imagine
 IMAGINE_DEMO_BACKEND ?= torch
+# Half of each config's steps keeps the demo to a few minutes (the configs' full runs are
+# what docs/text_to_image.md measures).
+IMAGINE_DEMO_TOKENIZER_STEPS ?= 750
+IMAGINE_DEMO_STEPS ?= 1000
 IMAGINE_DEMO_PROMPTS = 上面一个绿色的正方形，下面一个紫色的正方形 右边一个黄色的正方形，左边一个黄色的圆形 \
 	左边一个蓝色的圆形，右边一个蓝色的正方形
 
 demo-imagine: $(STAMP)
-	$(BIN)/taichu train configs/vqvae/vqvae-small.yaml --backend $(IMAGINE_DEMO_BACKEND) --out $(IMAGINE_DEMO_DIR)/vqvae
+	$(BIN)/taichu train configs/vqvae/vqvae-small.yaml --backend $(IMAGINE_DEMO_BACKEND) --out $(IMAGINE_DEMO_DIR)/vqvae \
+		--set train.max_steps=$(IMAGINE_DEMO_TOKENIZER_STEPS) --set train.checkpoint_interval=100000
 	$(BIN)/python -c 'from taichu.image_tokens import reconstruction_report as r; \
 		print({k: round(v, 3) if isinstance(v, float) else v for k, v in r("$(IMAGINE_DEMO_DIR)/vqvae/final").items()})'
 	$(BIN)/taichu train configs/dalle/dalle-small.yaml --backend $(IMAGINE_DEMO_BACKEND) --out $(IMAGINE_DEMO_DIR)/dalle \
-		--set data.image_tokenizer=$(IMAGINE_DEMO_DIR)/vqvae/final --set data.image_tokenizer_backend=$(IMAGINE_DEMO_BACKEND)
+		--set data.image_tokenizer=$(IMAGINE_DEMO_DIR)/vqvae/final --set data.image_tokenizer_backend=$(IMAGINE_DEMO_BACKEND) \
+		--set train.max_steps=$(IMAGINE_DEMO_STEPS) --set train.checkpoint_interval=100000
 	i=0; for prompt in $(IMAGINE_DEMO_PROMPTS); do i=$$((i + 1)); \
 		$(BIN)/taichu imagine $(IMAGINE_DEMO_DIR)/dalle/final --prompt "$$prompt" --num 8 --backend $(IMAGINE_DEMO_BACKEND) \
 			--out $(IMAGINE_DEMO_DIR)/grid-$$i.png || exit 1; done
