@@ -128,7 +128,7 @@ demo-vision: $(STAMP)
 		--backend $(VISION_DEMO_SEGMENT_BACKEND) --picture $(VISION_DEMO_DIR)/segment.png
 
 # The text-to-image job: the image tokenizer (vqvae-small: 32 px scenes -> 8 x 8 codes of 256)
-# and the light DALL-E's small size trained on 1,800 drawn scenes with their captions, then
+# and the light DALL-E's small size trained on 7,200 drawn scenes with their captions, then
 # 8 images for each of three captions no training scene has, checked by taichu.scene_check
 # (colour, shape, position read off the pixels). PyTorch: MindSpore's CPU 3x3 Conv2d trains
 # the tokenizer at ~4 images/s against ~250 (docs/text_to_image.md).
