@@ -16,6 +16,39 @@ def logged_losses(run_dir) -> dict:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
+def export_models(model_dirs: dict, root: Path, mindir: tuple = ()) -> dict:
+    """{(name, format): (export directory, export_info, log lines)}: every model exported to
+    ONNX here while the ``mindir`` ones are exported to MINDIR by `taichu export` in a process
+    of their own (output to a file, so no pipe fills up); the two overlap in time."""
+    import json
+    import subprocess
+    import sys
+
+    from export.exporter import export_model
+
+    log = root / "mindir.log"
+    commands = " && ".join(f"{sys.executable} -m taichu export {model_dirs[name]} --format mindir "
+                           f"--out {root / (name + '-mindir')}" for name in mindir) or "true"
+    with open(log, "w") as out:
+        process = subprocess.Popen(commands, shell=True, stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        done = {}
+        for name, model_dir in model_dirs.items():
+            lines = []
+            info = export_model(model_dir, "onnx", root / f"{name}-onnx", log=lines.append)
+            done[name, "onnx"] = (root / f"{name}-onnx", info, lines)
+        process.wait(timeout=300)
+    finally:
+        process.kill()
+        process.wait()
+    output = log.read_text()
+    assert process.returncode == 0, output[-3000:]
+    for name in mindir:
+        target = root / f"{name}-mindir"
+        done[name, "mindir"] = (target, json.loads((target / "export_info.json").read_text()), output.splitlines())
+    return done
+
+
 @pytest.fixture
 def tiny_config():
     return load_config(CONFIGS / "gpt" / "gpt-tiny.yaml")

@@ -23,7 +23,7 @@ from taichu.image_tokens import decode_codes, tokenize_images
 from taichu.imagetext import draw_scene, make_scene
 from taichu.imagine import dalle_step, sample_codes
 
-from conftest import CONFIGS
+from conftest import CONFIGS, export_models
 
 TOLERANCE = 1e-4
 DALLE = CONFIGS / "dalle" / "dalle-tiny.yaml"      # text 16, grid 4 (16 codes), 32 codes, 2 layers
@@ -67,30 +67,9 @@ def models(tmp_path_factory, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def exports(models, tmp_path_factory):
-    """{(family, format): (export directory, export_info, log lines)}: both MINDIR exports by
-    `taichu export` in a process of their own (output to a file) while the ONNX ones run here."""
-    root = tmp_path_factory.mktemp("export")
-    log = root / "mindir.log"
-    commands = " && ".join(f"{sys.executable} -m taichu export {models[name][0]} --format mindir "
-                           f"--out {root / (name + '-mindir')}" for name in models)
-    with open(log, "w") as out:
-        process = subprocess.Popen(commands, shell=True, stdout=out, stderr=subprocess.STDOUT, text=True)
-    try:
-        done = {}
-        for name in models:
-            lines = []
-            info = export_model(models[name][0], "onnx", root / f"{name}-onnx", log=lines.append)
-            done[name, "onnx"] = (root / f"{name}-onnx", info, lines)
-        process.wait(timeout=300)
-    finally:
-        process.kill()
-        process.wait()
-    output = log.read_text()
-    assert process.returncode == 0, output[-3000:]
-    for name in models:
-        target = root / f"{name}-mindir"
-        done[name, "mindir"] = (target, json.loads((target / "export_info.json").read_text()), output.splitlines())
-    return done
+    """{(family, format): (export directory, export_info, log lines)}: ONNX and MINDIR of both."""
+    return export_models({name: model[0] for name, model in models.items()}, tmp_path_factory.mktemp("export"),
+                         mindir=tuple(models))
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from taichu.config import load_config, validate_config
 from taichu.imagetext import draw_scene, make_scene
 from taichu.vision_tasks import VisionRunner
 
-from conftest import CONFIGS
+from conftest import CONFIGS, export_models
 
 TOLERANCE = 1e-4
 TINY = CONFIGS / "vision" / "vision-tiny.yaml"
@@ -62,28 +62,10 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exports(models, tmp_path_factory):
-    """{(objective, format): (export directory, export_info, log lines)}: the MST model's
-    MINDIR by `taichu export` in a process of its own (output to a file, so no pipe fills up)
-    while both ONNX exports run here."""
-    root = tmp_path_factory.mktemp("export")
-    target, log = root / "mst-mindir", root / "mst-mindir.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "taichu", "export", str(models["mst"][0]), "--format",
-                                    "mindir", "--out", str(target)], stdout=out, stderr=subprocess.STDOUT, text=True)
-    try:
-        done = {}
-        for name in models:
-            lines = []
-            info = export_model(models[name][0], "onnx", root / f"{name}-onnx", log=lines.append)
-            done[name, "onnx"] = (root / f"{name}-onnx", info, lines)
-        process.wait(timeout=300)
-    finally:
-        process.kill()
-        process.wait()
-    output = log.read_text()
-    assert process.returncode == 0, output[-3000:]
-    done["mst", "mindir"] = (target, json.loads((target / "export_info.json").read_text()), output.splitlines())
-    return done
+    """{(objective, format): (export directory, export_info, log lines)}: ONNX of both, MINDIR
+    of the MST model."""
+    return export_models({name: model[0] for name, model in models.items()}, tmp_path_factory.mktemp("export"),
+                         mindir=("mst",))
 
 
 def _session(path):
