@@ -73,13 +73,12 @@ def cmd_imagine(args) -> int:
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
     if args.backend in EXPORTS:
         # An export of the DALL-E and one of its image tokenizer (no model code runs).
-        from export.runtime import dalle_network, image_decoder_network
-
+        runtime = args.export_runtime()
         if not args.image_tokenizer:
             raise ValueError(f"--backend {args.backend}: --image-tokenizer names the image tokenizer's "
                              f"{args.backend} export (`taichu export VQVAE_DIR --format {args.backend} --out DIR`)")
-        step = dalle_network(model_dir, args.backend).step
-        decode = image_decoder_network(args.image_tokenizer, args.backend).decode
+        step = runtime.dalle_network(model_dir, args.backend).step
+        decode = runtime.image_decoder_network(args.image_tokenizer, args.backend).decode
     else:
         from taichu.api import load_model
         from taichu.image_tokens import decode_codes
@@ -126,7 +125,9 @@ def cmd_imagine(args) -> int:
     return 0
 
 
-def add_commands(commands) -> None:
+def add_commands(commands, export_runtime) -> None:
+    """Register the commands; ``export_runtime()`` returns export.runtime (taichu.cli hands it
+    in: the CLI is the one part of taichu/ that imports export/)."""
     tokenize = commands.add_parser("tokenize-images", help="images -> discrete codes with an image tokenizer (vqvae)")
     tokenize.add_argument("model", help="vqvae model directory")
     tokenize.add_argument("--images", nargs="+", required=True, help="image files or folders")
@@ -161,4 +162,4 @@ def add_commands(commands) -> None:
     imagine.add_argument("--columns", type=int, default=4)
     imagine.add_argument("--scale", type=int, default=4, help="enlargement of each image in the grid")
     imagine.add_argument("--codes", help="also save the sampled codes as .npy")
-    imagine.set_defaults(func=cmd_imagine)
+    imagine.set_defaults(func=cmd_imagine, export_runtime=export_runtime)

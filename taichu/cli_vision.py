@@ -17,9 +17,7 @@ def cmd_probe(args) -> int:
 
     network = None
     if args.backend in ("onnx", "mindir"):
-        from export.runtime import vision_network
-
-        network = vision_network(args.model, args.backend)
+        network = args.export_runtime().vision_network(args.model, args.backend)
     runner = VisionRunner(args.model, args.backend, args.batch_size, args.encoder, network=network)
     data = runner.config.data
     images = load_images(args.data, data.validation_fraction, data.split_seed, scene_count=data.scene_count,
@@ -114,7 +112,9 @@ def cmd_segment(args) -> int:
     return 0
 
 
-def add_commands(commands) -> None:
+def add_commands(commands, export_runtime) -> None:
+    """Register the commands; ``export_runtime()`` returns export.runtime (taichu.cli hands it
+    in: the CLI is the one part of taichu/ that imports export/)."""
     backends = ("torch", "mindspore")
     probe = commands.add_parser("probe", help="linear probe and k-NN accuracy of a vision model's frozen "
                                               "features on labelled images")
@@ -127,7 +127,7 @@ def add_commands(commands) -> None:
     probe.add_argument("--k", type=int, default=20, help="neighbours of the k-NN vote (DINO: 20)")
     probe.add_argument("--batch-size", type=int, default=64)
     probe.add_argument("--out", help="also write the accuracies as JSON")
-    probe.set_defaults(func=cmd_probe)
+    probe.set_defaults(func=cmd_probe, export_runtime=export_runtime)
 
     attention = commands.add_parser("attention", help="draw a vision model's CLS attention and the mask it "
                                                       "draws over images")
