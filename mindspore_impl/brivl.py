@@ -43,9 +43,20 @@ class Head(nn.Cell):
         self.layers = nn.CellList([EncoderLayer(size, config) for _ in range(size.num_layers)])
         self.layer_norm = nn.LayerNorm((size.hidden_size,), epsilon=config.model.layer_norm_eps)
 
-    def construct(self, x, attention_bias=None):
+    def construct(self, x, attention_bias=None, output_intermediates=False):
+        """The last layer's output, normalised; with output_intermediates (output,
+        hidden_states: the input and each layer's output before the LayerNorm,
+        attention_scores: each layer's raw scores)."""
+        hidden_states, attention_scores = (x,), ()
         for layer in self.layers:
-            x = layer(x, attention_bias)
+            if output_intermediates:
+                x, scores = layer(x, attention_bias, True)
+                hidden_states = hidden_states + (x,)
+                attention_scores = attention_scores + (scores,)
+            else:
+                x = layer(x, attention_bias)
+        if output_intermediates:
+            return self.layer_norm(x), hidden_states, attention_scores
         return self.layer_norm(x)
 
 
@@ -74,10 +85,14 @@ class VisionBackbone(nn.Cell):
         self.encoder = Encoder(image, config)
         self.post_layernorm = nn.LayerNorm((image.hidden_size,), epsilon=eps)
 
-    def construct(self, pixel_values):
-        """[batch, 1 + patches, hidden]."""
-        x = self.encoder(self.pre_layernorm(self.embeddings(pixel_values)))
-        return self.post_layernorm(x)
+    def construct(self, pixel_values, output_intermediates=False):
+        """[batch, 1 + patches, hidden]; with output_intermediates (output, hidden_states:
+        pre_layernorm's output and each layer's, attention_scores: each layer's raw scores)."""
+        encoded = self.encoder(self.pre_layernorm(self.embeddings(pixel_values)), None,
+                               output_intermediates)
+        if output_intermediates:
+            return (self.post_layernorm(encoded[0]),) + encoded[1:]
+        return self.post_layernorm(encoded)
 
 
 class TextBackbone(nn.Cell):
@@ -90,11 +105,15 @@ class TextBackbone(nn.Cell):
         self.encoder = Encoder(text, config)
         self.final_layer_norm = nn.LayerNorm((text.hidden_size,), epsilon=config.model.layer_norm_eps)
 
-    def construct(self, input_ids, attention_mask=None):
-        """[batch, length, hidden]; padding positions hold values nobody reads."""
+    def construct(self, input_ids, attention_mask=None, output_intermediates=False):
+        """[batch, length, hidden]; padding positions hold values nobody reads. With
+        output_intermediates (output, hidden_states: the embeddings and each layer's output,
+        attention_scores: each layer's raw scores)."""
         x = self.embeddings(input_ids)
-        x = self.encoder(x, padding_attention_bias(attention_mask, x.dtype))
-        return self.final_layer_norm(x)
+        encoded = self.encoder(x, padding_attention_bias(attention_mask, x.dtype), output_intermediates)
+        if output_intermediates:
+            return (self.final_layer_norm(encoded[0]),) + encoded[1:]
+        return self.final_layer_norm(encoded)
 
 
 class ImageEncoder(nn.Cell):
@@ -105,10 +124,20 @@ class ImageEncoder(nn.Cell):
         self.head = Head(m.image_head_size, config)
         self.projection = Projection(m.image.hidden_size, config)
 
-    def construct(self, pixel_values):
-        """L2-normalised embeddings [batch, embed_dim]; the mean runs over all tokens."""
-        x = self.head(self.backbone(pixel_values))
-        return l2_normalize(self.projection(x.mean(axis=1)))
+    def construct(self, pixel_values, output_intermediates=False):
+        """L2-normalised embeddings [batch, embed_dim]; the mean runs over all tokens.
+
+        output_intermediates: (embeddings, backbone hidden_states, backbone attention_scores,
+        head hidden_states, head attention_scores); the head's first hidden state is the
+        backbone's normalised output. A Python bool: graph mode compiles one graph per value.
+        """
+        backbone = self.backbone(pixel_values, output_intermediates)
+        head = self.head(backbone[0] if output_intermediates else backbone, None, output_intermediates)
+        x = head[0] if output_intermediates else head
+        embeds = l2_normalize(self.projection(x.mean(axis=1)))
+        if output_intermediates:
+            return (embeds,) + backbone[1:] + head[1:]
+        return embeds
 
 
 class TextEncoder(nn.Cell):
@@ -119,16 +148,25 @@ class TextEncoder(nn.Cell):
         self.head = Head(m.text_head_size, config)
         self.projection = Projection(m.text.hidden_size, config)
 
-    def construct(self, input_ids, attention_mask=None):
-        """L2-normalised embeddings [batch, embed_dim]; the mean runs over real tokens."""
-        x = self.backbone(input_ids, attention_mask)
-        x = self.head(x, padding_attention_bias(attention_mask, x.dtype))
+    def construct(self, input_ids, attention_mask=None, output_intermediates=False):
+        """L2-normalised embeddings [batch, embed_dim]; the mean runs over real tokens.
+
+        output_intermediates: (embeddings, backbone hidden_states, backbone attention_scores,
+        head hidden_states, head attention_scores), as ImageEncoder's.
+        """
+        backbone = self.backbone(input_ids, attention_mask, output_intermediates)
+        x = backbone[0] if output_intermediates else backbone
+        head = self.head(x, padding_attention_bias(attention_mask, x.dtype), output_intermediates)
+        x = head[0] if output_intermediates else head
         if attention_mask is None:
             pooled = x.mean(axis=1)
         else:
             weights = attention_mask.astype(x.dtype).expand_dims(-1)         # [batch, length, 1]
             pooled = (x * weights).sum(axis=1) / weights.sum(axis=1)
-        return l2_normalize(self.projection(pooled))
+        embeds = l2_normalize(self.projection(pooled))
+        if output_intermediates:
+            return (embeds,) + backbone[1:] + head[1:]
+        return embeds
 
 
 class BriVL(nn.Cell):
@@ -222,9 +260,44 @@ def training_loss(model: BriVL, pixel_values, input_ids, attention_mask):
     in-batch loss. No input checks: this runs inside a compiled graph, and the trainer's
     batches are checked where they are made.
     """
-    temperature = model.temperature
     image_queries = model.image_encoder(pixel_values)
     text_queries = model.text_encoder(input_ids, attention_mask)
+    return _losses(model, image_queries, text_queries, pixel_values, input_ids, attention_mask)[0]
+
+
+def distill_outputs(model: BriVL, pixel_values, input_ids, attention_mask):
+    """One forward pass of training_loss's inputs for distillation: (training_loss's
+    outputs, predictions, streams).
+
+    predictions: the batch's columns of the loss's logits (online queries against the
+    momentum keys, / temperature), (image_logits [n, n] fp32, row weights 0.5 / n) and
+    (text_logits [n, n], 0.5 / n): the in-batch loss is their weighted sum of row
+    cross-entropies. The queue columns are left out: a teacher's queue holds its own past
+    keys, not the student's, so the columns would not correspond. streams (the online
+    towers, all bidirectional): the text backbone's and text head's (hidden_states,
+    attention_scores, attention_mask as fp32, causal False), then the image backbone's and
+    image head's (..., ones [n, patches + 1], False). A head's first hidden state is its
+    backbone's normalised output.
+    """
+    image = model.image_encoder(pixel_values, True)
+    text = model.text_encoder(input_ids, attention_mask, True)
+    loss_outputs, image_logits, text_logits = _losses(model, image[0], text[0], pixel_values, input_ids,
+                                                      attention_mask)
+    batch = image_logits.shape[0]
+    weights = ops.full((batch,), 0.5 / batch, dtype=ms.float32)
+    predictions = ((image_logits[:, :batch].astype(ms.float32), weights),
+                   (text_logits[:, :batch].astype(ms.float32), weights))
+    text_mask = attention_mask.astype(ms.float32)
+    image_mask = ops.ones(image[1][0].shape[:2], ms.float32)
+    streams = ((text[1], text[2], text_mask, False), (text[3], text[4], text_mask, False),
+               (image[1], image[2], image_mask, False), (image[3], image[4], image_mask, False))
+    return loss_outputs, predictions, streams
+
+
+def _losses(model: BriVL, image_queries, text_queries, pixel_values, input_ids, attention_mask):
+    """(training_loss's outputs, image_logits, text_logits) from the online queries; the
+    momentum keys are computed here."""
+    temperature = model.temperature
     image_keys = ops.stop_gradient(model.image_encoder_m(pixel_values))
     text_keys = ops.stop_gradient(model.text_encoder_m(input_ids, attention_mask))
     # Casts keep mixed precision working: the queues stay fp32.
@@ -239,7 +312,7 @@ def training_loss(model: BriVL, pixel_values, input_ids, attention_mask):
         batch = image_logits.shape[0]
         in_batch = contrastive_loss(image_logits[:, :batch], text_logits[:, :batch])
         loss = ops.where(model.num_updates[0] >= model.queue_start_step, loss, in_batch)
-    return loss, image_keys, text_keys
+    return (loss, image_keys, text_keys), image_logits, text_logits
 
 
 def after_step(model: BriVL, image_keys, text_keys) -> None:

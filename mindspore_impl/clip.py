@@ -53,17 +53,23 @@ class Attention(nn.Cell):
         self.out_proj = Dense(tower.hidden_size, tower.hidden_size)
         self.attn_dropout = nn.Dropout(p=config.model.attention_dropout)
 
-    def construct(self, x, attention_bias=None):
+    def construct(self, x, attention_bias=None, output_scores=False):
+        """The output [batch, length, hidden]; with output_scores (output, scores), the raw
+        attention scores q k^T * scale [batch, heads, length, length] before the bias and
+        softmax."""
         batch, length, hidden = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.v_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         scores = BATCH_MATMUL_TRANSPOSE_B(q, k) * self.scale
+        biased = scores
         if attention_bias is not None:
-            scores = scores + attention_bias
-        probs = self.attn_dropout(ops.softmax(scores, axis=-1))
-        out = BATCH_MATMUL(probs, v).transpose(0, 2, 1, 3).reshape(batch, length, hidden)
-        return self.out_proj(out)
+            biased = scores + attention_bias
+        probs = self.attn_dropout(ops.softmax(biased, axis=-1))
+        out = self.out_proj(BATCH_MATMUL(probs, v).transpose(0, 2, 1, 3).reshape(batch, length, hidden))
+        if output_scores:
+            return out, scores
+        return out
 
 
 class MLP(nn.Cell):
@@ -86,9 +92,13 @@ class EncoderLayer(nn.Cell):
         self.mlp = MLP(tower, config)
         self.layer_norm2 = nn.LayerNorm((tower.hidden_size,), epsilon=eps)
 
-    def construct(self, x, attention_bias=None):
-        x = x + self.self_attn(self.layer_norm1(x), attention_bias)
+    def construct(self, x, attention_bias=None, output_scores=False):
+        """The output; with output_scores (output, the attention's raw scores)."""
+        attn = self.self_attn(self.layer_norm1(x), attention_bias, output_scores)
+        x = x + (attn[0] if output_scores else attn)
         x = x + self.mlp(self.layer_norm2(x))
+        if output_scores:
+            return x, attn[1]
         return x
 
 
@@ -97,9 +107,19 @@ class Encoder(nn.Cell):
         super().__init__()
         self.layers = nn.CellList([EncoderLayer(tower, config) for _ in range(tower.num_layers)])
 
-    def construct(self, x, attention_bias=None):
+    def construct(self, x, attention_bias=None, output_intermediates=False):
+        """The last layer's output; with output_intermediates (output, hidden_states: the
+        input and each layer's output, attention_scores: each layer's raw scores)."""
+        hidden_states, attention_scores = (x,), ()
         for layer in self.layers:
-            x = layer(x, attention_bias)
+            if output_intermediates:
+                x, scores = layer(x, attention_bias, True)
+                hidden_states = hidden_states + (x,)
+                attention_scores = attention_scores + (scores,)
+            else:
+                x = layer(x, attention_bias)
+        if output_intermediates:
+            return x, hidden_states, attention_scores
         return x
 
 
@@ -124,16 +144,26 @@ class TextTransformer(nn.Cell):
         self.encoder = Encoder(text, config)
         self.final_layer_norm = nn.LayerNorm((text.hidden_size,), epsilon=config.model.layer_norm_eps)
 
-    def construct(self, input_ids, attention_mask=None):
-        """The final hidden state of each row's last real token (its eos): [batch, hidden]."""
+    def construct(self, input_ids, attention_mask=None, output_intermediates=False):
+        """The final hidden state of each row's last real token (its eos): [batch, hidden].
+
+        output_intermediates: (pooled, hidden_states, attention_scores): the embeddings and
+        each layer's output [batch, length, hidden] (no final LayerNorm), each layer's raw
+        scores [batch, heads, length, length] before the causal/padding bias (Hugging Face's
+        hidden_states; its attentions are softmax(scores + bias)). A Python bool: graph mode
+        compiles one graph per value.
+        """
         batch, length = input_ids.shape
         x = self.embeddings(input_ids)
         bias = causal_attention_bias(attention_mask, batch, length, 0, x.dtype)
-        x = self.encoder(x, bias)
-        x = self.final_layer_norm(x)
+        encoded = self.encoder(x, bias, output_intermediates)
+        x = self.final_layer_norm(encoded[0] if output_intermediates else encoded)
         eos = _last_token_index(attention_mask, batch, length)
         index = ops.broadcast_to(eos.view(batch, 1, 1), (batch, 1, x.shape[2]))
-        return ops.gather_elements(x, 1, index).squeeze(1)
+        pooled = ops.gather_elements(x, 1, index).squeeze(1)
+        if output_intermediates:
+            return (pooled,) + encoded[1:]
+        return pooled
 
 
 class PatchEmbedding(nn.Conv2d):
@@ -183,10 +213,20 @@ class VisionTransformer(nn.Cell):
         self.encoder = Encoder(image, config)
         self.post_layernorm = nn.LayerNorm((image.hidden_size,), epsilon=eps)
 
-    def construct(self, pixel_values):
-        """The class token's final state, normalised: [batch, hidden]."""
-        x = self.encoder(self.pre_layernorm(self.embeddings(pixel_values)))
-        return self.post_layernorm(x[:, 0, :])
+    def construct(self, pixel_values, output_intermediates=False):
+        """The class token's final state, normalised: [batch, hidden].
+
+        output_intermediates: (pooled, hidden_states, attention_scores): pre_layernorm's
+        output and each layer's output [batch, patches + 1, hidden], each layer's raw scores
+        [batch, heads, patches + 1, patches + 1] (Hugging Face's hidden_states convention).
+        """
+        encoded = self.encoder(self.pre_layernorm(self.embeddings(pixel_values)), None,
+                               output_intermediates)
+        x = encoded[0] if output_intermediates else encoded
+        pooled = self.post_layernorm(x[:, 0, :])
+        if output_intermediates:
+            return (pooled,) + encoded[1:]
+        return pooled
 
 
 class CLIP(nn.Cell):
@@ -233,18 +273,27 @@ class CLIP(nn.Cell):
         self._check(input_ids=input_ids, attention_mask=attention_mask)
         return self.text_projection(self.text_model(input_ids, attention_mask))
 
-    def __call__(self, pixel_values, input_ids, attention_mask=None):
+    def __call__(self, pixel_values, input_ids, attention_mask=None, output_intermediates=False):
         self._check(pixel_values, input_ids, attention_mask)
-        return super().__call__(pixel_values, input_ids, attention_mask)
+        return super().__call__(pixel_values, input_ids, attention_mask, output_intermediates)
 
-    def construct(self, pixel_values, input_ids, attention_mask=None):
+    def construct(self, pixel_values, input_ids, attention_mask=None, output_intermediates=False):
         """(logits_per_image [images, texts], logits_per_text [texts, images]):
-        exp(logit_scale) * cosine similarity of the projected embeddings."""
-        image_embeds = self.visual_projection(self.vision_model(pixel_values))
-        text_embeds = self.text_projection(self.text_model(input_ids, attention_mask))
+        exp(logit_scale) * cosine similarity of the projected embeddings.
+
+        output_intermediates: also the towers' (hidden_states, attention_scores), text first:
+        (logits_per_image, logits_per_text, text_hidden_states, text_attention_scores,
+        image_hidden_states, image_attention_scores) (TextTransformer, VisionTransformer).
+        """
+        image = self.vision_model(pixel_values, output_intermediates)
+        text = self.text_model(input_ids, attention_mask, output_intermediates)
+        image_embeds = self.visual_projection(image[0] if output_intermediates else image)
+        text_embeds = self.text_projection(text[0] if output_intermediates else text)
         image_embeds = image_embeds / ops.sqrt(ops.pow(image_embeds, 2).sum(axis=-1, keepdims=True))
         text_embeds = text_embeds / ops.sqrt(ops.pow(text_embeds, 2).sum(axis=-1, keepdims=True))
         logits_per_image = ops.matmul(image_embeds, text_embeds.T) * ops.exp(self.logit_scale)
+        if output_intermediates:
+            return (logits_per_image, logits_per_image.T) + text[1:] + image[1:]
         return logits_per_image, logits_per_image.T
 
 
@@ -267,6 +316,28 @@ def training_loss(model, pixel_values, input_ids, attention_mask):
     batch's other captions and images as negatives; returns (loss,)."""
     logits_per_image, _ = model(pixel_values, input_ids, attention_mask)
     return (contrastive_loss(logits_per_image.astype(ms.float32)),)
+
+
+def distill_outputs(model, pixel_values, input_ids, attention_mask):
+    """One forward pass of training_loss's inputs for distillation: (training_loss's
+    outputs, predictions, streams).
+
+    predictions: (logits_per_image [n, n] fp32, row weights 0.5 / n) and (logits_per_text,
+    0.5 / n): the contrastive loss is their weighted sum of row cross-entropies. streams:
+    the text tower's (hidden_states, attention_scores, attention_mask as fp32, causal True)
+    and the image tower's (..., ones [n, patches + 1], causal False), the order of
+    taichu.families.clip.distill_streams.
+    """
+    outputs = model(pixel_values, input_ids, attention_mask, True)
+    logits_per_image, logits_per_text = outputs[0].astype(ms.float32), outputs[1].astype(ms.float32)
+    text_hidden, text_scores, image_hidden, image_scores = outputs[2:]
+    n_images, n_texts = logits_per_image.shape
+    predictions = ((logits_per_image, ops.full((n_images,), 0.5 / n_images, dtype=ms.float32)),
+                   (logits_per_text, ops.full((n_texts,), 0.5 / n_texts, dtype=ms.float32)))
+    image_mask = ops.ones(image_hidden[0].shape[:2], ms.float32)
+    streams = ((text_hidden, text_scores, attention_mask.astype(ms.float32), True),
+               (image_hidden, image_scores, image_mask, False))
+    return (contrastive_loss(logits_per_image),), predictions, streams
 
 
 def after_step(model):

@@ -82,7 +82,9 @@ class Attention(nn.Cell):
         self.attn_dropout = nn.Dropout(p=m.attention_dropout)
         self.resid_dropout = nn.Dropout(p=m.dropout)
 
-    def construct(self, x, attention_bias, past_key_value=None, cache_slot=None):
+    def construct(self, x, attention_bias, past_key_value=None, cache_slot=None, output_scores=False):
+        """(output, (key, value)); with output_scores also the raw attention scores
+        q k^T * scale [batch, heads, length, past + length], before the bias and softmax."""
         batch, length, hidden = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         k = self.k_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
@@ -95,9 +97,11 @@ class Attention(nn.Cell):
         elif past_key_value is not None:
             k = ops.cat((past_key_value[0], k), axis=2)
             v = ops.cat((past_key_value[1], v), axis=2)
-        scores = BATCH_MATMUL_TRANSPOSE_B(q, k) * self.scale + attention_bias
-        probs = self.attn_dropout(ops.softmax(scores, axis=-1))
+        scores = BATCH_MATMUL_TRANSPOSE_B(q, k) * self.scale
+        probs = self.attn_dropout(ops.softmax(scores + attention_bias, axis=-1))
         out = BATCH_MATMUL(probs, v).transpose(0, 2, 1, 3).reshape(batch, length, hidden)
+        if output_scores:
+            return self.resid_dropout(self.out_proj(out)), (k, v), scores
         return self.resid_dropout(self.out_proj(out)), (k, v)
 
 
@@ -123,11 +127,12 @@ class Block(nn.Cell):
         self.ln_2 = nn.LayerNorm((m.hidden_size,), epsilon=m.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def construct(self, x, attention_bias, past_key_value=None, cache_slot=None):
-        attn_out, present = self.attn(self.ln_1(x), attention_bias, past_key_value, cache_slot)
-        x = x + attn_out
+    def construct(self, x, attention_bias, past_key_value=None, cache_slot=None, output_scores=False):
+        """(output, (key, value)); with output_scores also the attention's raw scores."""
+        attn = self.attn(self.ln_1(x), attention_bias, past_key_value, cache_slot, output_scores)
+        x = x + attn[0]
         x = x + self.mlp(self.ln_2(x))
-        return x, present
+        return (x,) + attn[1:]
 
 
 class GPT(nn.Cell):
@@ -156,21 +161,27 @@ class GPT(nn.Cell):
                 cell.bias.set_data(initializer("zeros", cell.bias.shape, cell.bias.dtype))
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                 use_cache=False, logits_to_keep=0):
+                 use_cache=False, logits_to_keep=0, output_intermediates=False):
         # Value checks run here, outside construct: graph mode cannot raise on tensor values.
         ids = input_ids.asnumpy()
         past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         check_inputs(self.config, tuple(ids.shape), int(ids.min()), int(ids.max()), past_length,
                      None if attention_mask is None else tuple(attention_mask.shape))
         return super().__call__(input_ids, attention_mask, position_ids, past_key_values, use_cache,
-                                logits_to_keep)
+                                logits_to_keep, output_intermediates)
 
     def construct(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                  use_cache=False, logits_to_keep=0):
+                  use_cache=False, logits_to_keep=0, output_intermediates=False):
         """Logits [batch, length, vocab]; with use_cache also the per-layer (key, value).
 
         logits_to_keep > 0: logits of the last that many positions only (generation needs
         the last one; the output projection over every prompt position is wasted work).
+
+        output_intermediates: also (after the cache, if any) hidden_states, num_layers + 1
+        tensors [batch, length, hidden] (the first layer's input, then each layer's output,
+        without ln_f), and attention_scores, per layer the raw scores [batch, heads, length,
+        past + length] before the mask and softmax (what distillation compares). A Python
+        bool: graph mode compiles one graph per value.
 
         attention_mask: [batch, past + length], 1 for real tokens, 0 for padding.
         position_ids default to the count of real tokens before each one, so a left-padded
@@ -183,16 +194,27 @@ class GPT(nn.Cell):
         x = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))
         attention_bias = causal_attention_bias(attention_mask, batch, length, past_length, x.dtype)
         presents = ()
+        hidden_states, attention_scores = (x,), ()
         for i in range(len(self.layers)):
             past = None if past_key_values is None else past_key_values[i]
-            x, present = self.layers[i](x, attention_bias, past)
+            if output_intermediates:
+                x, present, scores = self.layers[i](x, attention_bias, past, None, True)
+                hidden_states = hidden_states + (x,)
+                attention_scores = attention_scores + (scores,)
+            else:
+                x, present = self.layers[i](x, attention_bias, past)
             presents = presents + (present,)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.output_logits(x)
+        if not (use_cache or output_intermediates):
+            return logits
+        outputs = (logits,)
         if use_cache:
-            return logits, presents
-        return logits
+            outputs = outputs + (presents,)
+        if output_intermediates:
+            outputs = outputs + (hidden_states, attention_scores)
+        return outputs
 
     def output_logits(self, x):
         """Final LayerNorm and the tied output projection: [batch, length, vocab]."""
@@ -293,9 +315,34 @@ class StaticCacheDecoder(nn.Cell):
 def training_loss(model, input_ids):
     """Next-token cross-entropy of token blocks [batch, seq_len + 1] (inputs [:, :-1],
     targets [:, 1:]), in fp32 whatever the compute precision; returns (loss,)."""
-    logits = model(input_ids[:, :-1])
-    return (cross_entropy(logits.reshape(-1, logits.shape[-1]).astype(ms.float32),
-                          input_ids[:, 1:].reshape(-1)),)
+    return _losses(_logit_rows(model(input_ids[:, :-1])), input_ids)
+
+
+def distill_outputs(model, input_ids):
+    """One forward pass of training_loss's inputs for distillation: (training_loss's
+    outputs, predictions, streams).
+
+    predictions: ((logits [batch * seq_len, vocab] fp32, row weights [batch * seq_len]),),
+    the weights 1 / rows (the loss's mean). streams: ((hidden_states, attention_scores,
+    token_mask [batch, seq_len] fp32 ones, causal True),), the decoder's stack as
+    taichu.families.gpt.distill_streams describes it.
+    """
+    logits, hidden_states, attention_scores = model(input_ids[:, :-1], output_intermediates=True)
+    rows = _logit_rows(logits)
+    weights = ops.full((rows.shape[0],), 1.0 / rows.shape[0], dtype=ms.float32)
+    token_mask = ops.ones(logits.shape[:2], ms.float32)
+    return (_losses(rows, input_ids), ((rows, weights),),
+            ((hidden_states, attention_scores, token_mask, True),))
+
+
+def _logit_rows(logits):
+    """[batch, length, vocab] -> [batch * length, vocab] in fp32."""
+    return logits.reshape(-1, logits.shape[-1]).astype(ms.float32)
+
+
+def _losses(rows, input_ids):
+    """training_loss's outputs from the logit rows of input_ids[:, :-1]."""
+    return (cross_entropy(rows, input_ids[:, 1:].reshape(-1)),)
 
 
 # Targets equal to this are left out of the mean: torch's F.cross_entropy default.

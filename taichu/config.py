@@ -160,6 +160,41 @@ class TrainConfig(Section):
         return self
 
 
+class DistillConfig(Section):
+    """``taichu distill``: how a student learns from a teacher (TinyBERT, design.md §2.4).
+
+    total = kd_weight * L_kd + student_weight * L_student, where L_kd =
+    embedding_weight * MSE(E_S W_e, E_T) + sum over mapped layers of (hidden_weight *
+    MSE(H_S W_h, H_T) + attention_weight * MSE(A_S, A_T)) + prediction_weight * soft
+    cross-entropy of the student's logits against the teacher's at ``temperature``.
+    Only the configs of families with intermediates to compare (Family.distill_streams)
+    have this section.
+    """
+
+    kd_weight: float = Field(1.0, ge=0.0)         # a1
+    student_weight: float = Field(1.0, ge=0.0)    # a2: the student's own training loss
+    embedding_weight: float = Field(1.0, ge=0.0)
+    hidden_weight: float = Field(1.0, ge=0.0)
+    attention_weight: float = Field(1.0, ge=0.0)
+    prediction_weight: float = Field(1.0, ge=0.0)
+    temperature: float = Field(1.0, gt=0.0)
+    # Per stream (a family's Transformer stack: "decoder", CLIP's "text" and "image"), the
+    # teacher layer (1..teacher layers) each student layer (1..student layers) learns from;
+    # a stream not listed maps uniformly, student layer m -> teacher layer floor(m N / M).
+    layer_map: dict[str, list[StrictInt]] = {}
+    # When a stream's head counts differ: average the teacher's heads in consecutive groups
+    # (teacher heads must be a multiple of the student's), or refuse.
+    attention_heads: Literal["group_mean", "refuse"] = "group_mean"
+    # TinyBERT's two stages: the first intermediate_steps steps learn the intermediate layers
+    # only (embedding, hidden, attention terms), the rest the predictions and the student's
+    # own loss. 0: one stage, every term at every step.
+    intermediate_steps: StrictInt = Field(0, ge=0)
+
+
+# Sections a family config may leave out (None); written to config.yaml only when set.
+OPTIONAL_SECTIONS = ("distill",)
+
+
 def _format_loc(loc: Iterable[Any]) -> str:
     return ".".join(str(part) for part in loc) or "<top level>"
 
@@ -256,7 +291,8 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()):
 
 
 def config_to_dict(config: BaseModel) -> dict:
-    return config.model_dump(mode="json")
+    unset = {name for name in OPTIONAL_SECTIONS if getattr(config, name, 0) is None}
+    return config.model_dump(mode="json", exclude=unset or None)
 
 
 def dump_config(config: BaseModel, path: str | Path) -> None:

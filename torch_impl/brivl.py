@@ -32,9 +32,20 @@ class Head(nn.Module):
         self.layers = nn.ModuleList([EncoderLayer(size, config) for _ in range(size.num_layers)])
         self.layer_norm = nn.LayerNorm(size.hidden_size, eps=config.model.layer_norm_eps)
 
-    def forward(self, x, attention_bias=None):
+    def forward(self, x, attention_bias=None, output_intermediates=False):
+        """The last layer's output, normalised; with output_intermediates (output,
+        hidden_states: the input and each layer's output before the LayerNorm,
+        attention_scores: each layer's raw scores)."""
+        hidden_states, attention_scores = (x,), ()
         for layer in self.layers:
-            x = layer(x, attention_bias)
+            if output_intermediates:
+                x, scores = layer(x, attention_bias, True)
+                hidden_states = hidden_states + (x,)
+                attention_scores = attention_scores + (scores,)
+            else:
+                x = layer(x, attention_bias)
+        if output_intermediates:
+            return self.layer_norm(x), hidden_states, attention_scores
         return self.layer_norm(x)
 
 
@@ -63,10 +74,14 @@ class VisionBackbone(nn.Module):
         self.encoder = Encoder(image, config)
         self.post_layernorm = nn.LayerNorm(image.hidden_size, eps=eps)
 
-    def forward(self, pixel_values):
-        """[batch, 1 + patches, hidden]."""
-        x = self.encoder(self.pre_layernorm(self.embeddings(pixel_values)))
-        return self.post_layernorm(x)
+    def forward(self, pixel_values, output_intermediates=False):
+        """[batch, 1 + patches, hidden]; with output_intermediates (output, hidden_states:
+        pre_layernorm's output and each layer's, attention_scores: each layer's raw scores)."""
+        encoded = self.encoder(self.pre_layernorm(self.embeddings(pixel_values)), None,
+                               output_intermediates)
+        if output_intermediates:
+            return (self.post_layernorm(encoded[0]),) + encoded[1:]
+        return self.post_layernorm(encoded)
 
 
 class TextBackbone(nn.Module):
@@ -79,11 +94,15 @@ class TextBackbone(nn.Module):
         self.encoder = Encoder(text, config)
         self.final_layer_norm = nn.LayerNorm(text.hidden_size, eps=config.model.layer_norm_eps)
 
-    def forward(self, input_ids, attention_mask=None):
-        """[batch, length, hidden]; padding positions hold values nobody reads."""
+    def forward(self, input_ids, attention_mask=None, output_intermediates=False):
+        """[batch, length, hidden]; padding positions hold values nobody reads. With
+        output_intermediates (output, hidden_states: the embeddings and each layer's output,
+        attention_scores: each layer's raw scores)."""
         x = self.embeddings(input_ids)
-        x = self.encoder(x, padding_attention_bias(attention_mask, x.dtype))
-        return self.final_layer_norm(x)
+        encoded = self.encoder(x, padding_attention_bias(attention_mask, x.dtype), output_intermediates)
+        if output_intermediates:
+            return (self.final_layer_norm(encoded[0]),) + encoded[1:]
+        return self.final_layer_norm(encoded)
 
 
 class ImageEncoder(nn.Module):
@@ -94,10 +113,20 @@ class ImageEncoder(nn.Module):
         self.head = Head(m.image_head_size, config)
         self.projection = Projection(m.image.hidden_size, config)
 
-    def forward(self, pixel_values):
-        """L2-normalised embeddings [batch, embed_dim]; the mean runs over all tokens."""
-        x = self.head(self.backbone(pixel_values))
-        return l2_normalize(self.projection(x.mean(dim=1)))
+    def forward(self, pixel_values, output_intermediates=False):
+        """L2-normalised embeddings [batch, embed_dim]; the mean runs over all tokens.
+
+        output_intermediates: (embeddings, backbone hidden_states, backbone attention_scores,
+        head hidden_states, head attention_scores); the head's first hidden state is the
+        backbone's normalised output.
+        """
+        backbone = self.backbone(pixel_values, output_intermediates)
+        head = self.head(backbone[0] if output_intermediates else backbone, None, output_intermediates)
+        x = head[0] if output_intermediates else head
+        embeds = l2_normalize(self.projection(x.mean(dim=1)))
+        if output_intermediates:
+            return (embeds,) + backbone[1:] + head[1:]
+        return embeds
 
 
 class TextEncoder(nn.Module):
@@ -108,16 +137,25 @@ class TextEncoder(nn.Module):
         self.head = Head(m.text_head_size, config)
         self.projection = Projection(m.text.hidden_size, config)
 
-    def forward(self, input_ids, attention_mask=None):
-        """L2-normalised embeddings [batch, embed_dim]; the mean runs over real tokens."""
-        x = self.backbone(input_ids, attention_mask)
-        x = self.head(x, padding_attention_bias(attention_mask, x.dtype))
+    def forward(self, input_ids, attention_mask=None, output_intermediates=False):
+        """L2-normalised embeddings [batch, embed_dim]; the mean runs over real tokens.
+
+        output_intermediates: (embeddings, backbone hidden_states, backbone attention_scores,
+        head hidden_states, head attention_scores), as ImageEncoder's.
+        """
+        backbone = self.backbone(input_ids, attention_mask, output_intermediates)
+        x = backbone[0] if output_intermediates else backbone
+        head = self.head(x, padding_attention_bias(attention_mask, x.dtype), output_intermediates)
+        x = head[0] if output_intermediates else head
         if attention_mask is None:
             pooled = x.mean(dim=1)
         else:
             weights = attention_mask.to(x.dtype).unsqueeze(-1)            # [batch, length, 1]
             pooled = (x * weights).sum(dim=1) / weights.sum(dim=1)
-        return l2_normalize(self.projection(pooled))
+        embeds = l2_normalize(self.projection(pooled))
+        if output_intermediates:
+            return (embeds,) + backbone[1:] + head[1:]
+        return embeds
 
 
 class BriVL(nn.Module):
@@ -203,9 +241,43 @@ def training_loss(model: BriVL, pixel_values, input_ids, attention_mask):
     in-batch loss. No input checks: the MindSpore mirror runs inside a compiled graph,
     and the trainer's batches are checked where they are made.
     """
-    temperature = model.temperature
     image_queries = model.image_encoder(pixel_values)
     text_queries = model.text_encoder(input_ids, attention_mask)
+    return _losses(model, image_queries, text_queries, pixel_values, input_ids, attention_mask)[0]
+
+
+def distill_outputs(model: BriVL, pixel_values, input_ids, attention_mask):
+    """One forward pass of training_loss's inputs for distillation: (training_loss's
+    outputs, predictions, streams).
+
+    predictions: the batch's columns of the loss's logits (online queries against the
+    momentum keys, / temperature), (image_logits [n, n] fp32, row weights 0.5 / n) and
+    (text_logits [n, n], 0.5 / n): the in-batch loss is their weighted sum of row
+    cross-entropies. The queue columns are left out: a teacher's queue holds its own past
+    keys, not the student's, so the columns would not correspond. streams (the online
+    towers, all bidirectional): the text backbone's and text head's (hidden_states,
+    attention_scores, attention_mask as fp32, causal False), then the image backbone's and
+    image head's (..., ones [n, patches + 1], False). A head's first hidden state is its
+    backbone's normalised output.
+    """
+    image = model.image_encoder(pixel_values, True)
+    text = model.text_encoder(input_ids, attention_mask, True)
+    loss_outputs, image_logits, text_logits = _losses(model, image[0], text[0], pixel_values, input_ids,
+                                                      attention_mask)
+    batch = image_logits.shape[0]
+    weights = torch.full((batch,), 0.5 / batch, dtype=torch.float32, device=image_logits.device)
+    predictions = ((image_logits[:, :batch].float(), weights), (text_logits[:, :batch].float(), weights))
+    text_mask = attention_mask.float()
+    image_mask = torch.ones(image[1][0].shape[:2], dtype=torch.float32, device=image_logits.device)
+    streams = ((text[1], text[2], text_mask, False), (text[3], text[4], text_mask, False),
+               (image[1], image[2], image_mask, False), (image[3], image[4], image_mask, False))
+    return loss_outputs, predictions, streams
+
+
+def _losses(model: BriVL, image_queries, text_queries, pixel_values, input_ids, attention_mask):
+    """(training_loss's outputs, image_logits, text_logits) from the online queries; the
+    momentum keys are computed here."""
+    temperature = model.temperature
     with torch.no_grad():
         image_keys = model.image_encoder_m(pixel_values)
         text_keys = model.text_encoder_m(input_ids, attention_mask)
@@ -221,7 +293,7 @@ def training_loss(model: BriVL, pixel_values, input_ids, attention_mask):
         batch = image_logits.shape[0]
         in_batch = contrastive_loss(image_logits[:, :batch], text_logits[:, :batch])
         loss = torch.where(model.num_updates[0] >= model.queue_start_step, loss, in_batch)
-    return loss, image_keys, text_keys
+    return (loss, image_keys, text_keys), image_logits, text_logits
 
 
 @torch.no_grad()

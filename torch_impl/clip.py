@@ -49,17 +49,31 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(tower.hidden_size, tower.hidden_size)
         self.attn_dropout = nn.Dropout(config.model.attention_dropout)
 
-    def forward(self, x, attention_bias=None):
+    def forward(self, x, attention_bias=None, output_scores=False):
+        """The output [batch, length, hidden]; with output_scores (output, scores), the raw
+        attention scores q k^T * scale [batch, heads, length, length] before the bias and
+        softmax."""
         batch, length, hidden = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        # softmax(q k^T * scale + bias) v, fused; mindspore_impl writes it out.
-        dropout = self.attn_dropout.p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, dropout_p=dropout,
-                                             scale=self.scale)
-        out = out.transpose(1, 2).reshape(batch, length, hidden)
-        return self.out_proj(out)
+        if output_scores:
+            # Written out, as mindspore_impl always does, to return the scores (distillation).
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+            biased = scores
+            if attention_bias is not None:
+                biased = scores + attention_bias
+            probs = torch.softmax(biased, dim=-1)
+            out = torch.matmul(self.attn_dropout(probs), v)
+        else:
+            # softmax(q k^T * scale + bias) v, fused; mindspore_impl writes it out.
+            dropout = self.attn_dropout.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, dropout_p=dropout,
+                                                 scale=self.scale)
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, length, hidden))
+        if output_scores:
+            return out, scores
+        return out
 
 
 class MLP(nn.Module):
@@ -82,9 +96,13 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(tower, config)
         self.layer_norm2 = nn.LayerNorm(tower.hidden_size, eps=eps)
 
-    def forward(self, x, attention_bias=None):
-        x = x + self.self_attn(self.layer_norm1(x), attention_bias)
+    def forward(self, x, attention_bias=None, output_scores=False):
+        """The output; with output_scores (output, the attention's raw scores)."""
+        attn = self.self_attn(self.layer_norm1(x), attention_bias, output_scores)
+        x = x + (attn[0] if output_scores else attn)
         x = x + self.mlp(self.layer_norm2(x))
+        if output_scores:
+            return x, attn[1]
         return x
 
 
@@ -93,9 +111,19 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList([EncoderLayer(tower, config) for _ in range(tower.num_layers)])
 
-    def forward(self, x, attention_bias=None):
+    def forward(self, x, attention_bias=None, output_intermediates=False):
+        """The last layer's output; with output_intermediates (output, hidden_states: the
+        input and each layer's output, attention_scores: each layer's raw scores)."""
+        hidden_states, attention_scores = (x,), ()
         for layer in self.layers:
-            x = layer(x, attention_bias)
+            if output_intermediates:
+                x, scores = layer(x, attention_bias, True)
+                hidden_states = hidden_states + (x,)
+                attention_scores = attention_scores + (scores,)
+            else:
+                x = layer(x, attention_bias)
+        if output_intermediates:
+            return x, hidden_states, attention_scores
         return x
 
 
@@ -120,15 +148,24 @@ class TextTransformer(nn.Module):
         self.encoder = Encoder(text, config)
         self.final_layer_norm = nn.LayerNorm(text.hidden_size, eps=config.model.layer_norm_eps)
 
-    def forward(self, input_ids, attention_mask=None):
-        """The final hidden state of each row's last real token (its eos): [batch, hidden]."""
+    def forward(self, input_ids, attention_mask=None, output_intermediates=False):
+        """The final hidden state of each row's last real token (its eos): [batch, hidden].
+
+        output_intermediates: (pooled, hidden_states, attention_scores): the embeddings and
+        each layer's output [batch, length, hidden] (no final LayerNorm), each layer's raw
+        scores [batch, heads, length, length] before the causal/padding bias (Hugging Face's
+        hidden_states; its attentions are softmax(scores + bias)).
+        """
         batch, length = input_ids.shape
         x = self.embeddings(input_ids)
         bias = causal_attention_bias(attention_mask, batch, length, 0, x.dtype, x.device)
-        x = self.encoder(x, bias)
-        x = self.final_layer_norm(x)
+        encoded = self.encoder(x, bias, output_intermediates)
+        x = self.final_layer_norm(encoded[0] if output_intermediates else encoded)
         eos = _last_token_index(attention_mask, batch, length, x.device)
-        return torch.gather(x, 1, eos.view(batch, 1, 1).expand(batch, 1, x.shape[2])).squeeze(1)
+        pooled = torch.gather(x, 1, eos.view(batch, 1, 1).expand(batch, 1, x.shape[2])).squeeze(1)
+        if output_intermediates:
+            return (pooled,) + encoded[1:]
+        return pooled
 
 
 class VisionEmbeddings(nn.Module):
@@ -158,10 +195,20 @@ class VisionTransformer(nn.Module):
         self.encoder = Encoder(image, config)
         self.post_layernorm = nn.LayerNorm(image.hidden_size, eps=eps)
 
-    def forward(self, pixel_values):
-        """The class token's final state, normalised: [batch, hidden]."""
-        x = self.encoder(self.pre_layernorm(self.embeddings(pixel_values)))
-        return self.post_layernorm(x[:, 0, :])
+    def forward(self, pixel_values, output_intermediates=False):
+        """The class token's final state, normalised: [batch, hidden].
+
+        output_intermediates: (pooled, hidden_states, attention_scores): pre_layernorm's
+        output and each layer's output [batch, patches + 1, hidden], each layer's raw scores
+        [batch, heads, patches + 1, patches + 1] (Hugging Face's hidden_states convention).
+        """
+        encoded = self.encoder(self.pre_layernorm(self.embeddings(pixel_values)), None,
+                               output_intermediates)
+        x = encoded[0] if output_intermediates else encoded
+        pooled = self.post_layernorm(x[:, 0, :])
+        if output_intermediates:
+            return (pooled,) + encoded[1:]
+        return pooled
 
 
 class CLIP(nn.Module):
@@ -206,15 +253,24 @@ class CLIP(nn.Module):
         self._check(input_ids=input_ids, attention_mask=attention_mask)
         return self.text_projection(self.text_model(input_ids, attention_mask))
 
-    def forward(self, pixel_values, input_ids, attention_mask=None):
+    def forward(self, pixel_values, input_ids, attention_mask=None, output_intermediates=False):
         """(logits_per_image [images, texts], logits_per_text [texts, images]):
-        exp(logit_scale) * cosine similarity of the projected embeddings."""
+        exp(logit_scale) * cosine similarity of the projected embeddings.
+
+        output_intermediates: also the towers' (hidden_states, attention_scores), text first:
+        (logits_per_image, logits_per_text, text_hidden_states, text_attention_scores,
+        image_hidden_states, image_attention_scores) (TextTransformer, VisionTransformer).
+        """
         self._check(pixel_values, input_ids, attention_mask)
-        image_embeds = self.visual_projection(self.vision_model(pixel_values))
-        text_embeds = self.text_projection(self.text_model(input_ids, attention_mask))
+        image = self.vision_model(pixel_values, output_intermediates)
+        text = self.text_model(input_ids, attention_mask, output_intermediates)
+        image_embeds = self.visual_projection(image[0] if output_intermediates else image)
+        text_embeds = self.text_projection(text[0] if output_intermediates else text)
         image_embeds = image_embeds / image_embeds.pow(2).sum(dim=-1, keepdim=True).sqrt()
         text_embeds = text_embeds / text_embeds.pow(2).sum(dim=-1, keepdim=True).sqrt()
         logits_per_image = torch.matmul(image_embeds, text_embeds.T) * self.logit_scale.exp()
+        if output_intermediates:
+            return (logits_per_image, logits_per_image.T) + text[1:] + image[1:]
         return logits_per_image, logits_per_image.T
 
 
@@ -236,6 +292,31 @@ def training_loss(model, pixel_values, input_ids, attention_mask):
     batch's other captions and images as negatives; returns (loss,)."""
     logits_per_image, _ = model(pixel_values, input_ids, attention_mask)
     return (contrastive_loss(logits_per_image.float()),)
+
+
+def distill_outputs(model, pixel_values, input_ids, attention_mask):
+    """One forward pass of training_loss's inputs for distillation: (training_loss's
+    outputs, predictions, streams).
+
+    predictions: (logits_per_image [n, n] fp32, row weights 0.5 / n) and (logits_per_text,
+    0.5 / n): the contrastive loss is their weighted sum of row cross-entropies. streams:
+    the text tower's (hidden_states, attention_scores, attention_mask as fp32, causal True)
+    and the image tower's (..., ones [n, patches + 1], causal False), the order of
+    taichu.families.clip.distill_streams.
+    """
+    outputs = model(pixel_values, input_ids, attention_mask, True)
+    logits_per_image, logits_per_text = outputs[0].float(), outputs[1].float()
+    text_hidden, text_scores, image_hidden, image_scores = outputs[2:]
+    device = logits_per_image.device
+    n_images, n_texts = logits_per_image.shape
+    predictions = ((logits_per_image, torch.full((n_images,), 0.5 / n_images, dtype=torch.float32,
+                                                 device=device)),
+                   (logits_per_text, torch.full((n_texts,), 0.5 / n_texts, dtype=torch.float32,
+                                                device=device)))
+    image_mask = torch.ones(image_hidden[0].shape[:2], dtype=torch.float32, device=device)
+    streams = ((text_hidden, text_scores, attention_mask.float(), True),
+               (image_hidden, image_scores, image_mask, False))
+    return (contrastive_loss(logits_per_image),), predictions, streams
 
 
 @torch.no_grad()

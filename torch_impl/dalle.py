@@ -58,7 +58,8 @@ class DALLE(nn.Module):
         cols = index - rows * self.image_grid
         return self.embed_image(image_codes) + self.embed_image_rows(rows) + self.embed_image_cols(cols)
 
-    def forward(self, input_ids=None, image_codes=None, past_key_values=None, use_cache=False):
+    def forward(self, input_ids=None, image_codes=None, past_key_values=None, use_cache=False,
+                output_intermediates=False):
         """(text_logits, image_logits), with use_cache also the per-layer (key, value).
 
         Without a past: input_ids [B, text_length] (the whole text) and image_codes [B, n]
@@ -67,6 +68,11 @@ class DALLE(nn.Module):
         codebook_size] (the last text position and each code predict the next code).
         With a past covering the text and j codes: input_ids None, image_codes [B, m] (codes
         j .. j + m - 1) -> (None, image_logits [B, m, codebook_size]).
+
+        output_intermediates: also (after the cache, if any) hidden_states, num_layers + 1
+        tensors [B, length, hidden] (the first layer's input after the embedding dropout,
+        then each layer's output, without ln_f), and attention_scores, per layer the raw
+        scores [B, heads, length, past + length] before the causal bias and softmax.
         """
         past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
@@ -82,9 +88,15 @@ class DALLE(nn.Module):
         batch, length = x.shape[:2]
         attention_bias = causal_attention_bias(None, batch, length, past_length, x.dtype, x.device)
         presents = []
+        hidden_states, attention_scores = (x,), ()
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else past_key_values[i]
-            x, present = layer(x, attention_bias, past)
+            if output_intermediates:
+                x, present, scores = layer(x, attention_bias, past, None, True)
+                hidden_states = hidden_states + (x,)
+                attention_scores = attention_scores + (scores,)
+            else:
+                x, present = layer(x, attention_bias, past)
             presents.append(present)
         hidden = self.ln_f(x)
         if input_ids is not None:
@@ -92,9 +104,12 @@ class DALLE(nn.Module):
             logits = (self.text_head(hidden[:, :split]), self.image_head(hidden[:, split:]))
         else:
             logits = (None, self.image_head(hidden))
+        outputs = logits
         if use_cache:
-            return logits + (tuple(presents),)
-        return logits
+            outputs = outputs + (tuple(presents),)
+        if output_intermediates:
+            outputs = outputs + (hidden_states, attention_scores)
+        return outputs
 
 
 def training_loss(model, input_ids, image_codes):
@@ -102,13 +117,44 @@ def training_loss(model, input_ids, image_codes):
     captions input_ids [B, text_length] (pads ignored as targets) and their codes
     image_codes [B, image_grid ** 2]; returns (loss,)."""
     text_logits, image_logits = model(input_ids, image_codes[:, :-1])
-    pad_id = model.pad_id
+    return _losses(model, _logit_rows(text_logits), _logit_rows(image_logits), input_ids, image_codes)
+
+
+def distill_outputs(model, input_ids, image_codes):
+    """One forward pass of training_loss's inputs for distillation: (training_loss's
+    outputs, predictions, streams).
+
+    predictions: (text logits [B * (text_length - 1), vocab] fp32, row weights text_weight
+    / (non-pad targets) on the rows whose target is not a pad, 0 on the others) and (image
+    logits [B * image_tokens, codebook] fp32, image_weight / rows): the loss is their
+    weighted sum of row cross-entropies. streams: ((hidden_states, attention_scores,
+    token_mask [B, length] fp32 ones, causal True),), the order of
+    taichu.families.dalle.distill_streams.
+    """
+    text_logits, image_logits, hidden_states, attention_scores = model(
+        input_ids, image_codes[:, :-1], None, False, True)
+    text_rows, image_rows = _logit_rows(text_logits), _logit_rows(image_logits)
+    nonpad = (input_ids[:, 1:] != model.pad_id).reshape(-1).float()
+    images = image_rows.shape[0]
+    predictions = ((text_rows, model.text_weight * nonpad / nonpad.sum()),
+                   (image_rows, torch.full((images,), model.image_weight / images, dtype=torch.float32,
+                                           device=image_rows.device)))
+    token_mask = torch.ones(hidden_states[0].shape[:2], dtype=torch.float32, device=image_rows.device)
+    return (_losses(model, text_rows, image_rows, input_ids, image_codes), predictions,
+            ((hidden_states, attention_scores, token_mask, True),))
+
+
+def _logit_rows(logits):
+    """[B, positions, classes] -> [B * positions, classes] in fp32."""
+    return logits.float().reshape(-1, logits.shape[-1])
+
+
+def _losses(model, text_rows, image_rows, input_ids, image_codes):
+    """training_loss's outputs from the text and image logit rows."""
     targets = input_ids[:, 1:]
-    targets = targets.masked_fill(targets == pad_id, IGNORE_INDEX)
-    text_loss = F.cross_entropy(text_logits.float().reshape(-1, text_logits.shape[-1]), targets.reshape(-1),
-                                ignore_index=IGNORE_INDEX)
-    image_loss = F.cross_entropy(image_logits.float().reshape(-1, image_logits.shape[-1]),
-                                 image_codes.reshape(-1))
+    targets = targets.masked_fill(targets == model.pad_id, IGNORE_INDEX)
+    text_loss = F.cross_entropy(text_rows, targets.reshape(-1), ignore_index=IGNORE_INDEX)
+    image_loss = F.cross_entropy(image_rows, image_codes.reshape(-1))
     return (model.text_weight * text_loss + model.image_weight * image_loss,)
 
 

@@ -33,7 +33,9 @@ class Attention(nn.Module):
         self.attn_dropout = nn.Dropout(m.attention_dropout)
         self.resid_dropout = nn.Dropout(m.dropout)
 
-    def forward(self, x, attention_bias, past_key_value=None, cache_slot=None):
+    def forward(self, x, attention_bias, past_key_value=None, cache_slot=None, output_scores=False):
+        """(output, (key, value)); with output_scores also the raw attention scores
+        q k^T * scale [batch, heads, length, past + length], before the bias and softmax."""
         batch, length, hidden = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
@@ -46,13 +48,21 @@ class Attention(nn.Module):
         elif past_key_value is not None:
             k = torch.cat((past_key_value[0], k), dim=2)
             v = torch.cat((past_key_value[1], v), dim=2)
-        # softmax(q k^T * scale + bias) v, fused: same math as mindspore_impl's explicit
-        # matmul/softmax/matmul, but the [length, total] scores and probabilities are never
-        # stored for backward (bench/train_gpt.py: faster training step on CPU).
-        dropout = self.attn_dropout.p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, dropout_p=dropout,
-                                             scale=self.scale)
+        if output_scores:
+            # Written out, as mindspore_impl always does, to return the scores (distillation).
+            scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+            probs = torch.softmax(scores + attention_bias, dim=-1)
+            out = torch.matmul(self.attn_dropout(probs), v)
+        else:
+            # softmax(q k^T * scale + bias) v, fused: same math as mindspore_impl's explicit
+            # matmul/softmax/matmul, but the [length, total] scores and probabilities are never
+            # stored for backward (bench/train_gpt.py: faster training step on CPU).
+            dropout = self.attn_dropout.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_bias, dropout_p=dropout,
+                                                 scale=self.scale)
         out = out.transpose(1, 2).reshape(batch, length, hidden)
+        if output_scores:
+            return self.resid_dropout(self.out_proj(out)), (k, v), scores
         return self.resid_dropout(self.out_proj(out)), (k, v)
 
 
@@ -78,11 +88,12 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(m.hidden_size, eps=m.layer_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, attention_bias, past_key_value=None, cache_slot=None):
-        attn_out, present = self.attn(self.ln_1(x), attention_bias, past_key_value, cache_slot)
-        x = x + attn_out
+    def forward(self, x, attention_bias, past_key_value=None, cache_slot=None, output_scores=False):
+        """(output, (key, value)); with output_scores also the attention's raw scores."""
+        attn = self.attn(self.ln_1(x), attention_bias, past_key_value, cache_slot, output_scores)
+        x = x + attn[0]
         x = x + self.mlp(self.ln_2(x))
-        return x, present
+        return (x,) + attn[1:]
 
 
 class GPT(nn.Module):
@@ -110,11 +121,16 @@ class GPT(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
-                use_cache=False, logits_to_keep=0):
+                use_cache=False, logits_to_keep=0, output_intermediates=False):
         """Logits [batch, length, vocab]; with use_cache also the per-layer (key, value).
 
         logits_to_keep > 0: logits of the last that many positions only (generation needs
         the last one; the output projection over every prompt position is wasted work).
+
+        output_intermediates: also (after the cache, if any) hidden_states, num_layers + 1
+        tensors [batch, length, hidden] (the first layer's input, then each layer's output,
+        without ln_f), and attention_scores, per layer the raw scores [batch, heads, length,
+        past + length] before the mask and softmax (what distillation compares).
 
         attention_mask: [batch, past + length], 1 for real tokens, 0 for padding.
         position_ids default to the count of real tokens before each one, so a left-padded
@@ -133,16 +149,27 @@ class GPT(nn.Module):
         attention_bias = causal_attention_bias(attention_mask, batch, length, past_length, x.dtype,
                                          x.device)
         presents = []
+        hidden_states, attention_scores = (x,), ()
         for i, layer in enumerate(self.layers):
             past = None if past_key_values is None else past_key_values[i]
-            x, present = layer(x, attention_bias, past)
+            if output_intermediates:
+                x, present, scores = layer(x, attention_bias, past, None, True)
+                hidden_states = hidden_states + (x,)
+                attention_scores = attention_scores + (scores,)
+            else:
+                x, present = layer(x, attention_bias, past)
             presents.append(present)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.output_logits(x)
+        if not (use_cache or output_intermediates):
+            return logits
+        outputs = (logits,)
         if use_cache:
-            return logits, tuple(presents)
-        return logits
+            outputs = outputs + (tuple(presents),)
+        if output_intermediates:
+            outputs = outputs + (hidden_states, attention_scores)
+        return outputs
 
     def output_logits(self, x):
         """Final LayerNorm and the tied output projection: [batch, length, vocab]."""
@@ -231,9 +258,34 @@ class StaticCacheDecoder(nn.Module):
 def training_loss(model, input_ids):
     """Next-token cross-entropy of token blocks [batch, seq_len + 1] (inputs [:, :-1],
     targets [:, 1:]), in fp32 whatever the compute precision; returns (loss,)."""
-    logits = model(input_ids[:, :-1])
-    return (F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                            input_ids[:, 1:].reshape(-1)),)
+    return _losses(_logit_rows(model(input_ids[:, :-1])), input_ids)
+
+
+def distill_outputs(model, input_ids):
+    """One forward pass of training_loss's inputs for distillation: (training_loss's
+    outputs, predictions, streams).
+
+    predictions: ((logits [batch * seq_len, vocab] fp32, row weights [batch * seq_len]),),
+    the weights 1 / rows (the loss's mean). streams: ((hidden_states, attention_scores,
+    token_mask [batch, seq_len] fp32 ones, causal True),), the decoder's stack as
+    taichu.families.gpt.distill_streams describes it.
+    """
+    logits, hidden_states, attention_scores = model(input_ids[:, :-1], output_intermediates=True)
+    rows = _logit_rows(logits)
+    weights = torch.full((rows.shape[0],), 1.0 / rows.shape[0], dtype=torch.float32, device=rows.device)
+    token_mask = torch.ones(logits.shape[:2], dtype=torch.float32, device=rows.device)
+    return (_losses(rows, input_ids), ((rows, weights),),
+            ((hidden_states, attention_scores, token_mask, True),))
+
+
+def _logit_rows(logits):
+    """[batch, length, vocab] -> [batch * length, vocab] in fp32."""
+    return logits.float().reshape(-1, logits.shape[-1])
+
+
+def _losses(rows, input_ids):
+    """training_loss's outputs from the logit rows of input_ids[:, :-1]."""
+    return (F.cross_entropy(rows, input_ids[:, 1:].reshape(-1)),)
 
 
 def _default_position_ids(attention_mask, batch, length, past_length, device):

@@ -32,6 +32,17 @@ def layer_norm_specs(prefix: str, width: int) -> dict[str, TensorSpec]:
 
 
 @dataclass(frozen=True)
+class DistillStream:
+    """One Transformer stack of a model as distillation sees it (``distill_outputs`` in the
+    backend files gives its hidden states and attention scores in this order)."""
+    name: str           # "decoder"; CLIP's "text" and "image"
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    causal: bool        # a query sees only the keys up to itself
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     module: str          # file name in torch_impl/ and mindspore_impl/
@@ -50,6 +61,12 @@ class Family:
     # under other names (a pretrained vision model's teacher backbone as the backbone of a
     # segmentation model); applied before fresh_on_init. None: names are kept.
     init_arrays: Callable[[Any, Any, dict], tuple[dict, str]] | None = None
+    # config -> the model's Transformer stacks, for ``taichu distill`` (whose backend files
+    # have ``distill_outputs``); None: the family cannot be distilled.
+    distill_streams: Callable[[Any], tuple[DistillStream, ...]] | None = None
+    # Dotted config keys the student and the teacher must share (what the inputs are and
+    # how long each stream is: distillation compares position for position).
+    distill_shared_keys: tuple[str, ...] = ()
 
 
 _FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt", "clip": "taichu.families.clip",

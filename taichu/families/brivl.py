@@ -42,8 +42,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, StrictInt, model_validator
 
-from taichu.config import Section, TokenizerConfig, TrainConfig, TransformerSize
-from taichu.families import Family, TensorSpec, layer_norm_specs, linear_specs
+from taichu.config import DistillConfig, Section, TokenizerConfig, TrainConfig, TransformerSize
+from taichu.families import DistillStream, Family, TensorSpec, layer_norm_specs, linear_specs
 from taichu.families.clip import (CLIPImageConfig, ImageTextDataConfig, encoder_specs,
                                   text_embedding_specs, vision_embedding_specs)
 from taichu.parallel import ParallelConfig
@@ -142,6 +142,8 @@ class BriVLConfig(Section):
     train: TrainConfig = TrainConfig()
     # Data parallel only (msrun / torchrun workers); no tensor or pipeline strategies.
     parallel: ParallelConfig = ParallelConfig()
+    # How `taichu distill` trains this model as a student (None: defaults).
+    distill: DistillConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "BriVLConfig":
@@ -234,8 +236,21 @@ def _layers(count: int) -> str:
     return f"{count} layer" if count == 1 else f"{count} layers"
 
 
+def distill_streams(config: BriVLConfig) -> tuple[DistillStream, ...]:
+    """Text backbone, text head, image backbone, image head (a head's head count may differ
+    from its backbone's), as the backends' ``distill_outputs`` give them; none is causal."""
+    m = config.model
+    return tuple(DistillStream(name, size.hidden_size, size.num_layers, size.num_heads, causal=False)
+                 for name, size in (("text", m.text), ("text_head", m.text_head_size),
+                                    ("image", m.image), ("image_head", m.image_head_size)))
+
+
 FAMILY = Family(name="brivl", module="brivl", class_name="BriVL", config_class=BriVLConfig,
-                tensor_specs=tensor_specs, describe=describe, task="image_text")
+                tensor_specs=tensor_specs, describe=describe, task="image_text",
+                distill_streams=distill_streams,
+                distill_shared_keys=("model.text.vocab_size", "model.text.max_position_embeddings",
+                                     "model.image.image_size", "model.image.patch_size",
+                                     "model.image.num_channels"))
 
 
 def check_inputs(config: BriVLConfig, pixel_shape: tuple[int, ...] | None = None,

@@ -15,9 +15,9 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, StrictInt, model_validator
 
-from taichu.config import Section, TokenizerConfig, TrainConfig, TransformerSize
+from taichu.config import DistillConfig, Section, TokenizerConfig, TrainConfig, TransformerSize
 from taichu.parallel import ParallelConfig
-from taichu.families import Family, TensorSpec, layer_norm_specs, linear_specs
+from taichu.families import DistillStream, Family, TensorSpec, layer_norm_specs, linear_specs
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 # OpenAI CLIP clips the learned log temperature at ln(100) after each training step.
@@ -106,6 +106,8 @@ class CLIPConfig(Section):
     train: TrainConfig = TrainConfig()
     # Data parallel only (msrun / torchrun workers); no tensor or pipeline strategies.
     parallel: ParallelConfig = ParallelConfig()
+    # How `taichu distill` trains this model as a student (None: defaults).
+    distill: DistillConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "CLIPConfig":
@@ -217,8 +219,20 @@ def describe(config: CLIPConfig) -> dict:
     }
 
 
+def distill_streams(config: CLIPConfig) -> tuple[DistillStream, ...]:
+    """The text tower's stack (causal), then the image tower's, as the backends'
+    ``distill_outputs`` give them."""
+    image, text = config.model.image, config.model.text
+    return (DistillStream("text", text.hidden_size, text.num_layers, text.num_heads, causal=True),
+            DistillStream("image", image.hidden_size, image.num_layers, image.num_heads, causal=False))
+
+
 FAMILY = Family(name="clip", module="clip", class_name="CLIP", config_class=CLIPConfig,
-                tensor_specs=tensor_specs, describe=describe, task="image_text")
+                tensor_specs=tensor_specs, describe=describe, task="image_text",
+                distill_streams=distill_streams,
+                distill_shared_keys=("model.text.vocab_size", "model.text.max_position_embeddings",
+                                     "model.image.image_size", "model.image.patch_size",
+                                     "model.image.num_channels"))
 
 
 def check_inputs(config: CLIPConfig, pixel_shape: tuple[int, ...] | None = None,

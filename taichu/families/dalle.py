@@ -45,8 +45,8 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, StrictBool, StrictInt, model_validator
 
-from taichu.config import Section, TokenizerConfig, TrainConfig, TransformerSize
-from taichu.families import Family, TensorSpec, layer_norm_specs, linear_specs
+from taichu.config import DistillConfig, Section, TokenizerConfig, TrainConfig, TransformerSize
+from taichu.families import DistillStream, Family, TensorSpec, layer_norm_specs, linear_specs
 from taichu.families.clip import ImageTextDataConfig
 from taichu.parallel import ParallelConfig
 
@@ -108,6 +108,8 @@ class DalleConfig(Section):
     train: TrainConfig = TrainConfig()
     # Data parallel only (msrun / torchrun workers).
     parallel: ParallelConfig = ParallelConfig()
+    # How `taichu distill` trains this model as a student (None: defaults).
+    distill: DistillConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "DalleConfig":
@@ -163,8 +165,18 @@ def describe(config: DalleConfig) -> dict:
     }
 
 
+def distill_streams(config: DalleConfig) -> tuple[DistillStream, ...]:
+    """The decoder's stack over [text ; image codes], as the backends' ``distill_outputs``
+    give it."""
+    m = config.model
+    return (DistillStream("decoder", m.hidden_size, m.num_layers, m.num_heads, causal=True),)
+
+
 FAMILY = Family(name="dalle", module="dalle", class_name="DALLE", config_class=DalleConfig,
-                tensor_specs=tensor_specs, describe=describe, task="text_to_image")
+                tensor_specs=tensor_specs, describe=describe, task="text_to_image",
+                distill_streams=distill_streams,
+                distill_shared_keys=("model.vocab_size", "model.text_length", "model.codebook_size",
+                                     "model.image_grid"))
 
 
 # ----------------------------------------------------------------------------- shared

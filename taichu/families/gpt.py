@@ -9,9 +9,9 @@ from typing import Literal
 
 from pydantic import Field, StrictBool, StrictInt, model_validator
 
-from taichu.config import DataConfig, Section, TokenizerConfig, TrainConfig, TransformerSize
+from taichu.config import DataConfig, DistillConfig, Section, TokenizerConfig, TrainConfig, TransformerSize
 from taichu.parallel import ParallelConfig
-from taichu.families import Family, TensorSpec, layer_norm_specs, linear_specs
+from taichu.families import DistillStream, Family, TensorSpec, layer_norm_specs, linear_specs
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu")
 
@@ -36,6 +36,8 @@ class GPTConfig(Section):
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     parallel: ParallelConfig = ParallelConfig()
+    # How `taichu distill` trains this model as a student (None: defaults).
+    distill: DistillConfig | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> "GPTConfig":
@@ -81,8 +83,15 @@ def describe(config: GPTConfig) -> dict:
     }
 
 
+def distill_streams(config: GPTConfig) -> tuple[DistillStream, ...]:
+    """The decoder's stack, as the backends' ``distill_outputs`` give it."""
+    m = config.model
+    return (DistillStream("decoder", m.hidden_size, m.num_layers, m.num_heads, causal=True),)
+
+
 FAMILY = Family(name="gpt", module="gpt", class_name="GPT", config_class=GPTConfig,
-                tensor_specs=tensor_specs, describe=describe)
+                tensor_specs=tensor_specs, describe=describe, distill_streams=distill_streams,
+                distill_shared_keys=("model.vocab_size",))
 
 
 def check_inputs(config: GPTConfig, shape: tuple[int, ...], min_id: int, max_id: int,
