@@ -144,13 +144,15 @@ class AdamW(nn.Cell):
 
 
 class Trainer:
-    def __init__(self, model, config, decay_names: set[str], rank: int, world: int):
+    def __init__(self, model, config, decay_names: set[str], rank: int, world: int, objective=None):
+        """``objective``: the module whose training_loss / after_step the model trains by
+        (mindspore_impl.distill for a Distiller); None: the family's own."""
         train = config.train
         self.config, self.train = config, train
         self.rank, self.world = rank, world
         self.model = model
         self.model.set_train(True)
-        self.family_module = backend_module(get_family(config.family), "mindspore")
+        self.family_module = objective or backend_module(get_family(config.family), "mindspore")
         self.training_loss = self.family_module.training_loss
         self.after_step = getattr(self.family_module, "after_step", None)
         # MindSpore parameter name -> canonical name and layer kind (for the leaf renames).

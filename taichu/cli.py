@@ -132,22 +132,27 @@ def cmd_parity(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
+def _print_launch(args, command: str, extra: list[str]) -> int:
+    """--print-launch N: the msrun / torchrun command that runs ``taichu COMMAND`` on N devices."""
     from taichu.parallel import format_command, launch_command
 
+    extra = ["--out", args.out] + extra + [f"--set={o}" for o in args.overrides
+                                           if not o.startswith("parallel.data_parallel=")]
+    extra.append(f"--set=parallel.data_parallel={args.print_launch}")
+    if args.init:
+        extra += ["--init", args.init]
+    if args.resume:
+        extra.append("--resume")
+    log_dir = str(Path(args.out) / "msrun_logs")
+    print(format_command(launch_command(args.config, args.backend, args.print_launch, extra,
+                                        log_dir=log_dir, command=command)))
+    return 0
+
+
+def cmd_train(args) -> int:
     config = load_config(args.config, args.overrides)
     if args.print_launch:
-        extra = ["--out", args.out] + [f"--set={o}" for o in args.overrides
-                                       if not o.startswith("parallel.data_parallel=")]
-        extra.append(f"--set=parallel.data_parallel={args.print_launch}")
-        if args.init:
-            extra += ["--init", args.init]
-        if args.resume:
-            extra.append("--resume")
-        log_dir = str(Path(args.out) / "msrun_logs")
-        print(format_command(launch_command(args.config, args.backend, args.print_launch, extra,
-                                            log_dir=log_dir)))
-        return 0
+        return _print_launch(args, "train", [])
     from taichu.train import TrainingDiverged, run_training
 
     try:
@@ -156,6 +161,28 @@ def cmd_train(args) -> int:
     except TrainingDiverged as err:
         print(f"taichu train: {err}", file=sys.stderr)
         return 3
+    return _report_training(args, config, result)
+
+
+def cmd_distill(args) -> int:
+    config = load_config(args.config, args.overrides)
+    if args.print_launch:
+        return _print_launch(args, "distill", ["--teacher", args.teacher])
+    from taichu.distill import run_distillation
+    from taichu.train import TrainingDiverged
+
+    try:
+        result = run_distillation(config, args.teacher, args.backend, args.out, init_dir=args.init,
+                                  resume=args.resume, progress=not args.no_progress)
+    except TrainingDiverged as err:
+        print(f"taichu distill: {err}", file=sys.stderr)
+        return 3
+    print("(held-out loss below: the student's own loss, comparable with `taichu train` of the "
+          "same config; the projections are in the checkpoints, not in final/)")
+    return _report_training(args, config, result)
+
+
+def _report_training(args, config, result) -> int:
     import math
 
     print(f"trained to step {result.steps}: {result.tokens:,} {result.unit} in "
@@ -483,6 +510,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-launch", type=int, metavar="N",
                        help="print the msrun/torchrun command for N devices and exit")
     train.set_defaults(func=cmd_train)
+
+    distill = commands.add_parser("distill", help="train a student from a trained teacher (TinyBERT: "
+                                                  "embeddings, hidden states, attention scores, "
+                                                  "predictions; the config's distill: section)")
+    _add_config_args(distill)
+    distill.add_argument("--teacher", required=True, help="the teacher's model directory (same family)")
+    distill.add_argument("--backend", choices=("mindspore", "torch"), default="mindspore")
+    distill.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final/)")
+    distill.add_argument("--init", help="start the student from the weights of this model directory")
+    distill.add_argument("--resume", action="store_true", help="continue from the last good checkpoint")
+    distill.add_argument("--no-progress", action="store_true", help="no progress bar")
+    distill.add_argument("--print-launch", type=int, metavar="N",
+                         help="print the msrun/torchrun command for N devices and exit")
+    distill.set_defaults(func=cmd_distill)
 
     generate = commands.add_parser("generate", help="continue Chinese prompts with a model")
     generate.add_argument("model", help="model directory, or an export directory with --backend "

@@ -179,8 +179,10 @@ def cli_script() -> str:
 
 
 def launch_command(config_path: str, backend: str, num_devices: int, extra_args: list[str] = (),
-                   master_port: int | None = 29500, log_dir: str = "msrun_logs") -> list[str]:
-    """The command that runs ``taichu train CONFIG`` on ``num_devices`` local processes.
+                   master_port: int | None = 29500, log_dir: str = "msrun_logs",
+                   command: str = "train") -> list[str]:
+    """The command that runs ``taichu COMMAND CONFIG`` (train, distill) on ``num_devices``
+    local processes.
 
     mindspore: msrun (MindSpore's launcher: a scheduler plus N workers, logs in ``log_dir``).
       msrun starts each worker as ``python <script>`` with the ``python`` found on PATH,
@@ -190,7 +192,7 @@ def launch_command(config_path: str, backend: str, num_devices: int, extra_args:
     """
     if num_devices < 1:
         raise ValueError(f"number of devices must be >= 1, got {num_devices}")
-    train = ["train", str(config_path), "--backend", backend, *extra_args]
+    train = [command, str(config_path), "--backend", backend, *extra_args]
     if backend == "mindspore":
         port = [] if master_port is None else [f"--master_port={master_port}"]
         return ["msrun", f"--worker_num={num_devices}", f"--local_worker_num={num_devices}", *port,

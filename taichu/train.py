@@ -139,8 +139,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_checkpoint(out_dir: Path, step: int, config, model_arrays: dict, optimizer_arrays: dict,
-                     state: dict, tokenizer_path, keep: int) -> Path:
-    """A model directory plus optimizer and trainer state, published by one rename.
+                     state: dict, tokenizer_path, keep: int, extra_files: dict | None = None) -> Path:
+    """A model directory plus optimizer and trainer state (and ``extra_files``, file name
+    -> arrays: what a recipe trains beside the model), published by one rename.
 
     Files go to a hidden temp directory; the manifest (size and sha256 of every file) is
     written last, then the directory is renamed into place. A crash at any point leaves
@@ -156,6 +157,8 @@ def write_checkpoint(out_dir: Path, step: int, config, model_arrays: dict, optim
         shutil.rmtree(tmp)
     save_arrays(config, model_arrays, tmp, tokenizer=tokenizer_path)
     _save_arrays(optimizer_arrays, tmp / OPTIMIZER_FILE)
+    for name, arrays in (extra_files or {}).items():
+        _save_arrays(arrays, tmp / name)
     (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     manifest = {"step": step, "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
@@ -421,6 +424,37 @@ TASK_DATA = {"language_model": _language_model_data, "image_text": _image_text_d
              "text_to_image": _text_to_image_data}
 
 
+class ModelRecipe:
+    """What ``run_training`` trains and writes. This one, ``taichu train``'s: the config's
+    model, its family's loss, the model's arrays as the checkpoint. taichu.distill's recipe
+    wraps the model with a teacher and writes what it learns beside the model."""
+
+    def tokenizer_dir(self, init_dir: Path | None) -> Path | None:
+        """Whose tokenizer the run uses when it has one (else the config's, trained)."""
+        return init_dir
+
+    def wrap_data(self, data: "TrainingData") -> "TrainingData":
+        return data
+
+    def start(self, out_dir: Path, resuming: bool, is_main: bool) -> None:
+        """Called once the run directory exists, before the model is built."""
+
+    def wrap(self, model, resume_from: Path | None):
+        """The model the trainer steps, around ``model`` (initialised or resumed already)."""
+        return model
+
+    def objective(self):
+        """The backend module whose ``training_loss`` the trainer runs; None: the family's."""
+        return None
+
+    def decay_names(self, names: set[str]) -> set[str]:
+        return names
+
+    def split(self, arrays: dict) -> tuple[dict, dict]:
+        """The trainer's canonical arrays -> (the model directory's, {extra file: arrays})."""
+        return arrays, {}
+
+
 def _evaluate(trainer, dataset, train) -> float:
     """Mean loss over the first eval_batches * batch_size validation samples (fewer if the
     split is small), in micro-batches of the training micro-batch size."""
@@ -428,16 +462,20 @@ def _evaluate(trainer, dataset, train) -> float:
     size = max(1, train.batch_size // train.grad_accum_steps)
     total, samples = 0.0, 0
     for start in range(0, count, size):
-        batch = dataset.batch(np.arange(start, min(count, start + size)))  # fixed draws
-        rows = len(next(iter(batch.values())))
+        indices = np.arange(start, min(count, start + size))
+        batch = dataset.batch(indices)  # fixed draws
+        rows = len(indices)
         total += trainer.eval_loss(batch) * rows
         samples += rows
     return total / samples
 
 
 def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = False,
-                 progress: bool = True) -> TrainResult:
-    """Train ``config`` in ``backend``; returns where the final model directory is."""
+                 progress: bool = True, recipe: ModelRecipe | None = None) -> TrainResult:
+    """Train ``config`` in ``backend``; returns where the final model directory is.
+
+    ``recipe``: what is trained around the config's model (taichu.distill); by default
+    the model alone."""
     from taichu.api import build_model, load_state_dict, save_arrays
     from taichu.config import load_config
     from taichu.families import get_family
@@ -446,13 +484,15 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
     out_dir = Path(out_dir)
     init_dir = Path(init_dir) if init_dir else None
     train = config.train
+    recipe = recipe or ModelRecipe()
     trainer_module = __import__(f"{backend}_impl.train", fromlist=["Trainer"])
     rank, world = trainer_module.distributed_init(config)
     is_main = rank == 0
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    data = TASK_DATA[get_family(config.family).task](config, init_dir, rank)
+    data = recipe.wrap_data(TASK_DATA[get_family(config.family).task](config, recipe.tokenizer_dir(init_dir),
+                                                                      rank))
     tokenizer, train_set, val_set = data.tokenizer, data.train, data.validation
     tokenizer_path = tokenizer.path if tokenizer is not None else None
 
@@ -478,7 +518,10 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
         else:
             # Weights go in before the trainer wraps (and under FSDP shards) the model.
             load_state_dict(model, load_safetensors(resume_from), str(resume_from))
-    trainer = trainer_module.Trainer(model, config, decay_names(config), rank, world)
+    recipe.start(out_dir, resume_from is not None, is_main)
+    model = recipe.wrap(model, resume_from)
+    trainer = trainer_module.Trainer(model, config, recipe.decay_names(decay_names(config)), rank, world,
+                                     recipe.objective())
     if resume_from is not None:
         state = json.loads((resume_from / TRAINER_STATE).read_text())
         trainer.load_optimizer_state(load_safetensors(resume_from / OPTIMIZER_FILE))
@@ -539,14 +582,15 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
             if is_main:
                 state = {"step": done, "trainer": trainer.extra_state(), "backend": backend,
                          "world_size": world}
-                last_good = write_checkpoint(out_dir, done, config, model_arrays, optimizer_arrays,
-                                             state, tokenizer_path, train.keep_checkpoints)
+                saved, extra_files = recipe.split(model_arrays)
+                last_good = write_checkpoint(out_dir, done, config, saved, optimizer_arrays, state,
+                                             tokenizer_path, train.keep_checkpoints, extra_files)
     bar.close()
     final_dir = out_dir / "final"
     if not gathered_final:  # the same on every rank, so FSDP's collective stays matched
         model_arrays, _ = trainer.full_state()
     if is_main:
-        save_arrays(config, model_arrays, final_dir, tokenizer=tokenizer_path)
+        save_arrays(config, recipe.split(model_arrays)[0], final_dir, tokenizer=tokenizer_path)
     trainer_module.distributed_barrier(world)
     return TrainResult(final_dir, train.max_steps, loss, val_loss, start_val_loss,
                        (train.max_steps - start_step) * units_per_step, time.perf_counter() - run_start,

@@ -49,6 +49,14 @@ def export_models(model_dirs: dict, root: Path, mindir: tuple = ()) -> dict:
     return done
 
 
+@pytest.fixture(scope="session")
+def imagetext_cache(tmp_path_factory):
+    """One tokenizer cache for the session: the tiny image-text configs (CLIP, BriVL, the
+    distillation tests) train the same tokenizer (People's Daily + the digit captions, vocab
+    4096), once."""
+    return tmp_path_factory.mktemp("imagetext-cache") / "data"
+
+
 @pytest.fixture
 def tiny_config():
     return load_config(CONFIGS / "gpt" / "gpt-tiny.yaml")

@@ -19,13 +19,6 @@ CLIP = CONFIGS / "clip" / "clip-tiny.yaml"
 BRIVL = CONFIGS / "brivl" / "brivl-tiny.yaml"
 
 
-@pytest.fixture(scope="session")
-def imagetext_cache(tmp_path_factory):
-    """One tokenizer cache for the session: both tiny configs train the same tokenizer
-    (People's Daily + the digit captions, vocab 4096), once."""
-    return tmp_path_factory.mktemp("imagetext-cache") / "data"
-
-
 def short_run(cache, *extra):
     return [f"data.cache_dir={cache}", "train.batch_size=8", "train.warmup_steps=3",
             "train.learning_rate=2e-3", "train.min_learning_rate=1e-4", "train.log_interval=1",

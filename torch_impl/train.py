@@ -73,14 +73,16 @@ class TrainingStep(nn.Module):
 
 
 class Trainer:
-    def __init__(self, model, config, decay_names: set[str], rank: int, world: int):
+    def __init__(self, model, config, decay_names: set[str], rank: int, world: int, objective=None):
+        """``objective``: the module whose training_loss / after_step the model trains by
+        (torch_impl.distill for a Distiller); None: the family's own."""
         train = config.train
         self.config, self.train = config, train
         self.rank, self.world = rank, world
         self.device = _device()
         self.model = model.to(self.device)
         self.model.train()
-        self.family_module = backend_module(get_family(config.family), "torch")
+        self.family_module = objective or backend_module(get_family(config.family), "torch")
         self.after_step = getattr(self.family_module, "after_step", None)
         # Only what the optimizer trains: BriVL's momentum towers follow by after_step.
         self.names = [name for name, p in self.model.named_parameters() if p.requires_grad]
