@@ -244,3 +244,15 @@ def test_a_dalle_pair_must_share_the_image_tokenizer(tmp_path):
     teacher_dir = taichu.save_model(taichu.build_model(load_config(dalle, [f"data.image_tokenizer={vqvae}"]), "torch"),
                                     tmp_path / "teacher2")
     DistillRecipe(load_config(dalle, [f"data.image_tokenizer={tmp_path / 'vq-copy'}"]), teacher_dir, "torch")
+
+
+def test_print_launch_runs_distill_on_every_worker(capsys):
+    """--print-launch N gives the msrun / torchrun command of `taichu distill`, teacher included."""
+    from taichu.cli import main
+
+    for backend, launcher in (("mindspore", "msrun --worker_num=2"), ("torch", "torchrun --nnodes=1")):
+        assert main(["distill", str(CLIP), "--teacher", "runs/teacher/final", "--backend", backend,
+                     "--out", "runs/x", "--print-launch", "2"]) == 0
+        printed = capsys.readouterr().out
+        assert printed.startswith(launcher) and " distill " in printed and " train " not in printed
+        assert "--teacher runs/teacher/final" in printed and "--set=parallel.data_parallel=2" in printed
