@@ -14,6 +14,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mindspore_impl.gpt import Dense
+from mindspore_impl.train import _to_float32
 from mindspore_impl.weights import canonical_parameters, write_parameters
 from taichu.families import backend_module, get_family
 from taichu.weights import contiguous, to_mindspore_array
@@ -40,7 +41,6 @@ class StreamProjection(nn.Cell):
 class Distiller(nn.Cell):
     def __init__(self, student, teacher, plans, temperature: float):
         super().__init__()
-        self.config = student.config
         self.student = student
         self.teacher = teacher
         self.projections = nn.CellList([StreamProjection(plan) for plan in plans])
@@ -100,11 +100,6 @@ def soft_cross_entropy(student_logits, teacher_logits, row_weight, temperature: 
     target = ops.softmax(teacher_logits / temperature, axis=-1)
     log_probs = ops.log_softmax(student_logits / temperature, axis=-1)
     return (-(target * log_probs).sum(axis=-1) * row_weight).sum()
-
-
-def _to_float32(x):
-    # An astype to the same dtype still copies the tensor in graph mode.
-    return x if x.dtype == ms.float32 else x.astype(ms.float32)
 
 
 def kd_terms(model, student_predictions, student_streams, teacher_predictions, teacher_streams):

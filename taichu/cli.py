@@ -18,6 +18,19 @@ def _add_config_args(parser: argparse.ArgumentParser, what: str = "CONFIG") -> N
                         help="override a config value, e.g. --set model.num_layers=4 (repeatable)")
 
 
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    """What `taichu train` and `taichu distill` share: the config, backend, run directory,
+    init / resume and the launcher."""
+    _add_config_args(parser)
+    parser.add_argument("--backend", choices=("mindspore", "torch"), default="mindspore")
+    parser.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final/)")
+    parser.add_argument("--init", help="start from the weights of this model directory")
+    parser.add_argument("--resume", action="store_true", help="continue from the last good checkpoint")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--print-launch", type=int, metavar="N",
+                        help="print the msrun/torchrun command for N devices and exit")
+
+
 def _human(count: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= size:
@@ -501,28 +514,14 @@ def build_parser() -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_init)
 
     train = commands.add_parser("train", help="train a model (single process, msrun or torchrun)")
-    _add_config_args(train)
-    train.add_argument("--backend", choices=("mindspore", "torch"), default="mindspore")
-    train.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final/)")
-    train.add_argument("--init", help="start from the weights of this model directory")
-    train.add_argument("--resume", action="store_true", help="continue from the last good checkpoint")
-    train.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train.add_argument("--print-launch", type=int, metavar="N",
-                       help="print the msrun/torchrun command for N devices and exit")
+    _add_run_args(train)
     train.set_defaults(func=cmd_train)
 
     distill = commands.add_parser("distill", help="train a student from a trained teacher (TinyBERT: "
                                                   "embeddings, hidden states, attention scores, "
                                                   "predictions; the config's distill: section)")
-    _add_config_args(distill)
+    _add_run_args(distill)
     distill.add_argument("--teacher", required=True, help="the teacher's model directory (same family)")
-    distill.add_argument("--backend", choices=("mindspore", "torch"), default="mindspore")
-    distill.add_argument("--out", required=True, help="run directory (checkpoints, metrics, final/)")
-    distill.add_argument("--init", help="start the student from the weights of this model directory")
-    distill.add_argument("--resume", action="store_true", help="continue from the last good checkpoint")
-    distill.add_argument("--no-progress", action="store_true", help="no progress bar")
-    distill.add_argument("--print-launch", type=int, metavar="N",
-                         help="print the msrun/torchrun command for N devices and exit")
     distill.set_defaults(func=cmd_distill)
 
     generate = commands.add_parser("generate", help="continue Chinese prompts with a model")

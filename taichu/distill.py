@@ -243,16 +243,16 @@ class DistillRecipe:
 
     def start(self, out_dir: Path, resuming: bool, is_main: bool) -> None:
         """Record the teacher (fresh run) or check it is the recorded one (resume)."""
+        # Hashing reads every weight of the teacher: only where it is compared or recorded.
         record_path = out_dir / TEACHER_RECORD
-        fingerprint = weights_fingerprint(self.teacher_dir)
         if resuming and record_path.is_file():
             recorded = json.loads(record_path.read_text())
-            if recorded["weights_sha256"] != fingerprint:
+            if recorded["weights_sha256"] != weights_fingerprint(self.teacher_dir):
                 raise ConfigError(f"--teacher {self.teacher_dir}: its weights are not those of the "
                                   f"teacher this run started with ({recorded['teacher']}); resume "
                                   f"with the same teacher")
         elif is_main:
-            record = {"teacher": str(self.teacher_dir), "weights_sha256": fingerprint,
+            record = {"teacher": str(self.teacher_dir), "weights_sha256": weights_fingerprint(self.teacher_dir),
                       "streams": [vars(plan) for plan in self.plans]}
             record_path.write_text(json.dumps(record, indent=1))
 

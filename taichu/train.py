@@ -437,7 +437,7 @@ class ModelRecipe:
         return data
 
     def start(self, out_dir: Path, resuming: bool, is_main: bool) -> None:
-        """Called once the run directory exists, before the model is built."""
+        """Called once the model is built and initialised or resumed, before ``wrap``."""
 
     def wrap(self, model, resume_from: Path | None):
         """The model the trainer steps, around ``model`` (initialised or resumed already)."""

@@ -38,7 +38,6 @@ class StreamProjection(nn.Module):
 class Distiller(nn.Module):
     def __init__(self, student, teacher, plans, temperature: float):
         super().__init__()
-        self.config = student.config
         self.student = student
         self.teacher = teacher
         self.projections = nn.ModuleList([StreamProjection(plan) for plan in plans])
