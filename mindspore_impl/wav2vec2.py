@@ -395,6 +395,39 @@ class Wav2Vec2Model(nn.Cell):
         return hidden, extract_features, conv_features, frame_mask
 
 
+def init_backbone(backbone: Wav2Vec2Model, m) -> None:
+    """Hugging Face's initialisation of the backbone (fairseq's where HF's does not take
+    effect), drawn from MindSpore's seed; ``m`` its config (Wav2Vec2BackboneConfig). The
+    tri-modal speech tower uses it."""
+    std = m.initializer_range
+    for _, cell in backbone.cells_and_names():
+        if isinstance(cell, nn.Dense):
+            _init(cell.weight, Normal(sigma=std))
+            _init(cell.bias, "zeros")
+        elif isinstance(cell, (nn.LayerNorm, nn.GroupNorm)):
+            _init(cell.gamma, "ones")
+            _init(cell.beta, "zeros")
+        elif isinstance(cell, nn.Conv1d):
+            # torch's kaiming_normal_ defaults (fan_in = in x kernel of the 4-D weight).
+            _init(cell.weight, HeNormal(negative_slope=0, mode="fan_in", nonlinearity="leaky_relu"))
+            if cell.has_bias:
+                _init(cell.bias, Uniform(scale=math.sqrt(cell.group / (cell.in_channels * cell.kernel_size[1]))))
+    projection = backbone.feature_projection.projection
+    bound = math.sqrt(1.0 / projection.in_channels)
+    _init(projection.weight, Uniform(scale=bound))
+    _init(projection.bias, Uniform(scale=bound))
+    # fairseq: v ~ N(0, sqrt(4 / (K * H))), then weight norm, so g = ||v|| and the
+    # effective weight is v. (HF means the same but its normal_ lands on the computed
+    # weight, not on g / v, which keep torch's default Conv1d init.)
+    conv = backbone.encoder.pos_conv_embed.conv
+    kernel, hidden = conv.weight_v.shape[2], conv.weight_v.shape[0]
+    _init(conv.weight_v, Normal(sigma=math.sqrt(4.0 / (kernel * hidden))))
+    v = conv.weight_v.asnumpy()
+    conv.weight_g.set_data(ms.Tensor(np.sqrt((v ** 2).sum(axis=(0, 1), keepdims=True)), ms.float32))
+    _init(conv.bias, "zeros")
+    _init_unit_uniform(backbone.masked_spec_embed)
+
+
 # ----------------------------------------------------------------------------- pretraining head
 
 class Quantizer(nn.Cell):
@@ -509,34 +542,7 @@ class Wav2Vec2(nn.Cell):
     def _init_weights(self):
         """Hugging Face's Wav2Vec2 initialisation (fairseq's where HF's does not take effect),
         drawn from MindSpore's seed."""
-        m = self.config.model
-        std = m.initializer_range
-        for _, cell in self.cells_and_names():
-            if isinstance(cell, nn.Dense):
-                _init(cell.weight, Normal(sigma=std))
-                _init(cell.bias, "zeros")
-            elif isinstance(cell, (nn.LayerNorm, nn.GroupNorm)):
-                _init(cell.gamma, "ones")
-                _init(cell.beta, "zeros")
-            elif isinstance(cell, nn.Conv1d):
-                # torch's kaiming_normal_ defaults (fan_in = in x kernel of the 4-D weight).
-                _init(cell.weight, HeNormal(negative_slope=0, mode="fan_in", nonlinearity="leaky_relu"))
-                if cell.has_bias:
-                    _init(cell.bias, Uniform(scale=math.sqrt(cell.group / (cell.in_channels * cell.kernel_size[1]))))
-        projection = self.wav2vec2.feature_projection.projection
-        bound = math.sqrt(1.0 / projection.in_channels)
-        _init(projection.weight, Uniform(scale=bound))
-        _init(projection.bias, Uniform(scale=bound))
-        # fairseq: v ~ N(0, sqrt(4 / (K * H))), then weight norm, so g = ||v|| and the
-        # effective weight is v. (HF means the same but its normal_ lands on the computed
-        # weight, not on g / v, which keep torch's default Conv1d init.)
-        conv = self.wav2vec2.encoder.pos_conv_embed.conv
-        kernel, hidden = conv.weight_v.shape[2], conv.weight_v.shape[0]
-        _init(conv.weight_v, Normal(sigma=math.sqrt(4.0 / (kernel * hidden))))
-        v = conv.weight_v.asnumpy()
-        conv.weight_g.set_data(ms.Tensor(np.sqrt((v ** 2).sum(axis=(0, 1), keepdims=True)), ms.float32))
-        _init(conv.bias, "zeros")
-        _init_unit_uniform(self.wav2vec2.masked_spec_embed)
+        init_backbone(self.wav2vec2, self.config.model)
         if self.head == "pretraining":
             _init(self.quantizer.weight_proj.weight, Normal(sigma=1.0))
             _init(self.quantizer.weight_proj.bias, "zeros")
@@ -545,6 +551,9 @@ class Wav2Vec2(nn.Cell):
             for dense in (self.project_hid, self.project_q):
                 _init(dense.weight, Uniform(scale=1.0 / math.sqrt(dense.in_channels)))
                 _init(dense.bias, Uniform(scale=1.0 / math.sqrt(dense.in_channels)))
+        else:
+            _init(self.lm_head.weight, Normal(sigma=self.config.model.initializer_range))
+            _init(self.lm_head.bias, "zeros")
 
     def _check(self, input_values, attention_mask=None):
         # Value checks run here, outside construct: graph mode cannot raise on tensor values.

@@ -284,6 +284,38 @@ class Wav2Vec2Model(nn.Module):
         return hidden, extract_features, conv_features, frame_mask
 
 
+@torch.no_grad()
+def init_backbone(backbone: Wav2Vec2Model, m) -> None:
+    """Hugging Face's initialisation of the backbone (fairseq's where HF's does not take
+    effect); ``m`` its config (Wav2Vec2BackboneConfig). The tri-modal speech tower uses it."""
+    std = m.initializer_range
+    for module in backbone.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv1d):
+            nn.init.kaiming_normal_(module.weight)
+            if module.bias is not None:
+                bound = math.sqrt(module.groups / (module.in_channels * module.kernel_size[0]))
+                nn.init.uniform_(module.bias, -bound, bound)
+    projection = backbone.feature_projection.projection
+    bound = math.sqrt(1.0 / projection.in_features)
+    nn.init.uniform_(projection.weight, -bound, bound)
+    nn.init.uniform_(projection.bias, -bound, bound)
+    # fairseq: v ~ N(0, sqrt(4 / (K * H))), then weight norm, so g = ||v|| and the
+    # effective weight is v. (HF means the same but its normal_ lands on the computed
+    # weight, not on g / v, which keep torch's default Conv1d init.)
+    conv = backbone.encoder.pos_conv_embed.conv
+    kernel, hidden = conv.weight_v.shape[2], conv.weight_v.shape[0]
+    nn.init.normal_(conv.weight_v, mean=0.0, std=math.sqrt(4.0 / (kernel * hidden)))
+    conv.weight_g.copy_(conv.weight_v.pow(2).sum(dim=(0, 1), keepdim=True).sqrt())
+    nn.init.zeros_(conv.bias)
+    nn.init.uniform_(backbone.masked_spec_embed)
+
+
 # ----------------------------------------------------------------------------- pretraining head
 
 class Quantizer(nn.Module):
@@ -380,39 +412,16 @@ class Wav2Vec2(nn.Module):
     @torch.no_grad()
     def _init_weights(self):
         """Hugging Face's Wav2Vec2 initialisation (fairseq's where HF's does not take effect)."""
-        m = self.config.model
-        std = m.initializer_range
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Conv1d):
-                nn.init.kaiming_normal_(module.weight)
-                if module.bias is not None:
-                    bound = math.sqrt(module.groups / (module.in_channels * module.kernel_size[0]))
-                    nn.init.uniform_(module.bias, -bound, bound)
-        projection = self.wav2vec2.feature_projection.projection
-        bound = math.sqrt(1.0 / projection.in_features)
-        nn.init.uniform_(projection.weight, -bound, bound)
-        nn.init.uniform_(projection.bias, -bound, bound)
-        # fairseq: v ~ N(0, sqrt(4 / (K * H))), then weight norm, so g = ||v|| and the
-        # effective weight is v. (HF means the same but its normal_ lands on the computed
-        # weight, not on g / v, which keep torch's default Conv1d init.)
-        conv = self.wav2vec2.encoder.pos_conv_embed.conv
-        kernel, hidden = conv.weight_v.shape[2], conv.weight_v.shape[0]
-        nn.init.normal_(conv.weight_v, mean=0.0, std=math.sqrt(4.0 / (kernel * hidden)))
-        conv.weight_g.copy_(conv.weight_v.pow(2).sum(dim=(0, 1), keepdim=True).sqrt())
-        nn.init.zeros_(conv.bias)
-        nn.init.uniform_(self.wav2vec2.masked_spec_embed)
+        init_backbone(self.wav2vec2, self.config.model)
         if self.head == "pretraining":
             nn.init.normal_(self.quantizer.weight_proj.weight, mean=0.0, std=1.0)
             nn.init.zeros_(self.quantizer.weight_proj.bias)
             nn.init.uniform_(self.quantizer.codevectors)
             self.project_hid.reset_parameters()
             self.project_q.reset_parameters()
+        else:
+            nn.init.normal_(self.lm_head.weight, mean=0.0, std=self.config.model.initializer_range)
+            nn.init.zeros_(self.lm_head.bias)
 
     def _check(self, input_values, attention_mask=None):
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():

@@ -86,8 +86,10 @@ class CTCConfig(Section):
         return self
 
 
-class Wav2Vec2ModelConfig(TransformerSize):
-    head: Literal["pretraining", "ctc"]
+class Wav2Vec2BackboneConfig(TransformerSize):
+    """The backbone (Hugging Face ``Wav2Vec2Model``): what both heads and the tri-modal
+    family's speech tower share."""
+
     # The convolutional feature encoder: one entry per layer (kernel and stride in samples).
     conv_dim: list[StrictInt] = Field(default_factory=lambda: [512] * 7)
     conv_kernel: list[StrictInt] = Field(default_factory=lambda: [10, 3, 3, 3, 3, 2, 2])
@@ -110,15 +112,6 @@ class Wav2Vec2ModelConfig(TransformerSize):
     attention_dropout: float = Field(0.1, ge=0.0, lt=1.0)
     activation_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     feat_proj_dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    # Pretraining: on the quantizer's input. CTC: before the output layer.
-    final_dropout: float = Field(0.1, ge=0.0, lt=1.0)
-    # Span masking of latent frames (pretraining; SpecAugment-style in CTC fine-tuning):
-    # each frame starts a span of mask_time_length frames with probability mask_time_prob.
-    mask_time_prob: float = Field(0.65, ge=0.0, lt=1.0)
-    mask_time_length: StrictInt = Field(10, gt=0)
-    mask_time_min_masks: StrictInt = Field(2, ge=0)
-    quantizer: QuantizerConfig = QuantizerConfig()
-    ctc: CTCConfig = CTCConfig()
     initializer_range: float = Field(0.02, gt=0.0)
 
     @property
@@ -126,7 +119,7 @@ class Wav2Vec2ModelConfig(TransformerSize):
         return SAMPLE_RATE / math.prod(self.conv_stride)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Wav2Vec2ModelConfig":
+    def _consistent(self) -> "Wav2Vec2BackboneConfig":
         if not (len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride) >= 1):
             raise ValueError(f"conv_dim, conv_kernel and conv_stride must have one entry per "
                              f"layer, got {len(self.conv_dim)}, {len(self.conv_kernel)}, "
@@ -137,6 +130,19 @@ class Wav2Vec2ModelConfig(TransformerSize):
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by "
                              f"num_conv_pos_embedding_groups {self.num_conv_pos_embedding_groups}")
         return self
+
+
+class Wav2Vec2ModelConfig(Wav2Vec2BackboneConfig):
+    head: Literal["pretraining", "ctc"]
+    # Pretraining: on the quantizer's input. CTC: before the output layer.
+    final_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    # Span masking of latent frames (pretraining; SpecAugment-style in CTC fine-tuning):
+    # each frame starts a span of mask_time_length frames with probability mask_time_prob.
+    mask_time_prob: float = Field(0.65, ge=0.0, lt=1.0)
+    mask_time_length: StrictInt = Field(10, gt=0)
+    mask_time_min_masks: StrictInt = Field(2, ge=0)
+    quantizer: QuantizerConfig = QuantizerConfig()
+    ctc: CTCConfig = CTCConfig()
 
 
 class SpeechDataConfig(Section):
@@ -179,7 +185,7 @@ class Wav2Vec2Config(Section):
 
 # ----------------------------------------------------------------------------- tensors
 
-def backbone_specs(prefix: str, m: Wav2Vec2ModelConfig) -> dict[str, TensorSpec]:
+def backbone_specs(prefix: str, m: Wav2Vec2BackboneConfig) -> dict[str, TensorSpec]:
     """The tensors of ``Wav2Vec2Model`` (Hugging Face's names) under ``prefix``: what the
     tri-modal speech tower and both heads share."""
     specs: dict[str, TensorSpec] = {}
@@ -282,7 +288,7 @@ FAMILY = Family(name="wav2vec2", module="wav2vec2", class_name="Wav2Vec2",
 
 # ----------------------------------------------------------------------------- lengths
 
-def frame_count(m: Wav2Vec2ModelConfig, num_samples):
+def frame_count(m: Wav2Vec2BackboneConfig, num_samples):
     """Frames the feature encoder makes of ``num_samples`` samples (int or int array):
     floor((L - kernel) / stride) + 1 per conv, as Hugging Face's
     _get_feat_extract_output_lengths; 0 for a clip shorter than the receptive field."""
@@ -292,7 +298,7 @@ def frame_count(m: Wav2Vec2ModelConfig, num_samples):
     return int(lengths) if lengths.ndim == 0 else lengths
 
 
-def receptive_field(m: Wav2Vec2ModelConfig) -> int:
+def receptive_field(m: Wav2Vec2BackboneConfig) -> int:
     """Samples the first frame sees: the shortest clip that gives a frame."""
     return receptive_field_of(m.conv_kernel, m.conv_stride)
 
