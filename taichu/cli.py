@@ -154,6 +154,8 @@ def _print_launch(args, command: str, extra: list[str]) -> int:
     extra.append(f"--set=parallel.data_parallel={args.print_launch}")
     if args.init:
         extra += ["--init", args.init]
+    for tower in getattr(args, "init_tower", []):
+        extra += ["--init-tower", tower]
     if args.resume:
         extra.append("--resume")
     log_dir = str(Path(args.out) / "msrun_logs")
@@ -170,11 +172,24 @@ def cmd_train(args) -> int:
 
     try:
         result = run_training(config, args.backend, args.out, init_dir=args.init, resume=args.resume,
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, init_towers=_init_towers(args.init_tower))
     except TrainingDiverged as err:
         print(f"taichu train: {err}", file=sys.stderr)
         return 3
     return _report_training(args, config, result)
+
+
+def _init_towers(pairs: list[str]) -> dict[str, str]:
+    """--init-tower TOWER=DIR (repeatable) -> {tower: DIR}."""
+    towers: dict[str, str] = {}
+    for pair in pairs:
+        tower, sep, directory = pair.partition("=")
+        if not sep or not tower or not directory:
+            raise ValueError(f"--init-tower {pair!r}: expected TOWER=DIR, e.g. speech=runs/w2v/final")
+        if tower in towers:
+            raise ValueError(f"--init-tower names the {tower} tower twice")
+        towers[tower] = directory
+    return towers
 
 
 def cmd_distill(args) -> int:
@@ -204,7 +219,7 @@ def _report_training(args, config, result) -> int:
     if result.val_loss is not None:
         # What the held-out loss is, per unit the run counts; next-token losses as perplexity.
         show = (lambda loss: f"{loss:.4f}") if result.unit != "tokens" else (lambda loss: f"{math.exp(loss):,.1f}")
-        what = {"pairs": "contrastive loss",
+        what = {"pairs": "contrastive loss", "items": "contrastive loss (weighted sum over the modality pairs)",
                 "clips": "pretraining loss (contrastive + diversity + feature penalty, per masked frame)",
                 "images": "MST loss (self-distillation + restoring, fixed crops and masks)",
                 "tokens": "validation perplexity"}[result.unit]
@@ -214,6 +229,7 @@ def _report_training(args, config, result) -> int:
         if segmentation:
             what = "per-pixel cross-entropy"
         after = {"pairs": f" (taichu eval {result.final_dir} for zero-shot accuracy and Recall@K)",
+                 "items": f" (taichu eval {result.final_dir} for Recall@K in all six directions)",
                  "clips": f" (taichu eval {result.final_dir} for error rates of a CTC model)",
                  "images": f" (taichu probe {result.final_dir} for frozen-feature accuracy)",
                  "tokens": f" (loss {result.val_loss:.4f})"}[result.unit]
@@ -304,7 +320,9 @@ def _embedder(args, batch_size: int = 64):
 
 
 def cmd_embed(args) -> int:
-    """Embed images or captions with an image-text model: OUT.npy + OUT.jsonl (what each row is)."""
+    """Embed images or captions with an image-text or tri-modal model, or audio with a
+    tri-modal model (its shared space) or a wav2vec2 model (utterance embeddings): OUT.npy +
+    OUT.jsonl (what each row is)."""
     import json
 
     import numpy as np
@@ -315,17 +333,24 @@ def cmd_embed(args) -> int:
     out = Path(args.out)
     if out.suffix != ".npy":
         raise ValueError(f"--out {out}: must end in .npy (the row list goes beside it as .jsonl)")
-    if args.audio:
+    if args.audio and load_config(args.model).family == "wav2vec2":
         return _embed_audio(args, out)
-    # Read and check every input before loading the model: a bad caption line fails fast.
+    # Read and check every input before loading the model: a bad caption line or audio file
+    # fails fast.
     if args.images:
         images = list_images(args.images)
+    elif args.audio:
+        names, audios = _shared_space_audio(args)
     else:
         texts = read_captions(args.texts)
     embedder = _embedder(args, args.batch_size)
     if args.images:
         vectors = embedder.embed_images(images)  # a non-image file raises here: nothing is written
         rows = [{"row": i, "image": str(path)} for i, path in enumerate(images)]
+    elif args.audio:
+        vectors = embedder.embed_audio(audios, names=names)
+        rows = [{"row": i, "audio": name, "seconds": round(len(a) / 16000, 3)}
+                for i, (name, a) in enumerate(zip(names, audios))]
     else:
         vectors = embedder.embed_texts(texts)
         rows = [{"row": i, "text": text} for i, text in enumerate(texts)]
@@ -334,6 +359,17 @@ def cmd_embed(args) -> int:
     atomic_write(out, lambda handle: np.save(handle, vectors, allow_pickle=False))
     print(f"wrote {out} (float32 {list(vectors.shape)}, L2-normalised, {args.backend}) and {sidecar}")
     return 0
+
+
+def _shared_space_audio(args, paths=None) -> tuple[list[str], list]:
+    """Audio files for a tri-modal model's speech tower, read and checked (silence, length)
+    before the model loads; a model without one is refused first."""
+    from taichu.retrieval import load_clips, require_speech
+
+    config = load_config(args.model)
+    require_speech(config, args.model)
+    names, audios = _read_audio_files(args.audio if paths is None else paths)
+    return load_clips(audios, config, names)
 
 
 def _speech_runner(args, batch_size: int = 8):
@@ -423,51 +459,69 @@ def _eval_speech(args) -> int:
 
 
 def cmd_index(args) -> int:
-    """Embed images or captions and save them as a searchable index directory."""
+    """Embed images, captions or audio and save them as a searchable index directory."""
     from taichu.retrieval import build_index, list_images, read_captions
 
     images = list_images(args.images) if args.images else None
     texts = read_captions(args.texts) if args.texts else None
+    audio = None
+    if args.audio:
+        _shared_space_audio(args)   # every file checked before the model loads
+        audio = [Path(p) for p in args.audio]
     embedder = _embedder(args, args.batch_size)
-    index = build_index(embedder, images=images, texts=texts, backend=args.index_backend)
+    index = build_index(embedder, images=images, texts=texts, audio=audio, backend=args.index_backend)
     index.save(args.out)
-    what = "images" if images is not None else "captions"
+    what = "images" if images is not None else "audio clips" if audio is not None else "captions"
     print(f"wrote {args.out}: {len(index)} {what}, {index.dim}-d ({index.backend} search)")
     return 0
 
 
 def cmd_search(args) -> int:
-    """Rank the items of an index against a caption or an image."""
+    """Rank the items of an index (images, captions or audio) against a caption, an image or
+    a spoken query (audio needs a tri-modal model)."""
     from taichu.retrieval import VectorIndex, check_index_model
 
     index = VectorIndex.load(args.index, backend=args.index_backend)
+    if args.audio is not None:
+        names, audios = _shared_space_audio(args, [args.audio])
     embedder = _embedder(args)
     check_index_model(index, embedder)
     if args.text is not None:
         query, what = embedder.embed_texts([args.text]), f"text {args.text!r}"
+    elif args.audio is not None:
+        query, what = embedder.embed_audio(audios, names=names), f"audio {args.audio}"
     else:
         query, what = embedder.embed_images([args.image]), f"image {args.image}"
     scores, ids = index.search(query, args.k)
     modality = index.metadata.get("modality", "item")
-    print(f"{what} -> top {ids.shape[1]} of {len(index)} {modality}s in {args.index} "
+    plural = {"image": "images", "text": "texts", "audio": "audio clips"}.get(modality, f"{modality}s")
+    print(f"{what} -> top {ids.shape[1]} of {len(index)} {plural} in {args.index} "
           f"({index.backend} search, cosine similarity)")
     for rank, (score, i) in enumerate(zip(scores[0], ids[0]), start=1):
         item = index.items[i]
-        shown = item.get("image", item.get("text", item)) if isinstance(item, dict) else item
+        shown = (next((item[key] for key in ("image", "text", "audio") if key in item), item)
+                 if isinstance(item, dict) else item)
         print(f"{rank:>3}  {score:+.4f}  {shown}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    """Recall@1/5 both ways (and zero-shot digit accuracy) on the model's held-out split."""
+    """Recall@1/5 both ways (and zero-shot digit accuracy) on the model's held-out split; all
+    six directions for a tri-modal model."""
     import json
 
     from taichu.fileio import atomic_write_bytes
     from taichu.retrieval import evaluate
 
-    if load_config(args.model).family == "wav2vec2":
+    family = load_config(args.model).family
+    if family == "wav2vec2":
         return _eval_speech(args)
-    metrics = evaluate(_embedder(args, args.batch_size), data=args.data, split=args.split)
+    if family == "trimodal":
+        from taichu.trimodal_eval import evaluate_trimodal
+
+        metrics = evaluate_trimodal(_embedder(args, args.batch_size), data=args.data, split=args.split)
+    else:
+        metrics = evaluate(_embedder(args, args.batch_size), data=args.data, split=args.split)
     for line in metrics.lines():
         print(line)
     if args.out:
@@ -477,17 +531,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _add_embed_inputs(parser: argparse.ArgumentParser, model_help: str, audio: bool = False) -> None:
-    """MODEL and what to embed, for `taichu embed` (images, texts or audio) and `taichu index`."""
+def _add_embed_inputs(parser: argparse.ArgumentParser, model_help: str, audio_help: str) -> None:
+    """MODEL and what to embed, for `taichu embed` and `taichu index` (images, texts or audio)."""
     parser.add_argument("model", help=model_help)
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--images", nargs="+", metavar="DIR_OR_FILE",
                         help="image files, or directories (image files found recursively)")
     inputs.add_argument("--texts", metavar="FILE", help="UTF-8 file, one caption per line")
-    if audio:
-        inputs.add_argument("--audio", nargs="+", metavar="FILE",
-                            help="audio files (wav, flac, ...; resampled to 16 kHz mono) for a "
-                                 "speech (wav2vec2) model: one utterance embedding each")
+    inputs.add_argument("--audio", nargs="+", metavar="FILE", help=audio_help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -515,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a model (single process, msrun or torchrun)")
     _add_run_args(train)
+    train.add_argument("--init-tower", action="append", default=[], metavar="TOWER=DIR",
+                       help="start one tower of a tri-modal model from a trained model directory: "
+                            "image=CLIP_DIR, text=CLIP_DIR (its tokenizer too), speech=WAV2VEC2_DIR "
+                            "(repeatable)")
     train.set_defaults(func=cmd_train)
 
     distill = commands.add_parser("distill", help="train a student from a trained teacher (TinyBERT: "
@@ -584,21 +639,23 @@ def build_parser() -> argparse.ArgumentParser:
     parity.set_defaults(func=cmd_parity)
 
     embed_backends = ("torch", "mindspore", "onnx", "mindir")
-    image_text_model = ("image-text model directory (clip, brivl), or its export with --backend onnx "
-                        "/ mindir")
-    embed = commands.add_parser("embed", help="embed images or captions with an image-text model "
-                                              "(L2-normalised), or audio with a speech model "
-                                              "(float32 .npy + a .jsonl of the rows)")
+    image_text_model = ("image-text or tri-modal model directory (clip, brivl, trimodal), or its "
+                        "export with --backend onnx / mindir")
+    audio_files = "audio files (wav, flac, ...; resampled to 16 kHz mono)"
+    embed = commands.add_parser("embed", help="embed images, captions or speech with an image-text "
+                                              "or tri-modal model (L2-normalised), or audio with a "
+                                              "speech model (float32 .npy + a .jsonl of the rows)")
     _add_embed_inputs(embed, image_text_model + "; or a speech (wav2vec2) model with --audio",
-                      audio=True)
+                      audio_files + ": a tri-modal model embeds them in its shared space; a "
+                      "speech (wav2vec2) model gives one utterance embedding each")
     embed.add_argument("--out", required=True, help="embeddings .npy (rows listed in the same name .jsonl)")
     embed.add_argument("--backend", choices=embed_backends, default="torch")
     embed.add_argument("--batch-size", type=int, default=64)
     embed.set_defaults(func=cmd_embed)
 
-    index = commands.add_parser("index", help="build a vector index of images or captions for "
-                                              "taichu search")
-    _add_embed_inputs(index, image_text_model)
+    index = commands.add_parser("index", help="build a vector index of images, captions or audio "
+                                              "(tri-modal models) for taichu search")
+    _add_embed_inputs(index, image_text_model, audio_files + " (a tri-modal model)")
     index.add_argument("--out", required=True, help="index directory to write (replaced atomically)")
     index.add_argument("--backend", choices=embed_backends, default="torch")
     index.add_argument("--index-backend", choices=("auto", "faiss", "numpy"), default="auto",
@@ -606,27 +663,32 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--batch-size", type=int, default=64)
     index.set_defaults(func=cmd_index)
 
-    search = commands.add_parser("search", help="search an index (taichu index) with a caption "
-                                                "or an image")
+    search = commands.add_parser("search", help="search an index (taichu index) with a caption, "
+                                                "an image or a spoken query (tri-modal models)")
     search.add_argument("model", help="the model the index was built with (directory, or its "
                                          "export with --backend onnx / mindir)")
     search.add_argument("--index", required=True, help="index directory")
     query = search.add_mutually_exclusive_group(required=True)
-    query.add_argument("--text", help="caption to search with (text -> images, or texts)")
+    query.add_argument("--text", help="caption to search with (text -> images, texts or audio)")
     query.add_argument("--image", help="image file to search with (image -> texts, or images)")
+    query.add_argument("--audio", help="audio file to search with, a tri-modal model (speech -> "
+                                       "images, texts or audio)")
     search.add_argument("-k", type=int, default=5, help="results to show")
     search.add_argument("--backend", choices=embed_backends, default="torch")
     search.add_argument("--index-backend", choices=("auto", "faiss", "numpy"), default="auto")
     search.set_defaults(func=cmd_search)
 
     evaluation = commands.add_parser("eval", help="Recall@1/5 text->image and image->text (and "
-                                                  "zero-shot digits) on the held-out split")
+                                                  "zero-shot digits) on the held-out split; all six "
+                                                  "directions of a tri-modal model")
     evaluation.add_argument("model", help=image_text_model + "; or a CTC speech (wav2vec2) model: "
                                                             "syllable and character error rates")
     evaluation.add_argument("--backend", choices=embed_backends, default="torch")
     evaluation.add_argument("--data", help="digits, scenes or a .jsonl (default: the model "
                                            "config's data.source; speech: its held-out sentences "
-                                           "and held-out voice, or a .jsonl of {audio, text|pinyin})")
+                                           "and held-out voice, or a .jsonl of {audio, text|pinyin}; "
+                                           "tri-modal: its test split with the captions spoken by "
+                                           "the held-out voice, or a .jsonl of {image, text, audio})")
     evaluation.add_argument("--split", choices=("test", "train", "all"), default="test",
                             help="test = the held-out split training did not see")
     evaluation.add_argument("--out", help="also write the metrics as JSON")

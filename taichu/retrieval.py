@@ -1,12 +1,14 @@
-"""Using image-text models (CLIP, BriVL): embeddings, a vector index, retrieval metrics.
+"""Using image-text models (CLIP, BriVL) and the tri-modal model: embeddings, a vector
+index, retrieval metrics.
 
 Backend-neutral: numpy at import time; PyTorch or MindSpore are imported only when an
 ``Embedder`` loads a model (through ``taichu.api``), faiss only when an index is built.
 
 - ``Embedder``: a model directory in PyTorch or MindSpore, or an ONNX export in ONNX
   Runtime -> float32, L2-normalised ``[n, dim]`` embeddings of images
-  (``taichu.images.preprocess``, the one pipeline training uses) and of captions
-  (``taichu.imagetext.caption_ids``, the same ids training sees).
+  (``taichu.images.preprocess``, the one pipeline training uses), of captions
+  (``taichu.imagetext.caption_ids``, the same ids training sees) and, for a tri-modal
+  model, of speech (16 kHz clips normalised and padded as training pads them).
 - ``VectorIndex``: inner-product search (cosine on normalised vectors). faiss
   ``IndexFlatIP`` when faiss imports, otherwise an exact numpy search; both return the
   same ids: scores descending, equal scores by ascending id (see ``VectorIndex.search``).
@@ -14,7 +16,8 @@ Backend-neutral: numpy at import time; PyTorch or MindSpore are imported only wh
   by sha256 when loaded.
 - ``recall_at_k``, ``chance_recall_at_k``, ``zero_shot_accuracy``: evaluation on a
   similarity matrix, with caption groups for data sets whose captions repeat.
-- ``evaluate``: ``taichu eval`` (held-out split of the model's own data config).
+- ``evaluate``: ``taichu eval`` (held-out split of the model's own data config);
+  ``taichu.trimodal_eval.evaluate_trimodal`` for a tri-modal model's six directions.
 """
 from __future__ import annotations
 
@@ -44,6 +47,8 @@ MANIFEST, VECTORS, ITEMS = "index.json", "vectors.npy", "items.jsonl"
 EXPORT_INFO = "export_info.json"
 # Queries scored at once by the numpy search: bounds the [queries, items] score matrix.
 _NUMPY_SCORE_ELEMENTS = 1 << 24
+# Family tasks an Embedder runs: image-text models, and the tri-modal one (a speech tower too).
+EMBED_TASKS = ("image_text", "trimodal")
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -108,13 +113,14 @@ def check_export_directory(directory: str | Path, backend: str) -> None:
 
 
 class Embedder:
-    """Embeds images and captions with an image-text model (CLIP, BriVL).
+    """Embeds images and captions with an image-text model (CLIP, BriVL), and speech too
+    with a tri-modal model (``embed_audio``: clips in the space of its images and captions).
 
     ``backend``: "torch" or "mindspore" (PyNative, or whatever context the caller set)
     with a model directory; "onnx" or "mindir" with an export directory (``taichu export
     MODEL --format onnx|mindir --out DIR``) and ``encoder``, the object that runs its
-    graphs (``image_features``, ``text_features``, ``tokenizer``):
-    ``export.runtime.export_embedder(DIR, "onnx")`` builds both. taichu/ does not import
+    graphs (``image_features``, ``text_features``, ``tokenizer``; ``speech_features`` for
+    a tri-modal export): ``export.runtime.export_embedder(DIR, "onnx")`` builds both. taichu/ does not import
     export/ (the layers run one way), so the encoder comes from the caller.
     Outputs are float32 ``[n, dim]`` with unit rows whatever the family returns (CLIP's
     features are unnormalised, BriVL's normalised), so inner product = cosine.
@@ -135,9 +141,10 @@ class Embedder:
         self._fingerprint = None
         self.config = load_config(self.model_dir)
         family = get_family(self.config.family)
-        if getattr(family, "task", None) != "image_text":
+        self.task = getattr(family, "task", None)
+        if self.task not in EMBED_TASKS:
             raise ConfigError(f"{self.model_dir} is a {self.config.family} model: embeddings need "
-                              "an image-text model (clip, brivl)")
+                              "an image-text model (clip, brivl) or a tri-modal model (trimodal)")
         self.image_size = self.config.model.image.image_size
         self.context_length = self.config.model.text.max_position_embeddings
         if backend in EXPORT_BACKENDS:
@@ -169,6 +176,8 @@ class Embedder:
         # forward pass.
         self._export_methods = {"get_image_features": encoder.image_features,
                                 "get_text_features": encoder.text_features}
+        if getattr(encoder, "has_speech", hasattr(encoder, "speech_features")):
+            self._export_methods["get_speech_features"] = encoder.speech_features
 
     @property
     def dim(self) -> int:
@@ -224,10 +233,100 @@ class Embedder:
         return self._batches(texts, lambda chunk: caption_ids(self.tokenizer, chunk, self.context_length),
                              "get_text_features")
 
+    @property
+    def has_speech(self) -> bool:
+        """Whether ``embed_audio`` can run: a tri-modal model (an export's encoder with its
+        speech tower)."""
+        return self.task == "trimodal" and (self.backend not in EXPORT_BACKENDS
+                                            or "get_speech_features" in self._export_methods)
+
+    def embed_audio(self, audios: Sequence, names: Sequence[str] | None = None) -> np.ndarray:
+        """Speech clips -> float32 [n, dim], unit rows (tri-modal models).
+
+        ``audios``: audio files (any format and rate taichu.speech.load_audio reads,
+        resampled to 16 kHz mono) or float32 1-D arrays already at 16 kHz; ``names`` says
+        what each one is in error messages (default: the path, or "audio i"). Every clip is
+        checked before any batch runs: silence, or fewer samples than the speech tower's
+        receptive field, raises ValueError naming it. Each clip is normalised as in
+        training (taichu.speech_batches.normalise) and batched with right padding to a
+        multiple of data.spoken.pad_to_seconds and a sample mask, clips sorted by length
+        (little padding); rows come back in input order."""
+        from taichu.speech_batches import normalise, padded_length
+
+        require_speech(self.config, self.model_dir)
+        if isinstance(audios, (str, Path, bytes)) or (isinstance(audios, np.ndarray) and audios.ndim == 1):
+            raise TypeError("embed_audio takes a list of clips, not one")
+        names, clips = load_clips(list(audios), self.config, names)
+        if self.backend in EXPORT_BACKENDS and "get_speech_features" not in self._export_methods:
+            raise ValueError(f"{self.model_dir}: this {self.backend} export's encoder runs no speech tower "
+                             "(export the tri-modal model again with this taichu)")
+        out = np.empty((len(clips), self.dim), dtype=np.float32)
+        # A group-norm feature encoder normalises over the padded clip: one clip per batch
+        # keeps a clip's vector independent of its batch (taichu.recognition does the same).
+        step = 1 if self.config.model.speech.feat_extract_norm == "group" else self.batch_size
+        order = np.argsort([len(c) for c in clips], kind="stable")
+        pad_to = self.config.data.spoken.pad_to_seconds
+        for start in range(0, len(order), step):
+            rows = order[start:start + step]
+            chunk = [normalise(clips[i]) for i in rows]
+            length = padded_length(max(len(c) for c in chunk), pad_to)
+            values = np.zeros((len(chunk), length), np.float32)
+            mask = np.zeros((len(chunk), length), np.int64)
+            for r, clip in enumerate(chunk):
+                values[r, :len(clip)] = clip
+                mask[r, :len(clip)] = 1
+            out[rows] = l2_normalize(self._run("get_speech_features", values, mask))
+        return out
+
     def fingerprint(self) -> str:
         if self._fingerprint is None:  # hashes the weights: once per Embedder
             self._fingerprint = model_fingerprint(self.model_dir)
         return self._fingerprint
+
+
+def require_speech(config, model_dir) -> None:
+    """Refuse audio for a model without a speech tower in the shared space."""
+    if config.family != "trimodal":
+        hint = (" (a wav2vec2 model gives utterance embeddings of its own with `taichu embed "
+                "MODEL --audio`, not in an image-text space)" if config.family != "wav2vec2" else
+                ": `taichu embed MODEL --audio` gives this speech model's own utterance embeddings")
+        raise ValueError(f"{model_dir} is a {config.family} model with no speech tower: audio "
+                         f"embeddings in a space shared with images and captions need a tri-modal "
+                         f"(trimodal) model{hint}")
+
+
+def load_clips(audios: Sequence, config, names: Sequence[str] | None = None) -> tuple[list[str], list[np.ndarray]]:
+    """(names, float32 16 kHz mono clips) of audio files or arrays, each checked for the
+    speech tower of ``config`` (a tri-modal config): mono, finite, not silence
+    (taichu.trimodal_data.is_silent), at least the receptive field. Errors name the clip."""
+    from taichu.families.trimodal import shortest_audio
+    from taichu.trimodal_data import check_audio_clip
+
+    if names is not None and len(names) != len(audios):
+        raise ValueError(f"{len(audios)} clips but {len(names)} names")
+    if not audios:
+        raise ValueError("no audio given")
+    shortest = shortest_audio(config)
+    out_names, clips = [], []
+    for i, audio in enumerate(audios):
+        if isinstance(audio, (str, Path)):
+            from taichu.speech import load_audio
+
+            name = names[i] if names is not None else str(audio)
+            audio = load_audio(audio)   # a missing or unreadable file raises, naming itself
+        else:
+            name = names[i] if names is not None else f"audio {i}"
+            audio = np.asarray(audio)
+            if audio.ndim != 1 or not np.issubdtype(audio.dtype, np.floating):
+                raise ValueError(f"{name}: expected 16 kHz mono audio as a 1-D float array, got "
+                                 f"{audio.dtype} {list(audio.shape)}")
+            audio = audio.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(audio)):
+            raise ValueError(f"{name}: the audio contains NaN or infinite samples")
+        check_audio_clip(audio, name, shortest)
+        out_names.append(name)
+        clips.append(audio)
+    return out_names, clips
 
 
 def _check_captions(texts: Sequence[str]) -> None:
@@ -525,16 +624,22 @@ class VectorIndex:
 
 
 def build_index(embedder: Embedder, images: Sequence[str | Path] | None = None,
-                texts: Sequence[str] | None = None, backend: str = "auto") -> VectorIndex:
-    """An index of image files (items ``{"image": absolute path}``) or of captions (items
-    ``{"text": caption}``), remembering the model that embedded them."""
-    if (images is None) == (texts is None):
-        raise ValueError("index either images or texts")
+                texts: Sequence[str] | None = None, backend: str = "auto",
+                audio: Sequence[str | Path] | None = None) -> VectorIndex:
+    """An index of image files (items ``{"image": absolute path}``), of captions (items
+    ``{"text": caption}``) or of audio files (``{"audio": absolute path}``, a tri-modal
+    model), remembering the modality and the model that embedded them."""
+    if sum(x is not None for x in (images, texts, audio)) != 1:
+        raise ValueError("index one modality: images, texts or audio")
     if images is not None:
         paths = [Path(p) for p in images]
         vectors = embedder.embed_images(paths)
         # Absolute: an index outlives the working directory it was built from.
         items, modality = [{"image": str(p.resolve())} for p in paths], "image"
+    elif audio is not None:
+        paths = [Path(p) for p in audio]
+        vectors = embedder.embed_audio(paths)
+        items, modality = [{"audio": str(p.resolve())} for p in paths], "audio"
     else:
         vectors = embedder.embed_texts(texts)
         items, modality = [{"text": t} for t in texts], "text"

@@ -257,7 +257,7 @@ class TrainResult:
     start_val_loss: float | None = None  # at step 0 of a fresh run
     tokens: int = 0                      # tokens (or pairs) trained in this invocation
     seconds: float = 0.0
-    unit: str = "tokens"                 # what ``tokens`` counts: "tokens", "pairs", "clips", "images"
+    unit: str = "tokens"                 # what ``tokens`` counts: "tokens", "pairs", "clips", "images", "items"
 
 
 def text_vocab_size(config) -> int:
@@ -300,7 +300,7 @@ class TrainingData:
     tokenizer: object
     train: object
     validation: object
-    unit: str               # what throughput counts: "tokens", "pairs", "clips" or "images"
+    unit: str               # what throughput counts: "tokens", "pairs", "clips", "images" or "items"
     units_per_sample: int
     # Which samples make up each step (SampleOrder(len(train), seed) when None). A set
     # whose batches draw randomness per step (speech masks) has ``stochastic = True`` and
@@ -419,9 +419,27 @@ def _text_to_image_data(config, init_dir, rank) -> TrainingData:
                         CaptionCodeBatches(data.test, data.test_codes, tokenizer, length), "pairs", 1)
 
 
+def _trimodal_data(config, init_dir, rank) -> TrainingData:
+    """Items with any subset of image, text and audio (taichu.trimodal_data: captions spoken
+    by the synthesiser, cached), split as the image-text families split their pairs; the
+    tokenizer learns the tokenizer corpus plus the training texts."""
+    from taichu.config import DataConfig
+    from taichu.corpus import load_corpus
+    from taichu.trimodal_data import TriModalBatches, load_trimodal
+
+    data = load_trimodal(config, rank)
+    corpus = load_corpus(DataConfig(corpus=config.data.tokenizer_corpus))
+    texts = [item.text for item in data.train if item.text is not None]
+    fingerprint = hashlib.sha256(f"{corpus.fingerprint}:{data.fingerprint}".encode()).hexdigest()
+    tokenizer = _tokenizer_for(config, corpus.train + texts, fingerprint, f"{corpus.name}+{data.name}",
+                               init_dir, rank)
+    return TrainingData(tokenizer, TriModalBatches(data.train, tokenizer, config),
+                        TriModalBatches(data.validation, tokenizer, config), "items", 1)
+
+
 TASK_DATA = {"language_model": _language_model_data, "image_text": _image_text_data,
              "speech": _speech_data, "vision": _vision_data, "image_tokenizer": _image_tokenizer_data,
-             "text_to_image": _text_to_image_data}
+             "text_to_image": _text_to_image_data, "trimodal": _trimodal_data}
 
 
 class ModelRecipe:
@@ -471,11 +489,13 @@ def _evaluate(trainer, dataset, train) -> float:
 
 
 def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = False,
-                 progress: bool = True, recipe: ModelRecipe | None = None) -> TrainResult:
+                 progress: bool = True, recipe: ModelRecipe | None = None,
+                 init_towers: dict | None = None) -> TrainResult:
     """Train ``config`` in ``backend``; returns where the final model directory is.
 
     ``recipe``: what is trained around the config's model (taichu.distill); by default
-    the model alone."""
+    the model alone. ``init_towers``: {tower: model directory} for a family with towers
+    (tri-modal), loaded after ``init_dir``; the text tower's directory gives the tokenizer."""
     from taichu.api import build_model, load_state_dict, save_arrays
     from taichu.config import load_config
     from taichu.families import get_family
@@ -491,8 +511,13 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    data = recipe.wrap_data(TASK_DATA[get_family(config.family).task](config, recipe.tokenizer_dir(init_dir),
-                                                                      rank))
+    init_towers = {tower: Path(d) for tower, d in (init_towers or {}).items()}
+    if init_towers and get_family(config.family).init_tower is None:
+        raise ValueError(f"--init-tower: a {config.family} model has no towers")
+    tokenizer_dir = recipe.tokenizer_dir(init_dir)
+    if tokenizer_dir is None and "text" in init_towers:
+        tokenizer_dir = init_towers["text"]
+    data = recipe.wrap_data(TASK_DATA[get_family(config.family).task](config, tokenizer_dir, rank))
     tokenizer, train_set, val_set = data.tokenizer, data.train, data.validation
     tokenizer_path = tokenizer.path if tokenizer is not None else None
 
@@ -509,6 +534,8 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
         if changed and is_main:
             print(f"--init {init_dir}: model fields differ from its config.yaml "
                   f"(init -> this run): {changed}")
+    if init_towers and not resume:
+        _load_towers(model, config, init_towers, is_main)
     start_step, resume_from = 0, None
     if resume:
         resume_from = latest_good_checkpoint(out_dir)
@@ -638,6 +665,29 @@ def _load_init(model, config, init_config, init_dir: Path, verbose: bool) -> Non
                   f"initialised fresh: {', '.join(started) or 'none'}; "
                   f"not used from the init: {', '.join(dropped) or 'none'}")
     load_state_dict(model, arrays, str(init_dir))
+
+
+def _load_towers(model, config, init_towers: dict[str, Path], verbose: bool) -> None:
+    """--init-tower: each named tower's tensors from its model directory (the family's
+    ``init_tower`` names them), the rest of the model as it is; a source of another
+    architecture is refused naming the fields, a tensor of another shape by the loader."""
+    from taichu.api import load_state_dict, state_dict
+    from taichu.config import load_config
+    from taichu.families import get_family
+    from taichu.weights import load_safetensors
+
+    init_tower = get_family(config.family).init_tower
+    arrays = state_dict(model)
+    for tower, directory in init_towers.items():
+        taken, line = init_tower(config, tower, load_config(directory), load_safetensors(directory))
+        unknown = sorted(set(taken) - set(arrays))
+        if unknown:
+            raise ValueError(f"--init-tower {tower}={directory}: tensors this model does not have: "
+                             f"{', '.join(unknown[:5])}")
+        arrays.update(taken)
+        if verbose:
+            print(f"--init-tower {tower}={directory}: {line}")
+    load_state_dict(model, arrays, ", ".join(f"{t}={d}" for t, d in init_towers.items()))
 
 
 def _eval_record(record: dict, val_loss: float, unit: str) -> dict:

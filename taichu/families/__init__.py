@@ -64,6 +64,10 @@ class Family:
     # config -> the model's Transformer stacks, for ``taichu distill`` (whose backend files
     # have ``distill_outputs``); None: the family cannot be distilled.
     distill_streams: Callable[[Any], tuple[DistillStream, ...]] | None = None
+    # (config, tower, source config, source arrays) -> (the tower's arrays as this family
+    # names them, a line for the log): ``taichu train --init-tower TOWER=DIR``; refuses a
+    # source of another architecture. None: the family has no towers.
+    init_tower: Callable[[Any, str, Any, dict], tuple[dict, str]] | None = None
     # Dotted config keys the student and the teacher must share (what the inputs are and
     # how long each stream is: distillation compares position for position).
     distill_shared_keys: tuple[str, ...] = ()
@@ -74,7 +78,8 @@ _FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt", "clip": "taichu.famil
                              "wav2vec2": "taichu.families.wav2vec2",
                              "vision": "taichu.families.vision",
                              "vqvae": "taichu.families.vqvae",
-                             "dalle": "taichu.families.dalle"}
+                             "dalle": "taichu.families.dalle",
+                             "trimodal": "taichu.families.trimodal"}
 BACKENDS = ("mindspore", "torch")
 
 
