@@ -3,7 +3,8 @@
 What is exported depends on the family's task (export/signature.py): a GPT becomes one
 decoder graph (``model.onnx`` / ``model.mindir``, optional ``model_int8.onnx``); an
 image-text family (CLIP, BriVL) becomes two towers, ``image_encoder`` and ``text_encoder``
-(``.onnx`` / ``.mindir``); a speech family (wav2vec2) one ``encoder`` graph (hidden states,
+(``.onnx`` / ``.mindir``); a tri-modal model three, the same two and ``speech_encoder``
+(audio -> speech_embeds); a speech family (wav2vec2) one ``encoder`` graph (hidden states,
 utterance embedding and, with the CTC head, logits); the vision family one ``model`` graph,
 its ViT backbone (an MST model's teacher) as optimum exports a ViTModel: pixel_values ->
 last_hidden_state and pooler_output, batch dynamic, image size fixed. Tower, speech and
@@ -44,11 +45,11 @@ from export.validate import ExportValidationError
 
 FORMATS = ("onnx", "mindir")
 TASKS = (signature.LANGUAGE_MODEL, signature.IMAGE_TEXT, signature.SPEECH, signature.VISION,
-         signature.TEXT_TO_IMAGE, signature.IMAGE_TOKENIZER)
+         signature.TEXT_TO_IMAGE, signature.IMAGE_TOKENIZER, signature.TRIMODAL)
 # Tasks exported as a set of named graphs (export_info.json's ``graphs``): every task but the
 # GPT's, whose decoder keeps its top-level entries (inputs, outputs, validation).
 ENCODER_TASKS = (signature.IMAGE_TEXT, signature.SPEECH, signature.VISION, signature.TEXT_TO_IMAGE,
-                 signature.IMAGE_TOKENIZER)
+                 signature.IMAGE_TOKENIZER, signature.TRIMODAL)
 # Per encoder task: its ONNX exporter (export/onnx_export.py), MINDIR exporter
 # (export/mindir_export.py), validation reference (export/validate.py) and the MINDIR's
 # dynamic axes. Names: the modules import their framework, loaded only when used.
@@ -60,13 +61,16 @@ ENCODER_EXPORTS = {
                               "batch; decode over a static cache of dynamic length"),
     signature.IMAGE_TOKENIZER: ("export_onnx_image_tokenizer", "export_mindir_image_tokenizer",
                                 "image_tokenizer_runner", "batch"),
+    signature.TRIMODAL: ("export_onnx_trimodal", "export_mindir_trimodal", "tower_runner",
+                         "batch, sequence (text) and samples (speech)"),
 }
 # --quantize int8 is refused for every task but the GPT's: what kind of model, what it exports.
 NO_INT8 = {signature.IMAGE_TEXT: ("image-text", "their towers export"),
            signature.SPEECH: ("speech", "the encoder exports"),
            signature.VISION: ("vision", "the backbone exports"),
            signature.TEXT_TO_IMAGE: ("text-to-image", "the prefill and decode graphs export"),
-           signature.IMAGE_TOKENIZER: ("image tokenizer", "the decoder and encoder export")}
+           signature.IMAGE_TOKENIZER: ("image tokenizer", "the decoder and encoder export"),
+           signature.TRIMODAL: ("tri-modal", "their towers export")}
 
 
 def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | None = None,
@@ -254,7 +258,8 @@ def _export_mindir(model, config, staging, validate, info, log):
 
 def _export_towers(model, config, fmt, staging, opset, validate, info, log):
     """The graphs of an image-text model (image encoder and text encoder, each validated
-    against the model's own get_image_features / get_text_features), of a speech model (one
+    against the model's own get_image_features / get_text_features), of a tri-modal model
+    (those two and the speech encoder, against its get_speech_features), of a speech model (one
     encoder, validated against the model's encode, embed and forward), of a vision model (its
     backbone, validated against the backbone the model runs), of a DALL-E (prefill and
     decode, validated against its forward with the growing cache) or of an image tokenizer

@@ -10,7 +10,8 @@ graphs (export/signature.py) except that token ids, masks and positions are int3
   StaticCacheDecoder, signatures in ``static_cache_graphs``), which ``MindirGenerator``
   (export/runtime.py) runs with mindspore alone;
 - image-text families: ``image_encoder.mindir`` (dynamic batch) and ``text_encoder.mindir``
-  (dynamic batch and sequence);
+  (dynamic batch and sequence); a tri-modal model those two and ``speech_encoder.mindir``
+  (dynamic batch and samples; the attention mask int32);
 - speech (wav2vec2): ``encoder.mindir`` (dynamic batch and samples; the attention mask int32);
 - vision: ``model.mindir``, the ViT backbone (dynamic batch; fixed channels and image size);
 - DALL-E: ``prefill.mindir`` (the ONNX prefill's signature, int32 ids) and ``decode.mindir``
@@ -148,6 +149,19 @@ def export_mindir_towers(model, directory: Path) -> dict[str, list[Path]]:
     cells = {image.name: ImageEncoder(model), text.name: TextEncoder(model)}
     with input_checks_off(model):
         return _export_cells(cells, (image, text), directory)
+
+
+def export_mindir_trimodal(model, directory: Path) -> dict[str, list[Path]]:
+    """Write the MindSpore tri-modal ``model`` as ``image_encoder.mindir``,
+    ``text_encoder.mindir`` and ``speech_encoder.mindir`` in ``directory``; the files
+    written, by graph name."""
+    from export.towers_mindspore import TriModalImageTower, TriModalSpeechTower, TriModalTextTower
+
+    graphs = signature.trimodal_graphs(model.config.model)
+    model.set_train(False)
+    cells = {signature.IMAGE_ENCODER: TriModalImageTower(model), signature.TEXT_ENCODER: TriModalTextTower(model),
+             signature.SPEECH_TOWER: TriModalSpeechTower(model)}
+    return _export_cells(cells, graphs, directory)
 
 
 def export_mindir_speech(model, directory: Path) -> dict[str, list[Path]]:

@@ -1,6 +1,6 @@
 """ONNX from the PyTorch model: one decoder graph with a KV cache (GPT), optional int8, an
-image encoder and a text encoder graph (image-text families), a speech encoder graph
-(wav2vec2), or a ViT backbone graph (vision).
+image encoder and a text encoder graph (image-text families; a tri-modal model adds a speech
+encoder graph), a speech encoder graph (wav2vec2), or a ViT backbone graph (vision).
 
 The exporter is torch.onnx's dynamo exporter (``torch.onnx.export(..., dynamo=True)``, which
 needs onnxscript), the one PyTorch supports; the TorchScript exporter (``dynamo=False``) is
@@ -82,6 +82,28 @@ def export_onnx_towers(model, directory: Path, opset: int = MIN_OPSET,
     return {graph.name: export_graph(examples[graph.name][0], graph, examples[graph.name][1],
                                      directory / f"{graph.name}.onnx", opset, external_data_threshold)
             for graph in (image, text)}
+
+
+def export_onnx_trimodal(model, directory: Path, opset: int = MIN_OPSET,
+                         external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict[str, list[Path]]:
+    """Write the torch tri-modal ``model`` as ``image_encoder.onnx``, ``text_encoder.onnx``
+    and ``speech_encoder.onnx`` in ``directory``; the files written, by graph name."""
+    from export.towers_torch import ImageEncoder, SpeechTower, TextEncoder
+
+    m = model.config.model
+    image, text, speech = signature.trimodal_graphs(m)
+    # The image-text towers' examples (export_onnx_towers); the speech tower's as the speech
+    # encoder's (export_onnx_speech): batch 2 of padded rows, at least 4000 samples.
+    shortest = signature.audio_sizes(m.speech)["receptive_field"]
+    examples = {image.name: (ImageEncoder(model).eval(), signature.image_inputs(m, batch=2, seed=0)),
+                text.name: (TextEncoder(model).eval(),
+                            signature.text_inputs(m, batch=2, length=min(5, m.text.max_position_embeddings),
+                                                  seed=0)),
+                speech.name: (SpeechTower(model).eval(),
+                              signature.speech_inputs(m.speech, batch=2, samples=max(4000, 4 * shortest), seed=0))}
+    return {graph.name: export_graph(examples[graph.name][0], graph, examples[graph.name][1],
+                                     directory / f"{graph.name}.onnx", opset, external_data_threshold)
+            for graph in (image, text, speech)}
 
 
 def export_onnx_speech(model, directory: Path, opset: int = MIN_OPSET,

@@ -1,5 +1,5 @@
 """Running exports: a GPT decoder step and text generator, the image and text towers of
-an image-text model (CLIP, BriVL), a speech model's encoder (wav2vec2: CTC logits and
+an image-text model (CLIP, BriVL) and the speech tower too of a tri-modal model, a speech model's encoder (wav2vec2: CTC logits and
 utterance embeddings, ``speech_network``), a vision model's backbone (features,
 ``vision_network``), a DALL-E's generation step (``dalle_network``) and an image tokenizer's
 decoder (codes -> uint8 images, ``image_decoder_network``), with ONNX Runtime or from MINDIR
@@ -29,8 +29,10 @@ MODEL_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
 INFO_FILE = "export_info.json"
 TOKENIZER_FILE = "tokenizer.model"
-IMAGE_TEXT = "image_text"
-IMAGE_ENCODER, TEXT_ENCODER = "image_encoder", "text_encoder"
+IMAGE_TEXT, TRIMODAL = "image_text", "trimodal"
+IMAGE_ENCODER, TEXT_ENCODER, SPEECH_TOWER = "image_encoder", "text_encoder", "speech_encoder"
+# Exports ImageTextEncoder runs: image-text towers, and a tri-modal model's three.
+EMBEDDING_TASKS = (IMAGE_TEXT, TRIMODAL)
 SPEECH, SPEECH_ENCODER, SPEECH_FAMILY = "speech", "encoder", "wav2vec2"
 VISION, VISION_MODEL, VISION_FAMILY = "vision", "model", "vision"
 TEXT_TO_IMAGE, DALLE_FAMILY, PREFILL, DECODE = "text_to_image", "dalle", "prefill", "decode"
@@ -216,6 +218,11 @@ class ImageTextEncoder:
     ``embed_images`` / ``embed_texts`` start from pictures and strings and return unit-length
     float32 rows, so that a dot product is the cosine similarity.
 
+    A tri-modal export (``taichu export TRIMODAL_DIR``) has a third graph, ``speech_encoder``:
+    ``speech_features(input_values, attention_mask)`` runs it (the model's
+    ``get_speech_features``: raw features in the same space); ``has_speech`` says whether an
+    export has it (``speech_encoder`` is None otherwise).
+
     >>> encoder = OnnxImageTextEncoder("exported/")
     >>> scores = encoder.embed_images(["cat.jpg"]) @ encoder.embed_texts(["一只猫", "一辆车"]).T
     """
@@ -226,14 +233,22 @@ class ImageTextEncoder:
         path = Path(export_dir)
         directory = path.parent if path.is_file() else path
         self.info = read_export_info(directory)
-        if self.info.get("task") != IMAGE_TEXT or self.info.get("format") != self.FORMAT:
+        if self.info.get("task") not in EMBEDDING_TASKS or self.info.get("format") != self.FORMAT:
             raise ValueError(f"{directory} is not an image-text {self.FORMAT.upper()} export (task "
                              f"{self.info.get('task', 'language_model')}, format {self.info.get('format')}): "
-                             f"export a CLIP or BriVL model directory with `taichu export MODEL_DIR "
-                             f"--format {self.FORMAT} --out DIR`")
+                             f"export a CLIP, BriVL or tri-modal model directory with `taichu export "
+                             f"MODEL_DIR --format {self.FORMAT} --out DIR`")
         graphs = {g["name"]: g for g in self.info["graphs"]}
         self.image_encoder = self._graph(directory / graphs[IMAGE_ENCODER]["file"], graphs[IMAGE_ENCODER])
         self.text_encoder = self._graph(directory / graphs[TEXT_ENCODER]["file"], graphs[TEXT_ENCODER])
+        self.speech_encoder, self.receptive_field = None, None
+        if self.info["task"] == TRIMODAL:
+            if SPEECH_TOWER not in graphs:
+                raise ValueError(f"{directory}: export_info.json lists no {SPEECH_TOWER} graph (a tri-modal "
+                                 f"export has three towers)")
+            self.speech_encoder = self._graph(directory / graphs[SPEECH_TOWER]["file"], graphs[SPEECH_TOWER])
+            speech = self.info["config"]["model"]["speech"]
+            self.receptive_field = receptive_field_of(speech["conv_kernel"], speech["conv_stride"])
         # Sizes come from export_info.json (the signature and a JSON copy of the config)
         # rather than config.yaml, which would need yaml and pydantic to read.
         _, self.num_channels, self.image_size, _ = graphs[IMAGE_ENCODER]["inputs"][0]["shape"]
@@ -281,6 +296,28 @@ class ImageTextEncoder:
             return np.zeros((0, self.embed_dim), np.float32)
         feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64)}
         return self.text_encoder.run(feeds)["text_embeds"]
+
+    @property
+    def has_speech(self) -> bool:
+        return self.speech_encoder is not None
+
+    def speech_features(self, input_values: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """float32 [batch, embed_dim] from audio [batch, samples] (16 kHz, normalised per clip,
+        zero padded) and its sample mask [batch, samples] (1 = real sample, right-padded;
+        None: every sample real); not normalised. Tri-modal exports only. The inputs are
+        checked as the models check theirs (taichu.speech_inputs.check_audio_batch: every
+        row at least the receptive field)."""
+        if self.speech_encoder is None:
+            raise ValueError(f"this {self.info.get('family')} export has no speech tower: speech_features "
+                             f"needs a tri-modal export (taichu export TRIMODAL_DIR)")
+        input_values = np.asarray(input_values)
+        if input_values.ndim == 2 and input_values.shape[0] == 0:
+            return np.zeros((0, self.embed_dim), np.float32)
+        check_audio_batch(input_values.shape, attention_mask, self.receptive_field, input_values.dtype)
+        mask = (np.ones(input_values.shape, np.int64) if attention_mask is None
+                else (np.asarray(attention_mask) != 0).astype(np.int64))
+        feeds = {"input_values": np.ascontiguousarray(input_values, np.float32), "attention_mask": mask}
+        return self.speech_encoder.run(feeds)["speech_embeds"]
 
     def _check_text(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> None:
         """What the models check before a forward pass (taichu.families.clip.check_inputs),
@@ -376,8 +413,10 @@ def mindir_graph(path: Path, entry: dict):
 
 
 def export_embedder(directory: str | Path, backend: str = "onnx", batch_size: int = 64) -> Embedder:
-    """taichu.retrieval.Embedder over an image-text export: ONNX Runtime ("onnx") or
-    mindspore alone ("mindir"), no model code."""
+    """taichu.retrieval.Embedder over an image-text or tri-modal export: ONNX Runtime
+    ("onnx") or mindspore alone ("mindir"), no model code. Its encoder (``model``) is an
+    OnnxImageTextEncoder / MindirImageTextEncoder, with ``speech_features`` for a tri-modal
+    export."""
     if backend not in EXPORT_BACKENDS:
         raise ValueError(f"unknown export backend {backend!r} (choose from {', '.join(EXPORT_BACKENDS)})")
     check_export_directory(directory, backend)

@@ -47,6 +47,14 @@ Every family exports one or more graphs, chosen by its task (``FAMILY.task``):
   and every objective with a task head: the head is not exported); ``vision_backbone``.
   The graph shares its name with the GPT decoder's: code that picks by graph must look at
   ``GraphSignature.task`` too.
+- ``trimodal`` (image, text and speech in one space): three towers, the image-text ones
+  (``image_encoder``, ``text_encoder``: the same names, inputs and outputs as CLIP's) and
+  ``speech_encoder``: ``input_values`` float32 [batch, samples] and ``attention_mask`` int64
+  [batch, samples] (the speech encoder's conventions: audio normalised per clip, zero padded,
+  1 = real sample, right-padded) -> ``speech_embeds`` float32 [batch, dim]
+  (``get_speech_features``: the projected mean of the last hidden states over each clip's
+  real frames, not normalised). Batch is dynamic in all three, sequence in the text tower,
+  samples in the speech tower; every row needs at least the speech tower's receptive field.
 
 - ``text_to_image`` (DALL-E): generation over a KV cache as two graphs, as optimum splits a
   decoder into ``decoder_model`` and ``decoder_with_past_model``, with its names for the
@@ -87,8 +95,9 @@ import numpy as np
 
 BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"
 LANGUAGE_MODEL, IMAGE_TEXT, SPEECH, VISION = "language_model", "image_text", "speech", "vision"
-TEXT_TO_IMAGE, IMAGE_TOKENIZER = "text_to_image", "image_tokenizer"
+TEXT_TO_IMAGE, IMAGE_TOKENIZER, TRIMODAL = "text_to_image", "image_tokenizer", "trimodal"
 DECODER, IMAGE_ENCODER, TEXT_ENCODER = "model", "image_encoder", "text_encoder"
+SPEECH_TOWER = "speech_encoder"                        # trimodal
 SPEECH_ENCODER, VISION_MODEL = "encoder", "model"
 PREFILL, DECODE = "prefill", "decode"                  # text_to_image
 CODE_DECODER, CODE_ENCODER = "decoder", "encoder"      # image_tokenizer
@@ -156,6 +165,8 @@ def graphs(config, fmt: str = "onnx") -> tuple[GraphSignature, ...]:
         return (decoder_graph(config.model),)
     if task == IMAGE_TEXT:
         return image_text_graphs(config.model)
+    if task == TRIMODAL:
+        return trimodal_graphs(config.model)
     if task == SPEECH:
         return (speech_graph(config.model),)
     if task == VISION:
@@ -178,6 +189,8 @@ def validation_cases(model_config, graph: GraphSignature) -> list[tuple[dict, di
                 for seed, (b, n, p) in enumerate(DECODER_VALIDATION_SHAPES)]
     if graph.name == IMAGE_ENCODER:
         return [({"batch": b}, image_inputs(m, b, seed)) for seed, b in enumerate(IMAGE_VALIDATION_BATCHES)]
+    if graph.name == SPEECH_TOWER:
+        return speech_validation_cases(m.speech)
     if graph.name == SPEECH_ENCODER:
         return speech_validation_cases(m)
     context = m.text.max_position_embeddings
@@ -274,17 +287,28 @@ def image_text_sizes(model_config) -> dict[str, int]:
                          f"model.embed_dim: {error}") from None
 
 
-def image_text_graphs(model_config) -> tuple[GraphSignature, GraphSignature]:
+def image_text_graphs(model_config, task: str = IMAGE_TEXT) -> tuple[GraphSignature, GraphSignature]:
     s = image_text_sizes(model_config)
     image = GraphSignature(
         IMAGE_ENCODER,
         (TensorInfo("pixel_values", "float32", (BATCH, s["channels"], s["image_size"], s["image_size"])),),
-        (TensorInfo("image_embeds", "float32", (BATCH, s["dim"])),), IMAGE_TEXT)
+        (TensorInfo("image_embeds", "float32", (BATCH, s["dim"])),), task)
     text = GraphSignature(
         TEXT_ENCODER,
         (TensorInfo("input_ids", "int64", (BATCH, SEQUENCE)), TensorInfo("attention_mask", "int64", (BATCH, SEQUENCE))),
-        (TensorInfo("text_embeds", "float32", (BATCH, s["dim"])),), IMAGE_TEXT)
+        (TensorInfo("text_embeds", "float32", (BATCH, s["dim"])),), task)
     return image, text
+
+
+def trimodal_graphs(model_config) -> tuple[GraphSignature, GraphSignature, GraphSignature]:
+    """``image_encoder``, ``text_encoder`` (as an image-text model's) and ``speech_encoder``
+    of a tri-modal model (module docstring)."""
+    image, text = image_text_graphs(model_config, TRIMODAL)
+    speech = GraphSignature(
+        SPEECH_TOWER,
+        (TensorInfo("input_values", "float32", (BATCH, SAMPLES)), TensorInfo("attention_mask", "int64", (BATCH, SAMPLES))),
+        (TensorInfo("speech_embeds", "float32", (BATCH, image_text_sizes(model_config)["dim"])),), TRIMODAL)
+    return image, text, speech
 
 
 def image_inputs(model_config, batch: int, seed: int) -> dict[str, np.ndarray]:
@@ -332,6 +356,15 @@ def speech_sizes(model_config) -> dict:
             "receptive_field": receptive_field(m), "hop": int(np.prod(m.conv_stride))}
 
 
+def audio_sizes(model_config) -> dict[str, int]:
+    """Receptive field and hop (samples per frame) of a wav2vec 2.0 conv stack: of a wav2vec2
+    model config or of any backbone section (a tri-modal model's ``model.speech``)."""
+    from taichu.speech_inputs import receptive_field_of
+
+    return {"receptive_field": receptive_field_of(model_config.conv_kernel, model_config.conv_stride),
+            "hop": int(np.prod(model_config.conv_stride))}
+
+
 def speech_graph(model_config) -> GraphSignature:
     s = speech_sizes(model_config)
     inputs = (TensorInfo("input_values", "float32", (BATCH, SAMPLES)),
@@ -347,8 +380,9 @@ def speech_lengths(model_config, batch: int, samples: int) -> np.ndarray:
     """Real samples per row for a batch padded to ``samples``: row 0 fills it, the others get
     shorter down to about a third of it, each ending mid-hop (half a frame's stride past a
     frame boundary, plus the row index), and never shorter than the receptive field (the
-    shortest clip that makes a frame)."""
-    s = speech_sizes(model_config)
+    shortest clip that makes a frame). ``model_config``: a wav2vec2 model config or a
+    backbone section (audio_sizes)."""
+    s = audio_sizes(model_config)
     hop, shortest = s["hop"], s["receptive_field"]
     if samples < shortest:
         raise ValueError(f"{samples} samples make no frame: the receptive field is {shortest} samples")
@@ -372,8 +406,8 @@ def speech_inputs(model_config, batch: int, samples: int, seed: int,
 
 def speech_validation_cases(model_config) -> list[tuple[dict, dict[str, np.ndarray]]]:
     """SPEECH_VALIDATION_SHAPES (samples at least twice the receptive field), described by
-    batch, samples and each row's real samples."""
-    shortest = speech_sizes(model_config)["receptive_field"]
+    batch, samples and each row's real samples; ``model_config`` as speech_lengths'."""
+    shortest = audio_sizes(model_config)["receptive_field"]
     cases = []
     for seed, (batch, samples) in enumerate(SPEECH_VALIDATION_SHAPES):
         samples = max(samples, 2 * shortest)

@@ -12,6 +12,14 @@ whose shape MindSpore cannot infer when the MINDIR is loaded ("Get infer shape f
 failed, primitive name:raise"), so ``input_checks_off`` hides them while the graph is
 compiled; the MINDIR's caller checks its inputs (as export.runtime does for ONNX).
 
+A tri-modal model's ``get_*_features`` run their host-side checks as module functions
+(taichu.families.clip.check_inputs, taichu.families.wav2vec2.check_inputs on the model's
+pydantic config), which no per-instance switch can hide and a graph cannot compile. Its
+towers (``TriModalImageTower``, ``TriModalTextTower``, ``TriModalSpeechTower``) therefore
+compile what those methods compute after their checks, from the model's own sub-cells
+(tower, then projection; the speech tower's mean over real frames), and export validation
+holds each graph to the model's ``get_*_features`` (export.validate.tower_runner).
+
 A wav2vec2 model checks its inputs in ``__call__`` and ``embed`` (not in ``construct`` or
 ``encode``). ``SpeechEncoder`` compiles ``encode`` once and what ``embed`` and ``construct``
 compute from its hidden states, so no check is compiled in and none needs hiding; export.runtime
@@ -59,6 +67,46 @@ class TextEncoder(nn.Cell):
 
     def construct(self, input_ids, attention_mask):
         return self.model.get_text_features(input_ids, attention_mask)
+
+
+class TriModalImageTower(nn.Cell):
+    """pixel_values [batch, channels, size, size] -> image_embeds [batch, dim]: a tri-modal
+    model's ``get_image_features`` without its host-side check."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.vision_model, self.visual_projection = model.vision_model, model.visual_projection
+
+    def construct(self, pixel_values):
+        return self.visual_projection(self.vision_model(pixel_values))
+
+
+class TriModalTextTower(nn.Cell):
+    """input_ids, attention_mask int32 [batch, sequence], right-padded -> text_embeds
+    [batch, dim]: a tri-modal model's ``get_text_features`` without its host-side check."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.text_model, self.text_projection = model.text_model, model.text_projection
+
+    def construct(self, input_ids, attention_mask):
+        return self.text_projection(self.text_model(input_ids, attention_mask))
+
+
+class TriModalSpeechTower(nn.Cell):
+    """input_values float32, attention_mask int32 [batch, samples] (right-padded) ->
+    speech_embeds [batch, dim]: a tri-modal model's ``get_speech_features`` without its
+    host-side check (the projected mean of the last hidden states over real frames)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.wav2vec2, self.speech_projection = model.wav2vec2, model.speech_projection
+
+    def construct(self, input_values, attention_mask):
+        # Indexed, not unpacked: outputs nobody reads would be "side effect nodes" to graph
+        # mode (mindspore_impl/wav2vec2.py).
+        encoded = self.wav2vec2(input_values, attention_mask)
+        return self.speech_projection(mean_over_frames(encoded[0], encoded[3]))
 
 
 class SpeechEncoder(nn.Cell):

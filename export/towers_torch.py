@@ -8,6 +8,9 @@ every image-text family has (torch_impl/clip.py; BriVL likewise). The models ski
 numpy input checks while exported (torch.onnx.is_in_onnx_export), so the graphs hold no host round
 trip; export.runtime checks its inputs before running a graph.
 
+A tri-modal model's speech tower is traced the same way, through ``get_speech_features``
+(``SpeechTower``), whose host-side checks are skipped while exported too.
+
 A wav2vec2 model's ``forward`` gives the CTC logits (or, without a CTC head, the hidden states)
 and ``embed`` the utterance embedding, each running the encoder. ``SpeechEncoder`` runs it
 once (``encode``, which has no host-side checks: nothing in the graph copies to numpy) and
@@ -55,6 +58,18 @@ class TextEncoder(nn.Module):
 
     def forward(self, input_ids, attention_mask):
         return self.model.get_text_features(input_ids, attention_mask)
+
+
+class SpeechTower(nn.Module):
+    """input_values float32, attention_mask int64 [batch, samples] (right-padded) ->
+    speech_embeds [batch, dim]: a tri-modal model's ``get_speech_features``."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_values, attention_mask):
+        return self.model.get_speech_features(input_values, attention_mask)
 
 
 class SpeechEncoder(nn.Module):

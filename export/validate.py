@@ -3,7 +3,8 @@
 fp32: the exported file and the source model run the same random inputs at two shapes
 (export/signature.py, validation_cases: for the GPT decoder a left-padded prompt with an
 empty past and a short continuation with a cache; for image-text towers batch 1 and a
-right-padded batch of 5; for a speech encoder one clip of a second and three right-padded
+right-padded batch of 5 (a tri-modal model's image and text towers too; its speech tower as
+a speech encoder); for a speech encoder one clip of a second and three right-padded
 clips of different lengths; for a vision backbone batch 1 and batch 5; for a DALL-E's
 prefill batch 1 and 3, for its decode the first code after the text and 4 codes after 5 (a
 static-cache decode: the first code's slot and a later one); for an image tokenizer's
@@ -66,13 +67,15 @@ def source_runner(model):
 
 
 def tower_runner(model, graph: signature.GraphSignature):
-    """``run(feeds) -> outputs`` for one tower of an image-text model of either backend:
-    the model's own ``get_image_features`` / ``get_text_features`` (with its input checks),
-    the reference an exported tower must match."""
+    """``run(feeds) -> outputs`` for one tower of an image-text or tri-modal model of either
+    backend: the model's own ``get_image_features`` / ``get_text_features`` /
+    ``get_speech_features`` (with its input checks), the reference an exported tower must
+    match."""
     from taichu.api import backend_of
 
-    method = {signature.IMAGE_ENCODER: model.get_image_features,
-              signature.TEXT_ENCODER: model.get_text_features}[graph.name]
+    method = getattr(model, {signature.IMAGE_ENCODER: "get_image_features",
+                             signature.TEXT_ENCODER: "get_text_features",
+                             signature.SPEECH_TOWER: "get_speech_features"}[graph.name])
     (output,) = graph.output_names
     if backend_of(model) == "torch":
         import torch
