@@ -422,7 +422,10 @@ def _text_to_image_data(config, init_dir, rank) -> TrainingData:
 def _trimodal_data(config, init_dir, rank) -> TrainingData:
     """Items with any subset of image, text and audio (taichu.trimodal_data: captions spoken
     by the synthesiser, cached), split as the image-text families split their pairs; the
-    tokenizer learns the tokenizer corpus plus the training texts."""
+    tokenizer learns the tokenizer corpus plus the training texts. Batches of similar audio
+    length (BucketOrder): padding to a batch's longest clip cost 4x on digits + scenes
+    (clips of 1-10 s), and items without audio make batches whose speech tower runs on a
+    placeholder alone."""
     from taichu.config import DataConfig
     from taichu.corpus import load_corpus
     from taichu.trimodal_data import TriModalBatches, load_trimodal
@@ -433,8 +436,9 @@ def _trimodal_data(config, init_dir, rank) -> TrainingData:
     fingerprint = hashlib.sha256(f"{corpus.fingerprint}:{data.fingerprint}".encode()).hexdigest()
     tokenizer = _tokenizer_for(config, corpus.train + texts, fingerprint, f"{corpus.name}+{data.name}",
                                init_dir, rank)
-    return TrainingData(tokenizer, TriModalBatches(data.train, tokenizer, config),
-                        TriModalBatches(data.validation, tokenizer, config), "items", 1)
+    train = TriModalBatches(data.train, tokenizer, config)
+    return TrainingData(tokenizer, train, TriModalBatches(data.validation, tokenizer, config), "items", 1,
+                        BucketOrder(train.lengths, config.train.seed))
 
 
 TASK_DATA = {"language_model": _language_model_data, "image_text": _image_text_data,

@@ -262,13 +262,23 @@ def load_trimodal(config, rank: int = 0) -> TriModalSet:
     what = [f"{'test' if where in ('validation', 'held_out_voice') else 'train'} item "
             f"{lists[where][i].key!r}" for where, i, _ in plan]
     audio = speak_all([u for _, _, u in plan], cache_root(data), what) if plan else []
+    max_samples = int(spoken.max_seconds * SAMPLE_RATE)
+    too_long = dict.fromkeys(lists, 0)
     for (where, i, u), clip in zip(plan, audio):
+        if len(clip) > max_samples:
+            # A spoken caption longer than max_seconds is not used: the item keeps its other
+            # modalities (the long captions of scene rows would otherwise set every batch's
+            # padded length). The user's own audio is refused instead (check below).
+            too_long[where] += 1
+            continue
         item = lists[where][i]
         lists[where][i] = Item(image=item.image, text=item.text, audio=clip, key=item.key, voice=u[1],
                                label=item.label)
-    train = train + sentence_items
+    if any(too_long.values()):
+        print(f"spoken captions longer than data.spoken.max_seconds {spoken.max_seconds:g} s left out: "
+              + ", ".join(f"{n} {where}" for where, n in too_long.items() if n), flush=True)
+    train = train + [item for item in sentence_items if item.audio is not None]
     shortest = shortest_audio(config)
-    max_samples = int(spoken.max_seconds * SAMPLE_RATE)
     for split, items in (("train", train), ("validation", validation), ("held_out_voice", held)):
         for item in items:
             if item.audio is not None:
@@ -318,6 +328,8 @@ class TriModalBatches:
             self.input_ids[with_text] = ids
             self.attention_mask[with_text] = mask
         self.present = np.array([item.present for item in self.items], np.float32)
+        # Samples of audio per item (0: none): what the training order buckets by.
+        self.lengths = np.array([0 if item.audio is None else len(item.audio) for item in self.items], np.int64)
         self._pixels: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:

@@ -172,7 +172,10 @@ def test_first_20_losses_agree_across_backends(tmp_path, imagetext_cache, tokeni
     sentences with no image): MindSpore's compiled step = PyTorch's, fp32."""
     import torch
 
-    config = tiny(imagetext_cache, "train.log_interval=1", "train.eval_interval=1000")
+    # Every batch padded to 3 s (the digits' captions last up to ~2.6 s): one audio shape, so
+    # MindSpore compiles its step once, not once per 0.5 s bucket.
+    config = tiny(imagetext_cache, "train.log_interval=1", "train.eval_interval=1000",
+                  "data.spoken.pad_to_seconds=3.0")
     torch.manual_seed(0)
     init = taichu.save_model(taichu.build_model(config, "torch"), tmp_path / "init",
                              tokenizer=tokenizer.path)
@@ -180,6 +183,11 @@ def test_first_20_losses_agree_across_backends(tmp_path, imagetext_cache, tokeni
     for backend in ("torch", "mindspore"):
         run_training(config, backend, tmp_path / backend, init_dir=init, progress=False)
         runs[backend] = logged_losses(tmp_path / backend)
+    # The 20 batches held rows without speech and rows without an image.
+    data = TASK_DATA["trimodal"](config, init, 0)
+    present = np.concatenate([data.train.present[data.order.global_batch(step, config.train.batch_size)]
+                              for step in range(20)])
+    assert (present[:, 2] == 0).any() and (present[:, 0] == 0).any() and present.all(axis=1).any()
     steps = range(1, 21)
     ours = np.array([runs["torch"][s] for s in steps])
     theirs = np.array([runs["mindspore"][s] for s in steps])

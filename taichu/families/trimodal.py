@@ -92,7 +92,8 @@ class SpokenCaptionsConfig(Section):
     sentences: StrictInt = Field(0, ge=0)
     sentence_characters: StrictInt = Field(12, gt=1)
     # Batches are padded to a multiple of this many seconds (few shapes for a compiled
-    # graph); longer clips are refused.
+    # graph). A spoken caption longer than max_seconds is left out (its item keeps its image
+    # and text); the user's own longer audio is refused.
     pad_to_seconds: float = Field(0.5, gt=0.0)
     max_seconds: float = Field(6.0, gt=0.0)
 
