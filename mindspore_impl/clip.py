@@ -229,6 +229,23 @@ class VisionTransformer(nn.Cell):
         return pooled
 
 
+def init_towers(model, config, std_of, skip: tuple[str, ...] = ()) -> None:
+    """OpenAI CLIP's initialisation of the image and text towers and the projections of
+    ``model`` (std_of(config, cell name), taichu.families.clip.init_std); cells under the
+    ``skip`` prefixes keep theirs (the tri-modal model's speech tower)."""
+    for name, cell in model.cells_and_names():
+        if skip and name.startswith(skip):
+            continue
+        if isinstance(cell, (nn.Dense, nn.Embedding, nn.Conv2d)):
+            weight = cell.embedding_table if isinstance(cell, nn.Embedding) else cell.weight
+            weight.set_data(initializer(Normal(sigma=std_of(config, name)), weight.shape, weight.dtype))
+        if isinstance(cell, nn.Dense) and cell.bias is not None:
+            cell.bias.set_data(initializer("zeros", cell.bias.shape, cell.bias.dtype))
+    class_embedding = model.vision_model.embeddings.class_embedding
+    class_embedding.set_data(initializer(Normal(sigma=config.model.image.hidden_size ** -0.5),
+                                         class_embedding.shape, class_embedding.dtype))
+
+
 class CLIP(nn.Cell):
     def __init__(self, config: CLIPConfig):
         super().__init__()
@@ -242,17 +259,7 @@ class CLIP(nn.Cell):
         self._init_weights()
 
     def _init_weights(self):
-        m = self.config.model
-        for name, cell in self.cells_and_names():
-            if isinstance(cell, (nn.Dense, nn.Embedding, nn.Conv2d)):
-                weight = cell.embedding_table if isinstance(cell, nn.Embedding) else cell.weight
-                weight.set_data(initializer(Normal(sigma=init_std(self.config, name)), weight.shape,
-                                            weight.dtype))
-            if isinstance(cell, nn.Dense) and cell.bias is not None:
-                cell.bias.set_data(initializer("zeros", cell.bias.shape, cell.bias.dtype))
-        class_embedding = self.vision_model.embeddings.class_embedding
-        class_embedding.set_data(initializer(Normal(sigma=m.image.hidden_size ** -0.5),
-                                             class_embedding.shape, class_embedding.dtype))
+        init_towers(self, self.config, init_std)
 
     def _check(self, pixel_values=None, input_ids=None, attention_mask=None):
         # Value checks run here, outside construct: graph mode cannot raise on tensor values.

@@ -19,7 +19,6 @@ from types import SimpleNamespace
 
 import mindspore as ms
 from mindspore import nn, ops
-from mindspore.common.initializer import Normal, initializer
 
 from taichu.families.clip import MAX_LOGIT_SCALE, check_inputs as check_image_text
 from taichu.families.trimodal import LOGIT_SCALES, TriModalConfig, init_std, trained
@@ -56,20 +55,8 @@ class TriModal(nn.Cell):
             parameter.requires_grad = trained(name, config)
 
     def _init_weights(self):
-        m = self.config.model
-        for name, cell in self.cells_and_names():
-            if name.startswith("wav2vec2"):
-                continue
-            if isinstance(cell, (nn.Dense, nn.Embedding, nn.Conv2d)):
-                weight = cell.embedding_table if isinstance(cell, nn.Embedding) else cell.weight
-                weight.set_data(initializer(Normal(sigma=init_std(self.config, name)), weight.shape,
-                                            weight.dtype))
-            if isinstance(cell, nn.Dense) and cell.bias is not None:
-                cell.bias.set_data(initializer("zeros", cell.bias.shape, cell.bias.dtype))
-        class_embedding = self.vision_model.embeddings.class_embedding
-        class_embedding.set_data(initializer(Normal(sigma=m.image.hidden_size ** -0.5),
-                                             class_embedding.shape, class_embedding.dtype))
-        wav2vec2.init_backbone(self.wav2vec2, m.speech)
+        clip.init_towers(self, self.config, init_std, skip=("wav2vec2",))
+        wav2vec2.init_backbone(self.wav2vec2, self.config.model.speech)
 
     # Value checks run in get_*_features, outside construct: graph mode cannot raise on
     # tensor values (torch's _checking() skips them while tracing or exporting instead).

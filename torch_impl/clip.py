@@ -211,6 +211,22 @@ class VisionTransformer(nn.Module):
         return pooled
 
 
+@torch.no_grad()
+def init_towers(model, config, std_of, skip: tuple[str, ...] = ()) -> None:
+    """OpenAI CLIP's initialisation of the image and text towers and the projections of
+    ``model`` (std_of(config, module name), taichu.families.clip.init_std); modules under the
+    ``skip`` prefixes keep theirs (the tri-modal model's speech tower)."""
+    for name, module in model.named_modules():
+        if skip and name.startswith(skip):
+            continue
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+            nn.init.normal_(module.weight, mean=0.0, std=std_of(config, name))
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    nn.init.normal_(model.vision_model.embeddings.class_embedding, mean=0.0,
+                    std=config.model.image.hidden_size ** -0.5)
+
+
 class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
@@ -224,14 +240,7 @@ class CLIP(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        m = self.config.model
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
-                nn.init.normal_(module.weight, mean=0.0, std=init_std(self.config, name))
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        nn.init.normal_(self.vision_model.embeddings.class_embedding, mean=0.0,
-                        std=m.image.hidden_size ** -0.5)
+        init_towers(self, self.config, init_std)
 
     def _check(self, pixel_values=None, input_ids=None, attention_mask=None):
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():

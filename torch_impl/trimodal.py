@@ -40,19 +40,9 @@ class TriModal(nn.Module):
         for name, parameter in self.named_parameters():
             parameter.requires_grad_(trained(name, config))
 
-    @torch.no_grad()
     def _init_weights(self):
-        m = self.config.model
-        for name, module in self.named_modules():
-            if name.startswith("wav2vec2"):
-                continue
-            if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
-                nn.init.normal_(module.weight, mean=0.0, std=init_std(self.config, name))
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        nn.init.normal_(self.vision_model.embeddings.class_embedding, mean=0.0,
-                        std=m.image.hidden_size ** -0.5)
-        wav2vec2.init_backbone(self.wav2vec2, m.speech)
+        clip.init_towers(self, self.config, init_std, skip=("wav2vec2",))
+        wav2vec2.init_backbone(self.wav2vec2, self.config.model.speech)
 
     def _checking(self) -> bool:
         return not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
