@@ -161,14 +161,15 @@ demo-imagine: $(STAMP)
 DISTILL_DEMO_DIR ?= runs/demo-distill
 DISTILL_DEMO_BACKEND ?= mindspore
 DISTILL_DEMO_COMMON = --set train.checkpoint_interval=100000 --set train.eval_interval=300
-DISTILL_DEMO_TABLE = import json; from taichu.retrieval import Embedder, evaluate; \
-	print(f"{'held-out':<28}{'zero-shot digits':>18}{'scenes text->image R@1':>24}{'image->text R@1':>17}"); \
+DISTILL_DEMO_TABLE = from taichu.retrieval import Embedder, evaluate; \
 	rows = [("teacher (0.94 M)", "teacher"), ("student distilled (0.23 M)", "distilled"), ("student alone (0.23 M)", "alone")]; \
-	backend = "$(DISTILL_DEMO_BACKEND)"; \
-	[print(f"{name:<28}{d.values['zero_shot']['accuracy']:>18.1%}{s.values['text_to_image']['R@1']:>24.1%}{s.values['image_to_text']['R@1']:>17.1%}") \
-	 for name, run in rows for e in [Embedder("$(DISTILL_DEMO_DIR)/" + run + "/final", backend)] \
-	 for d, s in [(evaluate(e, "digits"), evaluate(e, "scenes"))]]; \
-	print(f"{'chance':<28}{0.1:>18.1%}{s.values['text_to_image']['chance']['R@1']:>24.1%}")
+	evals = [(name, evaluate(e, "digits").values, evaluate(e, "scenes").values) for name, run in rows \
+	         for e in [Embedder("$(DISTILL_DEMO_DIR)/" + run + "/final", "$(DISTILL_DEMO_BACKEND)")]]; \
+	print("%-28s%18s%24s%17s" % ("held-out, percent", "zero-shot digits", "scenes text->image R@1", "image->text R@1")); \
+	[print("%-28s%18.1f%24.1f%17.1f" % (name, 100 * d["zero_shot"]["accuracy"], 100 * s["text_to_image"]["R@1"], \
+	                                    100 * s["image_to_text"]["R@1"])) for name, d, s in evals]; \
+	print("%-28s%18.1f%24.1f%17.1f" % ("chance", 10.0, 100 * evals[0][2]["text_to_image"]["chance"]["R@1"], \
+	                                   100 * evals[0][2]["image_to_text"]["chance"]["R@1"]))
 
 demo-distill: $(STAMP)
 	$(BIN)/taichu train configs/clip/clip-small-teacher.yaml --backend torch --out $(DISTILL_DEMO_DIR)/teacher \
