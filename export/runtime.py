@@ -1,9 +1,9 @@
 """Running exports: a GPT decoder step and text generator, the image and text towers of
-an image-text model (CLIP, BriVL) and the speech tower too of a tri-modal model, a speech model's encoder (wav2vec2: CTC logits and
-utterance embeddings, ``speech_network``), a vision model's backbone (features,
-``vision_network``), a DALL-E's generation step (``dalle_network``) and an image tokenizer's
-decoder (codes -> uint8 images, ``image_decoder_network``), with ONNX Runtime or from MINDIR
-with MindSpore.
+an image-text model (CLIP, BriVL) and the three towers of a tri-modal model, a speech
+model's encoder (wav2vec2: CTC logits and utterance embeddings, ``speech_network``), a
+vision model's backbone (features, ``vision_network``), a DALL-E's generation step
+(``dalle_network``) and an image tokenizer's decoder (codes -> uint8 images,
+``image_decoder_network``), with ONNX Runtime or from MINDIR with MindSpore.
 
 The ONNX side needs only numpy, onnxruntime and sentencepiece, plus pillow for images (no
 torch, no mindspore, no yaml or pydantic: what an export needs is in its export_info.json):

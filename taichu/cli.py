@@ -364,7 +364,7 @@ def cmd_embed(args) -> int:
 def _shared_space_audio(args, paths=None) -> tuple[list[str], list]:
     """Audio files for a tri-modal model's speech tower, read and checked (silence, length)
     before the model loads; a model without one is refused first."""
-    from taichu.retrieval import load_clips, require_speech
+    from taichu.trimodal_data import load_clips, require_speech
 
     config = load_config(args.model)
     require_speech(config, args.model)

@@ -120,8 +120,9 @@ class Embedder:
     with a model directory; "onnx" or "mindir" with an export directory (``taichu export
     MODEL --format onnx|mindir --out DIR``) and ``encoder``, the object that runs its
     graphs (``image_features``, ``text_features``, ``tokenizer``; ``speech_features`` for
-    a tri-modal export): ``export.runtime.export_embedder(DIR, "onnx")`` builds both. taichu/ does not import
-    export/ (the layers run one way), so the encoder comes from the caller.
+    a tri-modal export): ``export.runtime.export_embedder(DIR, "onnx")`` builds both.
+    taichu/ does not import export/ (the layers run one way), so the encoder comes from
+    the caller.
     Outputs are float32 ``[n, dim]`` with unit rows whatever the family returns (CLIP's
     features are unnormalised, BriVL's normalised), so inner product = cosine.
     """
@@ -252,6 +253,7 @@ class Embedder:
         multiple of data.spoken.pad_to_seconds and a sample mask, clips sorted by length
         (little padding); rows come back in input order."""
         from taichu.speech_batches import normalise, padded_length
+        from taichu.trimodal_data import load_clips, require_speech
 
         require_speech(self.config, self.model_dir)
         if isinstance(audios, (str, Path, bytes)) or (isinstance(audios, np.ndarray) and audios.ndim == 1):
@@ -282,51 +284,6 @@ class Embedder:
         if self._fingerprint is None:  # hashes the weights: once per Embedder
             self._fingerprint = model_fingerprint(self.model_dir)
         return self._fingerprint
-
-
-def require_speech(config, model_dir) -> None:
-    """Refuse audio for a model without a speech tower in the shared space."""
-    if config.family != "trimodal":
-        hint = (" (a wav2vec2 model gives utterance embeddings of its own with `taichu embed "
-                "MODEL --audio`, not in an image-text space)" if config.family != "wav2vec2" else
-                ": `taichu embed MODEL --audio` gives this speech model's own utterance embeddings")
-        raise ValueError(f"{model_dir} is a {config.family} model with no speech tower: audio "
-                         f"embeddings in a space shared with images and captions need a tri-modal "
-                         f"(trimodal) model{hint}")
-
-
-def load_clips(audios: Sequence, config, names: Sequence[str] | None = None) -> tuple[list[str], list[np.ndarray]]:
-    """(names, float32 16 kHz mono clips) of audio files or arrays, each checked for the
-    speech tower of ``config`` (a tri-modal config): mono, finite, not silence
-    (taichu.trimodal_data.is_silent), at least the receptive field. Errors name the clip."""
-    from taichu.families.trimodal import shortest_audio
-    from taichu.trimodal_data import check_audio_clip
-
-    if names is not None and len(names) != len(audios):
-        raise ValueError(f"{len(audios)} clips but {len(names)} names")
-    if not audios:
-        raise ValueError("no audio given")
-    shortest = shortest_audio(config)
-    out_names, clips = [], []
-    for i, audio in enumerate(audios):
-        if isinstance(audio, (str, Path)):
-            from taichu.speech import load_audio
-
-            name = names[i] if names is not None else str(audio)
-            audio = load_audio(audio)   # a missing or unreadable file raises, naming itself
-        else:
-            name = names[i] if names is not None else f"audio {i}"
-            audio = np.asarray(audio)
-            if audio.ndim != 1 or not np.issubdtype(audio.dtype, np.floating):
-                raise ValueError(f"{name}: expected 16 kHz mono audio as a 1-D float array, got "
-                                 f"{audio.dtype} {list(audio.shape)}")
-            audio = audio.astype(np.float32, copy=False)
-        if not np.all(np.isfinite(audio)):
-            raise ValueError(f"{name}: the audio contains NaN or infinite samples")
-        check_audio_clip(audio, name, shortest)
-        out_names.append(name)
-        clips.append(audio)
-    return out_names, clips
 
 
 def _check_captions(texts: Sequence[str]) -> None:

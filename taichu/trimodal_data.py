@@ -75,6 +75,50 @@ def check_audio_clip(audio: np.ndarray, where: str, shortest: int, max_samples: 
                          f"data.spoken.max_seconds ({max_samples / SAMPLE_RATE:g} s)")
 
 
+def require_speech(config, model_dir) -> None:
+    """Refuse audio for a model without a speech tower in the shared space."""
+    if config.family != "trimodal":
+        hint = (" (a wav2vec2 model gives utterance embeddings of its own with `taichu embed "
+                "MODEL --audio`, not in an image-text space)" if config.family != "wav2vec2" else
+                ": `taichu embed MODEL --audio` gives this speech model's own utterance embeddings")
+        raise ValueError(f"{model_dir} is a {config.family} model with no speech tower: audio "
+                         f"embeddings in a space shared with images and captions need a tri-modal "
+                         f"(trimodal) model{hint}")
+
+
+def load_clips(audios: Sequence, config, names: Sequence[str] | None = None) -> tuple[list[str], list[np.ndarray]]:
+    """(names, float32 16 kHz mono clips) of audio files or arrays, each checked for the
+    speech tower of ``config`` (a tri-modal config): mono, finite, not silence
+    (taichu.trimodal_data.is_silent), at least the receptive field. Errors name the clip."""
+    from taichu.families.trimodal import shortest_audio
+
+    if names is not None and len(names) != len(audios):
+        raise ValueError(f"{len(audios)} clips but {len(names)} names")
+    if not audios:
+        raise ValueError("no audio given")
+    shortest = shortest_audio(config)
+    out_names, clips = [], []
+    for i, audio in enumerate(audios):
+        if isinstance(audio, (str, Path)):
+            from taichu.speech import load_audio
+
+            name = names[i] if names is not None else str(audio)
+            audio = load_audio(audio)   # a missing or unreadable file raises, naming itself
+        else:
+            name = names[i] if names is not None else f"audio {i}"
+            audio = np.asarray(audio)
+            if audio.ndim != 1 or not np.issubdtype(audio.dtype, np.floating):
+                raise ValueError(f"{name}: expected 16 kHz mono audio as a 1-D float array, got "
+                                 f"{audio.dtype} {list(audio.shape)}")
+            audio = audio.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(audio)):
+            raise ValueError(f"{name}: the audio contains NaN or infinite samples")
+        check_audio_clip(audio, name, shortest)
+        out_names.append(name)
+        clips.append(audio)
+    return out_names, clips
+
+
 # ---------------------------------------------------------------------------- synthesis
 
 

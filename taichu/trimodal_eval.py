@@ -97,7 +97,7 @@ def evaluate_trimodal(embedder, data: str | None = None, split: str = "test",
     """Recall@K in the six directions (and zero-shot digits on digits) of the embedder's
     tri-modal model on its held-out data; see the module docstring for what is measured."""
     from taichu.imagetext import DIGITS, digit_prompts
-    from taichu.retrieval import require_speech
+    from taichu.trimodal_data import require_speech
 
     require_speech(embedder.config, embedder.model_dir)
     config, items, dataset, speech = evaluation_items(embedder.config, data, split)
