@@ -538,8 +538,6 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
         if changed and is_main:
             print(f"--init {init_dir}: model fields differ from its config.yaml "
                   f"(init -> this run): {changed}")
-    if init_towers and not resume:
-        _load_towers(model, config, init_towers, is_main)
     start_step, resume_from = 0, None
     if resume:
         resume_from = latest_good_checkpoint(out_dir)
@@ -549,6 +547,9 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
         else:
             # Weights go in before the trainer wraps (and under FSDP shards) the model.
             load_state_dict(model, load_safetensors(resume_from), str(resume_from))
+    if init_towers and resume_from is None:
+        # Also when --resume finds no checkpoint: the run starts fresh, from the towers.
+        _load_towers(model, config, init_towers, is_main)
     recipe.start(out_dir, resume_from is not None, is_main)
     model = recipe.wrap(model, resume_from)
     trainer = trainer_module.Trainer(model, config, recipe.decay_names(decay_names(config)), rank, world,

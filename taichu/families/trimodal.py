@@ -53,14 +53,11 @@ class PairWeights(Section):
         return (self.image_text, self.text_speech, self.image_speech)
 
 
-class SpeechTowerConfig(Wav2Vec2BackboneConfig):
-    """The wav2vec 2.0 backbone as the speech tower (the speech family's backbone fields)."""
-
-
 class TriModalModelConfig(CLIPModelConfig):
     # image, text, projection_dim, logit_scale_init, activation, layer_norm_eps,
     # attention_dropout, initializer_range: CLIP's (the image and text towers are CLIP's).
-    speech: SpeechTowerConfig
+    # The wav2vec 2.0 backbone as the speech tower (the speech family's backbone fields).
+    speech: Wav2Vec2BackboneConfig
     pair_weights: PairWeights = PairWeights()
     # Towers whose weights do not train (e.g. a trained CLIP kept as it is while speech
     # joins its space).
