@@ -79,7 +79,8 @@ _FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt", "clip": "taichu.famil
                              "vision": "taichu.families.vision",
                              "vqvae": "taichu.families.vqvae",
                              "dalle": "taichu.families.dalle",
-                             "trimodal": "taichu.families.trimodal"}
+                             "trimodal": "taichu.families.trimodal",
+                             "m6": "taichu.families.m6"}
 BACKENDS = ("mindspore", "torch")
 
 
