@@ -441,9 +441,37 @@ def _trimodal_data(config, init_dir, rank) -> TrainingData:
                         BucketOrder(train.lengths, config.train.seed))
 
 
+def _m6_data(config, init_dir, rank) -> TrainingData:
+    """The m6 task mix (taichu.m6_data): images split by key, sentences by document, held-out
+    question templates kept out of training; the tokenizer learns the tokenizer corpus
+    (split as data.corpus is, so no held-out sentence reaches it) plus the training prompts
+    and targets."""
+    from taichu.config import DataConfig
+    from taichu.corpus import load_corpus
+    from taichu.m6_data import M6Batches, load_m6
+
+    data = config.data
+    corpus = load_corpus(DataConfig(corpus=data.tokenizer_corpus, validation_fraction=data.validation_fraction,
+                                    split_seed=data.split_seed))
+    examples = load_m6(config, rank, corpus if data.tokenizer_corpus == data.corpus else None)
+    fingerprint = hashlib.sha256(f"{corpus.fingerprint}:{examples.fingerprint}".encode()).hexdigest()
+    tokenizer = _tokenizer_for(config, corpus.train + examples.training_texts(), fingerprint,
+                               f"{corpus.name}+{examples.name}", init_dir, rank)
+    train = M6Batches(examples.train, tokenizer, config)
+    validation = M6Batches(examples.validation, tokenizer, config)
+    if rank == 0:
+        print(examples.describe(), flush=True)
+        for name, batches in (("training", train), ("validation", validation)):
+            if batches.truncated:
+                print(f"m6 data: {batches.truncated} of {len(batches)} {name} examples are longer than "
+                      f"model.text_length {config.model.text_length} tokens: target cut, eos kept "
+                      f"({batches.prompt_truncated} with the prompt cut too)", flush=True)
+    return TrainingData(tokenizer, train, validation, "items", 1)
+
+
 TASK_DATA = {"language_model": _language_model_data, "image_text": _image_text_data,
              "speech": _speech_data, "vision": _vision_data, "image_tokenizer": _image_tokenizer_data,
-             "text_to_image": _text_to_image_data, "trimodal": _trimodal_data}
+             "text_to_image": _text_to_image_data, "trimodal": _trimodal_data, "m6": _m6_data}
 
 
 class ModelRecipe:
