@@ -241,6 +241,9 @@ def _report_training(args, config, result) -> int:
         if config.family == "dalle":
             what = "next-token cross-entropy (text and image parts, weighted as model.*_loss_weight)"
             after = ""
+        if config.family == "m6":
+            what = "cross-entropy of the targets (text tokens + image codes, weighted as model.*_loss_weight)"
+            after = f" (taichu eval {result.final_dir} for captions and answers on held-out scenes)"
         start = f"{show(result.start_val_loss)} at step 0 -> " if result.start_val_loss is not None else ""
         print(f"held-out {what}: {start}{show(result.val_loss)}{after}")
     print(f"final model: {result.final_dir}; metrics: {Path(args.out) / 'metrics.jsonl'} "
@@ -249,6 +252,10 @@ def _report_training(args, config, result) -> int:
 
 
 def cmd_generate(args) -> int:
+    from taichu.cli_m6 import cmd_generate as generate_m6, is_m6
+
+    if args.image or is_m6(args.model):     # an M6 (taichu.cli_m6), with or without an image
+        return generate_m6(args, _export_runtime)
     from taichu.generate import SamplingConfig
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -593,6 +600,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--repetition-penalty", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--num-return", type=int, default=1, help="samples per prompt")
+    generate.add_argument("--image", help="an image the prompts are about (m6 models: image-conditioned text)")
     generate.set_defaults(func=cmd_generate)
 
     export = commands.add_parser("export", help="export a model to ONNX or MINDIR, validated "
@@ -705,10 +713,12 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--batch-size", type=int, default=8)
     transcribe.set_defaults(func=cmd_transcribe)
     from taichu.cli_imagine import add_commands as add_imagine_commands
+    from taichu.cli_m6 import add_commands as add_m6_commands
     from taichu.cli_vision import add_commands as add_vision_commands
 
     add_vision_commands(commands, _export_runtime)
     add_imagine_commands(commands, _export_runtime)
+    add_m6_commands(commands, _export_runtime)
     return parser
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from taichu.families.m6 import CODE, IMAGE, PREFIX, TARGET, M6Config, check_inputs, loss_weights
+from taichu.families.m6 import CODE, IMAGE, PAD, PREFIX, TARGET, M6Config, check_inputs, loss_weights
 from taichu.families.vqvae import init_bound
 from torch_impl.gpt import GPT, Block
 from torch_impl.vqvae import Downsample, ResBlock, _activation
@@ -164,8 +164,10 @@ def training_loss(model, pixel_values, input_ids, segment_ids, image_codes=None)
 
 def _losses(model, text_logits, code_logits, input_ids, segment_ids, image_codes):
     text_segments = segment_ids[:, model.num_patches:model.num_patches + input_ids.shape[1]]
-    # Slot t predicts the token of slot t + 1 when that one is a TARGET.
-    targets = input_ids[:, 1:].masked_fill(text_segments[:, 1:] != TARGET, IGNORE_INDEX)
+    # Slot t predicts the token of slot t + 1 when that one is a TARGET and slot t is not PAD
+    # (a PAD query attends to every key, later targets too: it would learn from the answer).
+    ignored = (text_segments[:, 1:] != TARGET) | (text_segments[:, :-1] == PAD)
+    targets = input_ids[:, 1:].masked_fill(ignored, IGNORE_INDEX)
     rows = text_logits[:, :-1].float().reshape(-1, text_logits.shape[-1])
     text_loss = _mean_cross_entropy(rows, targets.reshape(-1))
     loss = model.text_weight * text_loss
@@ -213,3 +215,89 @@ def _shape(x):
 
 def _range(x):
     return None if x is None or x.numel() == 0 else (int(x.min()), int(x.max()))
+
+
+# ----------------------------------------------------------------------------- static cache
+
+class StaticCachePrefill(nn.Module):
+    """The prompt pass of generation over a static cache (mindspore_impl's graph; here for
+    parity and as a reference).
+
+    (pixel_values [B, C, S, S] (zeros, with PAD segments, for a row without an image),
+    input_ids [B, L] (the prompt, left-padded with PAD segments), segment_ids [B, patches +
+    L (+ 1)], with codes=True also image_codes [B, 1] (the start code, a CODE slot)) ->
+    (logits of the last position: text [B, vocab], with codes=True code [B, codebook]; key
+    and value of each layer [B, heads, patches + L (+ 1), head_dim]). The caller pads the
+    keys and values to the cache length StaticCacheDecoder runs at.
+    """
+
+    def __init__(self, model: M6, codes: bool = False):
+        super().__init__()
+        self.model = model
+        self.codes = codes
+
+    def forward(self, pixel_values, input_ids, segment_ids, image_codes=None):
+        returned = self.model(pixel_values, input_ids, segment_ids, image_codes if self.codes else None,
+                              None, True)
+        outputs = (returned[1 if self.codes else 0][:, -1],)
+        for key_value in returned[2]:
+            outputs = outputs + key_value
+        return outputs
+
+
+class StaticCacheDecoder(nn.Module):
+    """One new position over a preallocated cache of fixed length: the same shapes at every
+    step (what lets MindSpore's graph mode compile it once per batch and cache length).
+
+    (new_ids [B, 1] (a text token, with codes=True an image code), segment_ids [B, cache]
+    (the segment of every slot: PAD for padding and for the slots not written yet, the new
+    one's at write_position), write_position int scalar, key and value of each layer [B,
+    heads, cache, head_dim]) -> (logits [B, vocab] (with codes=True [B, codebook]), the keys
+    and values with the new position's written at slot write_position). The new position's
+    text or code position is the count of PREFIX + TARGET or CODE slots before it, as in
+    M6.embeddings; it attends as prefix_lm_bias's row for slot write_position
+    (decoder_bias).
+    """
+
+    def __init__(self, model: M6, codes: bool = False):
+        super().__init__()
+        self.model = model
+        self.codes = codes
+        self.num_layers = len(model.layers)
+
+    def forward(self, new_ids, segment_ids, write_position, *cache):
+        model = self.model
+        total = segment_ids.shape[1]
+        here = torch.arange(total, device=segment_ids.device) == write_position
+        if self.codes:
+            selected, table, positions = segment_ids == CODE, model.embed_codes, model.embed_code_positions
+        else:
+            selected = (segment_ids == PREFIX) | (segment_ids == TARGET)
+            table, positions = model.embed_text, model.embed_text_positions
+        # The new slot's position (its count of selected slots before it) and segment.
+        position = (_count_before(segment_ids, selected) * here).sum(dim=1, keepdim=True)
+        position = position.clamp(max=positions.num_embeddings - 1)
+        segment = (segment_ids * here).sum(dim=1, keepdim=True)
+        x = table(new_ids) + positions(position) + model.embed_segments(segment)
+        attention_bias = decoder_bias(segment_ids, write_position, x.dtype)
+        cache_slot = here.view(1, 1, total, 1)
+        outputs = ()
+        for i in range(self.num_layers):
+            x, key_value = model.layers[i](x, attention_bias, (cache[2 * i], cache[2 * i + 1]), cache_slot)
+            outputs = outputs + key_value
+        hidden = model.ln_f(x)
+        logits = model.code_head(hidden) if self.codes else F.linear(hidden, model.embed_text.weight)
+        return (logits[:, -1],) + outputs
+
+
+def decoder_bias(segment_ids, write_position, dtype):
+    """[B, 1, 1, total]: prefix_lm_bias's row of a target query at slot write_position of
+    segment_ids [B, total]: the prefix keys, and the target keys at or before it (slots
+    after it are not written yet: PAD, so every slot that is not PAD)."""
+    total = segment_ids.shape[1]
+    key_prefix = (segment_ids == IMAGE) | (segment_ids == PREFIX)
+    key_target = (segment_ids == TARGET) | (segment_ids == CODE)
+    key_pos = torch.arange(total, device=segment_ids.device).view(1, total)
+    allowed = key_prefix | (key_target & (key_pos <= write_position))
+    zero = torch.zeros((), dtype=dtype, device=segment_ids.device)
+    return torch.where(allowed.view(-1, 1, 1, total), zero, torch.finfo(dtype).min)

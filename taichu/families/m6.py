@@ -294,7 +294,7 @@ def check_inputs(config: M6Config, pixel_shape, input_shape, input_range, segmen
         if len(input_shape) != 2 or input_shape[1] > m.text_length:
             raise ValueError(f"input_ids must be [batch, length <= text_length = {m.text_length}], got shape "
                              f"{tuple(input_shape)}")
-        low, high = input_range
+        low, high = input_range or (0, 0)   # no range: no ids ([B, 0])
         if low < 0 or high >= m.vocab_size:
             raise ValueError(f"token id {low if low < 0 else high} is out of range for vocab_size "
                              f"{m.vocab_size} (valid ids: 0..{m.vocab_size - 1})")
