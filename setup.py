@@ -17,6 +17,9 @@ EXTRAS = {
     # The speech family (taichu/speech.py): libespeak-ng and its Mandarin voice as a wheel
     # (offline synthesis), tone-numbered pinyin, resampling, wav/flac I/O, error rates.
     "speech": ["espeakng-loader", "pypinyin", "soxr", "soundfile", "jiwer"],
+    # Captioning metrics of `taichu.m6_eval`: BLEU (sacrebleu) and CIDEr (pycocoevalcap's
+    # pure-Python scorer).
+    "eval": ["sacrebleu", "pycocoevalcap"],
     "dev": ["pytest", "transformers"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

@@ -1,8 +1,9 @@
 """Deployment: ONNX (from PyTorch) and MINDIR (from MindSpore) export, validated against the
 source model, ONNX Runtime generation (GPT), embedding (image-text towers), speech
 recognition (wav2vec2: ``export.speech_network``), image features (vision:
-``export.vision_network``), text-to-image generation steps (DALL-E: ``export.dalle_network``)
-and codes -> images (vqvae: ``export.image_decoder_network``).
+``export.vision_network``), text-to-image generation steps (DALL-E: ``export.dalle_network``),
+codes -> images (vqvae: ``export.image_decoder_network``) and M6 generation steps (captions,
+answers, text, image codes: ``export.m6_network``).
 
 ``export.OnnxGenerator`` needs only numpy, onnxruntime and sentencepiece,
 ``export.OnnxImageTextEncoder`` those and pillow; ``export.MindirGenerator`` and
@@ -20,7 +21,8 @@ _LAZY = {"OnnxGenerator": "export.runtime", "OnnxDecoder": "export.runtime",
          "SpeechNetwork": "export.runtime", "speech_network": "export.runtime",
          "VisionNetwork": "export.runtime", "vision_network": "export.runtime",
          "DalleNetwork": "export.runtime", "dalle_network": "export.runtime",
-         "ImageDecoderNetwork": "export.runtime", "image_decoder_network": "export.runtime"}
+         "ImageDecoderNetwork": "export.runtime", "image_decoder_network": "export.runtime",
+         "M6Network": "export.runtime", "m6_network": "export.runtime"}
 __all__ = sorted(_LAZY)
 
 

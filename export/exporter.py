@@ -12,7 +12,9 @@ vision graphs are listed with their inputs, outputs and validation under ``graph
 export_info.json. A DALL-E (text_to_image) becomes ``prefill`` (caption -> first code's
 logits + cache) and ``decode`` (codes + past -> logits + presents; in MINDIR one code over a
 static cache with an explicit write position); an image tokenizer (vqvae) ``decoder`` (codes
--> normalised pixels) and ``encoder`` (pixels -> codes); both listed under ``graphs`` too
+-> normalised pixels) and ``encoder`` (pixels -> codes); an M6 ``image_encoder`` (pixels ->
+patch embeddings) and one ``decoder`` over a KV cache in ONNX, ``prefill``, ``decode`` and
+``decode_codes`` over a static cache in MINDIR; all listed under ``graphs`` too
 (export/signature.py has every signature).
 
 An ONNX export folder is self-contained: beside the graphs it holds ``config.yaml`` and
@@ -45,7 +47,7 @@ from export.validate import ExportValidationError
 
 FORMATS = ("onnx", "mindir")
 TASKS = (signature.LANGUAGE_MODEL, signature.IMAGE_TEXT, signature.SPEECH, signature.VISION,
-         signature.TEXT_TO_IMAGE, signature.IMAGE_TOKENIZER, signature.TRIMODAL)
+         signature.TEXT_TO_IMAGE, signature.IMAGE_TOKENIZER, signature.TRIMODAL, signature.M6)
 # Tasks exported as a set of named graphs (export_info.json's ``graphs``): every task but the
 # GPT's, whose decoder keeps its top-level entries (inputs, outputs, validation).
 ENCODER_TASKS = (signature.IMAGE_TEXT, signature.SPEECH, signature.VISION, signature.TEXT_TO_IMAGE,
@@ -70,7 +72,8 @@ NO_INT8 = {signature.IMAGE_TEXT: ("image-text", "their towers export"),
            signature.VISION: ("vision", "the backbone exports"),
            signature.TEXT_TO_IMAGE: ("text-to-image", "the prefill and decode graphs export"),
            signature.IMAGE_TOKENIZER: ("image tokenizer", "the decoder and encoder export"),
-           signature.TRIMODAL: ("tri-modal", "their towers export")}
+           signature.TRIMODAL: ("tri-modal", "their towers export"),
+           signature.M6: ("M6", "the image encoder and decoder export")}
 
 
 def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | None = None,
@@ -109,7 +112,10 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | 
         model = load_model(model_dir, backend=backend)
         info = {"format": fmt, "family": config.family, "task": task, "source": str(model_dir.resolve()),
                 "source_backend": backend}
-        if task in ENCODER_TASKS:
+        if task == signature.M6:
+            info["config"] = config.model_dump(mode="json")
+            _export_m6(model, config, fmt, staging, opset, validate, info, log)
+        elif task in ENCODER_TASKS:
             info["config"] = config.model_dump(mode="json")
             _export_towers(model, config, fmt, staging, opset, validate, info, log)
         else:
@@ -309,6 +315,59 @@ def _export_towers(model, config, fmt, staging, opset, validate, info, log):
             entry["validation"] = checks.validate_against_source(
                 load(staging / file, graph), runner(model, graph), config.model,
                 f"{file} in {runtime}", graph=graph)
+            log(f"validated {file} against {source}: {_summary(entry['validation'])}")
+
+
+def _export_m6(model, config, fmt, staging, opset, validate, info, log):
+    """The graphs of an M6 (export/signature.py, ``m6_graphs``), listed under ``graphs`` and
+    each validated against the model's own forward (export.validate.m6_runner): ONNX
+    ``image_encoder`` and ``decoder`` (the decoder run on pixels through the exported image
+    encoder, as export.runtime.M6Network runs it); MINDIR ``prefill``, ``decode`` and
+    ``decode_codes`` over a static cache."""
+    from export import validate as checks
+
+    m = config.model
+    graphs = signature.m6_graphs(m, static=fmt == "mindir")
+    if fmt == "onnx":
+        import onnxruntime
+        import torch
+
+        from export import onnx_export
+        from export.runtime import OnnxGraph
+
+        opset = onnx_export.MIN_OPSET if opset is None else opset
+        files = onnx_export.export_onnx_m6(model, staging, opset)
+        detail = (f"opset {opset}; dynamic batch, and patches, sequence, codes and past (each may be 0) "
+                  f"in the decoder")
+        info.update(opset=opset, exporter=_onnx_exporter(onnx_export.EXPORTER, torch),
+                    runtime=f"onnxruntime {onnxruntime.__version__}")
+        runtime, source, int_dtype = "onnxruntime", "torch_impl", "int64"
+        loaded = {graph.name: OnnxGraph(staging / files[graph.name][0].name).run for graph in graphs}
+        image, decoder = (graph.name for graph in graphs)
+        runs = {image: loaded[image], decoder: checks.m6_exported_runner(loaded[image], loaded[decoder], m)}
+    else:
+        import mindspore as ms
+
+        from export import mindir_export
+
+        files = mindir_export.export_mindir_m6(model, staging)
+        detail = "static cache: dynamic batch and cache length, the prompt left-padded to text_length"
+        info.update(exporter=f"mindspore.export MINDIR, mindspore {ms.__version__}")
+        runtime, source, int_dtype = "mindspore.nn.GraphCell", "mindspore_impl", "int32"
+        runs = {graph.name: mindir_export.MindirGraph(files[graph.name][0], graph).run for graph in graphs}
+    log(f"exported {', '.join(f.name for fs in files.values() for f in fs)} ({detail})")
+    info.update(platform=platform.platform(), graphs=[])
+    for graph in graphs:
+        file = files[graph.name][0].name
+        entry = {"name": graph.name, "file": file, **graph.describe()}
+        for spec in entry["inputs"] + entry["outputs"]:
+            if spec["dtype"] == "int64":
+                spec["dtype"] = int_dtype
+        info["graphs"].append(entry)          # listed before validation, so a rejection shows it
+        if validate:
+            entry["validation"] = checks.validate_cases(
+                runs[graph.name], checks.m6_runner(model, graph), signature.validation_cases(m, graph),
+                f"{file} in {runtime}")
             log(f"validated {file} against {source}: {_summary(entry['validation'])}")
 
 

@@ -23,7 +23,17 @@ graphs (export/signature.py) except that token ids, masks and positions are int3
   (the GPT's reason for its static cache, design.md §4); with the static cache the shapes stay
   the same for a whole generation;
 - image tokenizer (vqvae): ``decoder.mindir`` and ``encoder.mindir`` (dynamic batch; codes
-  int32).
+  int32);
+- M6: ``prefill.mindir`` (pixels, the prompt left-padded to text_length and the segments ->
+  the last position's logits and the keys and values; only batch dynamic), ``decode.mindir``
+  (one text token) and, with a codebook, ``decode_codes.mindir`` (one image code), both over a
+  static cache (batch and cache length dynamic) with an explicit ``write_position`` and the
+  segments of every slot (mindspore_impl.m6's StaticCachePrefill and StaticCacheDecoder;
+  signature.m6_graphs(static=True)). export.runtime.m6_network uses
+  signature.m6_cache_capacity slots (the prefill's, then every text and code slot the model
+  has); the start code of text to image is a decode_codes step after the caption's prefill.
+  The prompt axis is fixed because M6.construct branches on the lengths of its inputs, which
+  MindSpore cannot compile over a dynamic axis ("the inputs should be constant").
 """
 from __future__ import annotations
 
@@ -193,6 +203,20 @@ def export_mindir_dalle(model, directory: Path) -> dict[str, list[Path]]:
     graphs = signature.dalle_graphs(model.config.model, static=True)
     return _export_cells({signature.PREFILL: StaticCachePrefill(model), signature.DECODE: StaticCacheDecoder(model)},
                          graphs, directory)
+
+
+def export_mindir_m6(model, directory: Path) -> dict[str, list[Path]]:
+    """Write the MindSpore M6 ``model`` as ``prefill.mindir`` (batch dynamic, the prompt
+    left-padded to text_length), ``decode.mindir`` and, with a codebook,
+    ``decode_codes.mindir`` (static cache; batch and cache length dynamic), the signatures of
+    signature.m6_graphs(static=True), in ``directory``; the files written, by graph name."""
+    from mindspore_impl.m6 import StaticCacheDecoder, StaticCachePrefill
+
+    model.set_train(False)
+    graphs = signature.m6_graphs(model.config.model, static=True)
+    cells = {signature.PREFILL: StaticCachePrefill(model), signature.DECODE: StaticCacheDecoder(model),
+             signature.DECODE_CODES: StaticCacheDecoder(model, codes=True)}
+    return _export_cells(cells, graphs, directory)
 
 
 def export_mindir_image_tokenizer(model, directory: Path) -> dict[str, list[Path]]:

@@ -1,6 +1,7 @@
 """ONNX from the PyTorch model: one decoder graph with a KV cache (GPT), optional int8, an
 image encoder and a text encoder graph (image-text families; a tri-modal model adds a speech
-encoder graph), a speech encoder graph (wav2vec2), or a ViT backbone graph (vision).
+encoder graph), a speech encoder graph (wav2vec2), or a ViT backbone graph (vision); an M6
+as an image encoder and one decoder graph with a KV cache (export/signature.py).
 
 The exporter is torch.onnx's dynamo exporter (``torch.onnx.export(..., dynamo=True)``, which
 needs onnxscript), the one PyTorch supports; the TorchScript exporter (``dynamo=False``) is
@@ -25,6 +26,10 @@ The frame mask is computed inside the graph from the sample mask (sum, the same 
 arithmetic per row, compare with a range over frames): no data-dependent shape arises, and
 the encoder runs through ``Wav2Vec2.encode``, which has no numpy input check (see
 export/towers_torch.py).
+
+An M6's decoder is traced at batch 2 with 6 patch embeddings, 5 tokens and 3 code slots
+after a past of 7; validation runs it with no patches, no text, no codes or no past (size 0
+on those axes), as generation does (export/validate.py).
 
 The vision backbone's only dynamic axis is ``batch``: the image size fixes the patch grid and
 with it the positions (a resize would be a different graph), so the example is batch 2 at
@@ -151,6 +156,39 @@ def export_onnx_dalle(model, directory: Path, opset: int = MIN_OPSET,
     return {graph.name: export_graph(examples[graph.name][0], graph, examples[graph.name][1],
                                      directory / f"{graph.name}.onnx", opset, external_data_threshold)
             for graph in (prefill, decode)}
+
+
+def export_onnx_m6(model, directory: Path, opset: int = MIN_OPSET,
+                   external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict[str, list[Path]]:
+    """Write the torch M6 ``model`` as ``image_encoder.onnx`` (pixels -> patch embeddings) and
+    ``decoder.onnx`` (prefill and steps over a KV cache) in ``directory``
+    (signature.m6_graphs); the files written, by graph name."""
+    import numpy as np
+
+    from export.towers_torch import M6Decoder, M6ImageEncoder, M6TextDecoder
+
+    m = model.config.model
+    image, decoder = signature.m6_graphs(m)
+    # Distinct sizes >= 2 on every dynamic axis: batch 2, 6 patch embeddings (the decoder
+    # takes any number: their positions are the image encoder's), 5 tokens, 3 code slots
+    # after a past of 7 (a total of 21). The values only need to be in range.
+    rng = np.random.default_rng(0)
+    batch, patches, length, codes, past = 2, 6, 5, 3, 7
+    segments = [rng.integers(1, 5, (batch, past)), np.full((batch, patches), signature.IMAGE_SEGMENT),
+                np.full((batch, length), signature.PREFIX_SEGMENT)]
+    feeds = {"patch_embeds": rng.standard_normal((batch, patches, m.hidden_size)).astype(np.float32),
+             "input_ids": rng.integers(0, m.vocab_size, (batch, length)).astype(np.int64)}
+    if m.codebook_size:
+        feeds["image_codes"] = rng.integers(0, m.codebook_size + 1, (batch, codes)).astype(np.int64)
+        segments.append(np.full((batch, codes), signature.CODE_SEGMENT))
+    feeds["segment_ids"] = np.concatenate(segments, axis=1).astype(np.int64)
+    for name in signature.m6_cache_names(m.num_layers)[0]:
+        feeds[name] = rng.standard_normal((batch, m.num_heads, past, m.head_dim)).astype(np.float32)
+    examples = {image.name: (M6ImageEncoder(model).eval(), signature._pixels(2, m.num_channels, m.image_size, 0)),
+                decoder.name: ((M6Decoder if m.codebook_size else M6TextDecoder)(model).eval(), feeds)}
+    return {graph.name: export_graph(examples[graph.name][0], graph, examples[graph.name][1],
+                                     directory / f"{graph.name}.onnx", opset, external_data_threshold)
+            for graph in (image, decoder)}
 
 
 def export_onnx_image_tokenizer(model, directory: Path, opset: int = MIN_OPSET,

@@ -29,12 +29,24 @@ are skipped while exported (torch.onnx.is_in_onnx_export); export.runtime.dalle_
 
 An image tokenizer (vqvae) exports ``VQVAE.decode`` (``CodeDecoder``) and ``VQVAE.encode``
 (``CodeEncoder``); neither has host-side checks.
+
+An M6 exports its patch embeddings (``M6ImageEncoder``: the patch ResNet plus the patch
+positions, the image's term of ``M6.embeddings``) and one decoder over a KV cache
+(``M6Decoder``, ``M6TextDecoder`` for a model without a codebook): ``M6.embeddings`` of the
+text and the code slots, the patch embeddings in front with their segments', the blocks under
+``prefix_lm_bias`` with the past, ``ln_f``, and each head at the last position of its kind in
+the call (zeros where the call has none: a one-hot row sum, so the graph holds no branch on
+a size), export/signature.py's ``decoder``. The layer loop is ``M6.forward``'s without its
+host-side checks (export.runtime.m6_network checks).
 """
 from __future__ import annotations
 
+import torch
 from torch import nn
+from torch.nn import functional as F
 
 from export.signature import vision_backbone
+from torch_impl.m6 import prefix_lm_bias
 from torch_impl.wav2vec2 import mean_over_frames
 
 
@@ -159,3 +171,66 @@ class CodeEncoder(nn.Module):
 
     def forward(self, pixel_values):
         return self.model.encode(pixel_values)
+
+
+class M6ImageEncoder(nn.Module):
+    """pixel_values [batch, channels, size, size] -> patch_embeds [batch, patches, hidden]:
+    the patch ResNet's features plus the patch positions (M6.embeddings' image term)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model.patch_encoder(pixel_values) + self.model.embed_patch_positions.weight
+
+
+class M6TextDecoder(nn.Module):
+    """patch_embeds [batch, patches, hidden], input_ids [batch, sequence], segment_ids
+    [batch, past + patches + sequence], past key and value of each layer [batch, heads,
+    past, head_dim] -> logits [batch, vocab] (at the last text position; zeros without
+    text), present key and value of each layer [batch, heads, total, head_dim]. Any of
+    patches, sequence and past may be 0."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.model.num_layers
+
+    def forward(self, patch_embeds, input_ids, segment_ids, *past):
+        return self.run(patch_embeds, input_ids, None, segment_ids, past)
+
+    def run(self, patch_embeds, input_ids, image_codes, segment_ids, past):
+        model = self.model
+        # The text and the code slots as M6.embeddings makes them, the patches in front.
+        rest = model.embeddings(None, input_ids, image_codes, segment_ids)
+        total, patches = segment_ids.shape[1], patch_embeds.shape[1]
+        start = total - patches - rest.shape[1]
+        x = torch.cat((patch_embeds + model.embed_segments(segment_ids[:, start:start + patches]), rest), dim=1)
+        x = model.dropout(x)
+        length = x.shape[1]
+        attention_bias = prefix_lm_bias(segment_ids, length, x.dtype)
+        presents = ()
+        for i, layer in enumerate(model.layers):
+            x, key_value = layer(x, attention_bias, (past[2 * i], past[2 * i + 1]))
+            presents = presents + key_value
+        hidden = model.ln_f(x)
+        # The last position of each kind among the new ones (patches, text, codes in this
+        # order): a one-hot row, all zeros where the call has none of that kind.
+        slots = torch.arange(length, device=x.device)
+        text_end = length - (0 if image_codes is None else image_codes.shape[1])
+        last_text = ((slots == text_end - 1) & (slots >= patches)).to(hidden.dtype)
+        outputs = (F.linear((hidden * last_text[None, :, None]).sum(dim=1), model.embed_text.weight),)
+        if image_codes is not None:
+            last_code = ((slots == length - 1) & (slots >= text_end)).to(hidden.dtype)
+            outputs = outputs + (model.code_head((hidden * last_code[None, :, None]).sum(dim=1)),)
+        return outputs + presents
+
+
+class M6Decoder(M6TextDecoder):
+    """M6TextDecoder with image_codes [batch, codes] after input_ids and code_logits [batch,
+    codebook] (at the last code slot; zeros without codes) after logits: a model with a
+    codebook."""
+
+    def forward(self, patch_embeds, input_ids, image_codes, segment_ids, *past):
+        return self.run(patch_embeds, input_ids, image_codes, segment_ids, past)

@@ -8,7 +8,9 @@ a speech encoder); for a speech encoder one clip of a second and three right-pad
 clips of different lengths; for a vision backbone batch 1 and batch 5; for a DALL-E's
 prefill batch 1 and 3, for its decode the first code after the text and 4 codes after 5 (a
 static-cache decode: the first code's slot and a later one); for an image tokenizer's
-decoder and encoder batch 1 and 5); every output tensor
+decoder and encoder batch 1 and 5; for an M6's image encoder batch 1 and 5, for its ONNX
+decoder a prefill and a one-position step each ending once in text and once in a code, for
+its MINDIR prefill and static-cache decodes two shapes each); every output tensor
 must agree within TOLERANCE, measured as max |exported - source| / max(1, max |source|) so
 that it is an absolute bound for values of order 1 and a relative one for larger logits. A
 failure names the worst tensor, the shape and the difference.
@@ -208,6 +210,121 @@ def dalle_runner(model, graph: signature.GraphSignature):
                     value = np.concatenate([value, cache[2 * i + j][:, :, value.shape[2]:]], axis=2)
                 outputs[name] = value
         return outputs
+    return run
+
+
+def m6_runner(model, graph: signature.GraphSignature):
+    """``run(feeds) -> outputs`` of an M6 of either backend, the reference of its exported
+    graphs (feeds: signature.m6_validation_cases'):
+
+    - ``image_encoder``: ``patch_encoder(pixels) + embed_patch_positions`` (the image's term
+      of M6.embeddings);
+    - ``decoder`` (ONNX): the model's own ``forward`` with the growing cache on the call's
+      pixels (if any), text, codes and segments after the past (None where empty): its
+      last text position's logits and last code slot's code logits (zeros where the call has
+      none) and the presents;
+    - ``prefill`` (MINDIR): ``forward(pixel_values, input_ids, segment_ids, None, None,
+      True)``: the last position's logits and the presents;
+    - ``decode`` / ``decode_codes`` (MINDIR, static cache): ``forward`` of the new token or
+      code after the cache's slots before ``write_position`` (the segments up to it); the
+      expected cache is the presents followed by the input cache's later slots, untouched.
+    """
+    from taichu.api import backend_of
+
+    torch_backend = backend_of(model) == "torch"
+    m = model.config.model
+    past_names, present_names = signature.m6_cache_names(m.num_layers)
+    if torch_backend:
+        import torch
+
+        def tensor(x):
+            return torch.from_numpy(np.ascontiguousarray(x))
+
+        def numpy(x):
+            return x.numpy()
+    else:
+        import mindspore as ms
+
+        def tensor(x):
+            return ms.Tensor(np.ascontiguousarray(x.astype(np.int32) if x.dtype == np.int64 else x))
+
+        def numpy(x):
+            return x.asnumpy()
+
+    def call(function, *args):
+        if torch_backend:
+            with torch.no_grad():
+                return function(*args)
+        return function(*args)
+
+    def given(feeds, name):
+        value = feeds.get(name)
+        return None if value is None or value.shape[1] == 0 else tensor(value)
+
+    def run(feeds):
+        if graph.name == signature.IMAGE_ENCODER:
+            embeds = call(lambda x: model.patch_encoder(x) + _patch_positions(model),
+                          tensor(feeds["pixel_values"]))
+            return {"patch_embeds": numpy(embeds)}
+        static = signature.is_static_decode(graph)
+        cache = [feeds[n] for n in past_names] if past_names[0] in feeds else None
+        segments = feeds["segment_ids"]
+        if static:
+            slot = int(feeds["write_position"])
+            segments = segments[:, :slot + 1]
+            cache_in = cache
+            cache = [t[:, :, :slot] for t in cache]
+        past = None
+        if cache is not None and cache[0].shape[2]:
+            past = tuple((tensor(cache[2 * i]), tensor(cache[2 * i + 1])) for i in range(m.num_layers))
+        text_logits, code_logits, presents = call(model, given(feeds, "pixel_values"), given(feeds, "input_ids"),
+                                                  tensor(segments), given(feeds, "image_codes"), past, True)
+        batch = segments.shape[0]
+        outputs = {}
+        if "logits" in graph.output_names:
+            outputs["logits"] = (np.zeros((batch, m.vocab_size), np.float32) if text_logits is None
+                                 else numpy(text_logits[:, -1]))
+        if "code_logits" in graph.output_names:
+            outputs["code_logits"] = (np.zeros((batch, m.codebook_size), np.float32) if code_logits is None
+                                      else numpy(code_logits[:, -1]))
+        for i, key_value in enumerate(presents):
+            for j, t in enumerate(key_value):
+                value = numpy(t)
+                if static:
+                    value = np.concatenate([value, cache_in[2 * i + j][:, :, value.shape[2]:]], axis=2)
+                outputs[present_names[2 * i + j]] = value
+        return outputs
+    return run
+
+
+def _patch_positions(model):
+    """The patch position table of an M6 of either backend (torch's ``weight``, MindSpore's
+    ``embedding_table``)."""
+    table = model.embed_patch_positions
+    return table.weight if hasattr(table, "weight") else table.embedding_table
+
+
+def m6_exported_runner(image_encoder, decoder, model_config):
+    """``run(feeds) -> outputs`` of an ONNX M6 ``decoder`` on signature.m6_validation_cases'
+    feeds: ``pixel_values`` (when the call has an image) through ``image_encoder`` into
+    ``patch_embeds``, the inputs the call lacks as empty arrays (no patches, no text, no codes,
+    an empty past), as export.runtime.M6Network feeds the graphs. ``image_encoder`` and
+    ``decoder``: ``run(feeds) -> outputs`` by name."""
+    m = model_config
+    past_names = signature.m6_cache_names(m.num_layers)[0]
+
+    def run(feeds):
+        batch = feeds["segment_ids"].shape[0]
+        inputs = dict(feeds)
+        pixels = inputs.pop("pixel_values", None)
+        inputs["patch_embeds"] = (np.zeros((batch, 0, m.hidden_size), np.float32) if pixels is None
+                                  else image_encoder({"pixel_values": pixels})["patch_embeds"])
+        inputs.setdefault("input_ids", np.zeros((batch, 0), np.int64))
+        if m.codebook_size:
+            inputs.setdefault("image_codes", np.zeros((batch, 0), np.int64))
+        for name in past_names:
+            inputs.setdefault(name, np.zeros((batch, m.num_heads, 0, m.head_dim), np.float32))
+        return decoder(inputs)
     return run
 
 

@@ -59,16 +59,18 @@ def cmd_decode_images(args) -> int:
 
 
 def cmd_imagine(args) -> int:
+    from taichu.cli_m6 import imagine_config, imagine_step, is_m6
     from taichu.fileio import atomic_write_bytes
     from taichu.generate import SamplingConfig
     from taichu.imagine import check_summary, dalle_step, image_grid, image_tokenizer_dir, imagine, rerank_scores
     from taichu.tokenizer import Tokenizer
 
     model_dir = Path(args.model)
-    config = _model_of(model_dir, "dalle")
+    m6 = is_m6(model_dir)      # an M6 draws too (taichu.cli_m6.imagine_step)
+    config = imagine_config(model_dir) if m6 else _model_of(model_dir, "dalle")
     if args.num < 1:
         raise ValueError(f"--num must be a positive number of images, got {args.num}")
-    sampling = SamplingConfig(max_new_tokens=config.model.image_tokens, temperature=args.temperature,
+    sampling = SamplingConfig(max_new_tokens=config.model.image_grid ** 2, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     tokenizer = Tokenizer(model_dir / "tokenizer.model")
     if args.backend in EXPORTS:
@@ -77,13 +79,14 @@ def cmd_imagine(args) -> int:
         if not args.image_tokenizer:
             raise ValueError(f"--backend {args.backend}: --image-tokenizer names the image tokenizer's "
                              f"{args.backend} export (`taichu export VQVAE_DIR --format {args.backend} --out DIR`)")
-        step = runtime.dalle_network(model_dir, args.backend).step
+        step = (imagine_step(model_dir, args.backend, args.export_runtime) if m6
+                else runtime.dalle_network(model_dir, args.backend).step)
         decode = runtime.image_decoder_network(args.image_tokenizer, args.backend).decode
     else:
         from taichu.api import load_model
         from taichu.image_tokens import decode_codes
 
-        step = dalle_step(load_model(model_dir, backend=args.backend))
+        step = imagine_step(model_dir, args.backend) if m6 else dalle_step(load_model(model_dir, backend=args.backend))
         tokenizer_dir = image_tokenizer_dir(config, args.image_tokenizer)
 
         def decode(codes):
@@ -144,7 +147,7 @@ def add_commands(commands, export_runtime) -> None:
 
     imagine = commands.add_parser("imagine", help="generate images from a Chinese caption with a DALL-E, "
                                                   "optionally reranked by a CLIP")
-    imagine.add_argument("model", help="dalle model directory, or its export with --backend onnx / mindir")
+    imagine.add_argument("model", help="dalle (or m6) model directory, or its export with --backend onnx / mindir")
     imagine.add_argument("--prompt", required=True)
     imagine.add_argument("--num", type=int, default=8, help="images to sample")
     imagine.add_argument("--out", required=True, help="the grid .png (scores in a .json beside it)")
