@@ -48,6 +48,7 @@ from pydantic import Field, StrictBool, StrictInt, model_validator
 from taichu.config import DistillConfig, Section, TokenizerConfig, TrainConfig, TransformerSize
 from taichu.families import DistillStream, Family, TensorSpec, layer_norm_specs, linear_specs
 from taichu.families.clip import ImageTextDataConfig
+from taichu.families.gpt import block_specs
 from taichu.parallel import ParallelConfig
 
 class DalleModelConfig(TransformerSize):
@@ -121,7 +122,7 @@ class DalleConfig(Section):
 
 def tensor_specs(config: DalleConfig) -> dict[str, TensorSpec]:
     m = config.model
-    hidden, ffn = m.hidden_size, m.ffn_size
+    hidden = m.hidden_size
     specs = {
         "embed_text.weight": TensorSpec((m.vocab_size, hidden), "embedding"),
         "embed_text_positions.weight": TensorSpec((m.text_length, hidden), "embedding"),
@@ -129,14 +130,7 @@ def tensor_specs(config: DalleConfig) -> dict[str, TensorSpec]:
         "embed_image_rows.weight": TensorSpec((m.image_grid, hidden), "embedding"),
         "embed_image_cols.weight": TensorSpec((m.image_grid, hidden), "embedding"),
     }
-    for i in range(m.num_layers):   # the GPT's Block (taichu.families.gpt.tensor_specs)
-        p = f"layers.{i}"
-        specs.update(layer_norm_specs(f"{p}.ln_1", hidden))
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            specs.update(linear_specs(f"{p}.attn.{proj}", hidden, hidden, m.bias))
-        specs.update(layer_norm_specs(f"{p}.ln_2", hidden))
-        specs.update(linear_specs(f"{p}.mlp.fc_in", hidden, ffn, m.bias))
-        specs.update(linear_specs(f"{p}.mlp.fc_out", ffn, hidden, m.bias))
+    specs.update(block_specs(m))   # the GPT's blocks
     specs.update(layer_norm_specs("ln_f", hidden))
     specs.update(linear_specs("text_head", hidden, m.vocab_size, bias=False))
     specs.update(linear_specs("image_head", hidden, m.codebook_size, bias=False))

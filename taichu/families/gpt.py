@@ -50,27 +50,30 @@ class GPTConfig(Section):
 
 def tensor_specs(config: GPTConfig) -> dict[str, TensorSpec]:
     m = config.model
-    hidden, ffn = m.hidden_size, m.ffn_size
+    hidden = m.hidden_size
     specs = {
         "embed_tokens.weight": TensorSpec((m.vocab_size, hidden), "embedding"),
         "embed_positions.weight": TensorSpec((m.max_position_embeddings, hidden), "embedding"),
     }
+    specs.update(block_specs(m))
+    specs.update(layer_norm_specs("ln_f", hidden))
+    return specs
 
-    def linear(prefix: str, n_in: int, n_out: int) -> None:
-        specs.update(linear_specs(prefix, n_in, n_out, m.bias))
 
-    def layer_norm(prefix: str) -> None:
-        specs.update(layer_norm_specs(prefix, hidden))
-
+def block_specs(m) -> dict[str, TensorSpec]:
+    """The tensors of ``m.num_layers`` GPT blocks (torch_impl/gpt.py ``Block``) under
+    ``layers.i``, for a model section with the GPT's fields (hidden_size, ffn_size, bias):
+    also the decoders built of them (dalle, m6)."""
+    hidden, ffn = m.hidden_size, m.ffn_size
+    specs: dict[str, TensorSpec] = {}
     for i in range(m.num_layers):
         p = f"layers.{i}"
-        layer_norm(f"{p}.ln_1")
+        specs.update(layer_norm_specs(f"{p}.ln_1", hidden))
         for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            linear(f"{p}.attn.{proj}", hidden, hidden)
-        layer_norm(f"{p}.ln_2")
-        linear(f"{p}.mlp.fc_in", hidden, ffn)
-        linear(f"{p}.mlp.fc_out", ffn, hidden)
-    layer_norm("ln_f")
+            specs.update(linear_specs(f"{p}.attn.{proj}", hidden, hidden, m.bias))
+        specs.update(layer_norm_specs(f"{p}.ln_2", hidden))
+        specs.update(linear_specs(f"{p}.mlp.fc_in", hidden, ffn, m.bias))
+        specs.update(linear_specs(f"{p}.mlp.fc_out", ffn, hidden, m.bias))
     return specs
 
 

@@ -65,6 +65,8 @@ from pydantic import Field, StrictBool, StrictInt, model_validator
 
 from taichu.config import Section, TokenizerConfig, TrainConfig, TransformerSize
 from taichu.families import Family, TensorSpec, layer_norm_specs, linear_specs
+from taichu.families.gpt import block_specs
+from taichu.families.vqvae import _conv_specs
 from taichu.parallel import ParallelConfig
 
 PAD, IMAGE, PREFIX, TARGET, CODE = 0, 1, 2, 3, 4
@@ -189,14 +191,9 @@ class M6Config(Section):
 
 # ----------------------------------------------------------------------------- tensors
 
-def _conv_specs(prefix: str, n_in: int, n_out: int, kernel: int) -> dict[str, TensorSpec]:
-    return {f"{prefix}.weight": TensorSpec((n_out, n_in, kernel, kernel), "conv2d"),
-            f"{prefix}.bias": TensorSpec((n_out,), "conv2d")}
-
-
 def tensor_specs(config: M6Config) -> dict[str, TensorSpec]:
     m = config.model
-    hidden, ffn, widths = m.hidden_size, m.ffn_size, m.patch_channels
+    hidden, widths = m.hidden_size, m.patch_channels
     specs = _conv_specs("patch_encoder.conv_in", m.num_channels, widths[0], 3)
     for level, width in enumerate(widths):
         for j in range(m.num_res_blocks):
@@ -212,14 +209,7 @@ def tensor_specs(config: M6Config) -> dict[str, TensorSpec]:
         specs["embed_codes.weight"] = TensorSpec((m.codebook_size + 1, hidden), "embedding")
         specs["embed_code_positions.weight"] = TensorSpec((m.num_codes, hidden), "embedding")
     specs["embed_segments.weight"] = TensorSpec((len(SEGMENTS), hidden), "embedding")
-    for i in range(m.num_layers):   # the GPT's Block (taichu.families.gpt.tensor_specs)
-        p = f"layers.{i}"
-        specs.update(layer_norm_specs(f"{p}.ln_1", hidden))
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            specs.update(linear_specs(f"{p}.attn.{proj}", hidden, hidden, m.bias))
-        specs.update(layer_norm_specs(f"{p}.ln_2", hidden))
-        specs.update(linear_specs(f"{p}.mlp.fc_in", hidden, ffn, m.bias))
-        specs.update(linear_specs(f"{p}.mlp.fc_out", ffn, hidden, m.bias))
+    specs.update(block_specs(m))   # the GPT's blocks
     specs.update(layer_norm_specs("ln_f", hidden))
     if m.codebook_size:
         specs.update(linear_specs("code_head", hidden, m.codebook_size, bias=False))
