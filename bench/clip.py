@@ -16,7 +16,7 @@ in
 
 - PyTorch eager: torch_impl's `get_image_features` / `get_text_features` under
   `torch.inference_mode()` (the reference of every ratio);
-- ONNX Runtime: `export.runtime.OnnxImageTextEncoder.image_features` / `.text_features`
+- ONNX Runtime: `export.runtime_encoders.OnnxImageTextEncoder.image_features` / `.text_features`
   (with its numpy input checks);
 - MindSpore PyNative: mindspore_impl's `get_image_features` / `get_text_features` (with the
   model's host-side `_check`), what `taichu embed --backend mindspore` runs;
@@ -136,7 +136,7 @@ def torch_worker(args, folder: Path):
 def onnx_worker(args, folder: Path):
     import onnxruntime
 
-    from export.runtime import OnnxImageTextEncoder
+    from export.runtime_encoders import OnnxImageTextEncoder
 
     encoder = OnnxImageTextEncoder(folder / "onnx", threads=CORES)
     return ({"onnxruntime_version": onnxruntime.__version__, "threads": CORES},

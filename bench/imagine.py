@@ -10,7 +10,7 @@ DIR]. Both are exported to ONNX and MINDIR (`export.exporter.export_model`, what
 export` runs, validation included) in a temp dir. Runtimes, each with 2 threads:
 
 - torch_impl: `dalle_step(load_model(DALLE, "torch"))` + the vqvae decoder in torch;
-- ONNX Runtime: `export.runtime.DalleNetwork` + `ImageDecoderNetwork` (what `dalle_network` /
+- ONNX Runtime: `export.runtime_dalle.DalleNetwork` + `ImageDecoderNetwork` (what `dalle_network` /
   `image_decoder_network` open; prefill.onnx once, decode.onnx per code, growing cache);
 - MindSpore: `dalle_step(load_model(DALLE, "mindspore"))` (jit-compiled static-cache prefill and
   decode graphs, mindspore_impl.dalle) + the vqvae in mindspore (PyNative);
@@ -93,7 +93,7 @@ def torch_worker(args, paths):
 def onnx_worker(args, paths):
     import onnxruntime
 
-    from export.runtime import DalleNetwork, ImageDecoderNetwork
+    from export.runtime_dalle import DalleNetwork, ImageDecoderNetwork
 
     dalle = DalleNetwork(paths["exports"]["dalle"]["onnx"], "onnx", threads=THREADS)
     decoder = ImageDecoderNetwork(paths["exports"]["vqvae"]["onnx"], "onnx", threads=THREADS)
@@ -107,7 +107,7 @@ def mindspore_worker(args, paths):
     ms.device_context.cpu.op_tuning.threads_num(THREADS)  # the kernel pool defaults to 25
     ms.set_context(mode=ms.PYNATIVE_MODE)
     import taichu
-    from export.runtime import DalleNetwork, ImageDecoderNetwork
+    from export.runtime_dalle import DalleNetwork, ImageDecoderNetwork
     from taichu.imagine import dalle_step
 
     runtimes = {MINDSPORE: (dalle_step(taichu.load_model(paths["dalle"], "mindspore")),

@@ -13,7 +13,7 @@ to 4 s, with the sample mask; batch 1 = the first, unpadded row):
   (CTC logits, with the model's host-side input checks) under `torch.inference_mode()`;
 - Hugging Face `transformers.Wav2Vec2ForCTC.from_pretrained` on the converted directory,
   `.logits`, under `torch.inference_mode()`;
-- ONNX Runtime: `export.runtime.speech_network(EXPORT, "onnx")` (its input checks included);
+- ONNX Runtime: `export.runtime_encoders.speech_network(EXPORT, "onnx")` (its input checks included);
 - MindSpore graph: `load_model(DIR, "mindspore")` called inside a `mindspore.jit` function
   (the model's host-side `_check` runs before each compiled call, as its `__call__` does in
   PyNative; the compile is the first call of each batch shape);
@@ -26,7 +26,7 @@ calls per batch (the first is the "first call" column: MindSpore graph compiles 
 --calls timed ones; the runtimes of a worker alternate call by call, so load from other
 processes hits them alike. Each framework runs in its own worker process (torch: torch_impl
 and Hugging Face; onnxruntime; MindSpore: graph and MINDIR), one after another, each with 2
-threads (export.runtime's speech networks use 2 ONNX Runtime threads). The first call's
+threads (export.runtime_encoders' speech networks use 2 ONNX Runtime threads). The first call's
 logits are compared with torch_impl's over each row's real frames: max abs difference and
 the greedy (argmax) agreement. Nothing here is a test: ratios within one run are the result.
 
@@ -62,7 +62,7 @@ NAME = "speech"
 SECTION = "## Speech recognition speed (bench/speech.py)"
 BATCHES = (1, 8)
 WORKERS = ("torch", "onnx", "mindspore")
-THREADS = 2              # everywhere: export.runtime.SPEECH_THREADS fixes ONNX Runtime's at 2
+THREADS = 2              # everywhere: export.runtime_encoders.SPEECH_THREADS fixes ONNX Runtime's at 2
 RATE = 16000
 SAMPLES = 4 * RATE       # every batch is padded to 4 s
 SHORTEST = 2 * RATE      # batch 8's last row: 2 s of real audio
@@ -159,7 +159,7 @@ def torch_worker(args, folder: Path):
 def onnx_worker(args, folder: Path):
     import onnxruntime
 
-    from export.runtime import SPEECH_THREADS, speech_network
+    from export.runtime_encoders import SPEECH_THREADS, speech_network
 
     network = speech_network(folder / "onnx", "onnx")
     return ({"onnxruntime_version": onnxruntime.__version__, "threads": SPEECH_THREADS},
@@ -175,7 +175,7 @@ def mindspore_worker(args, folder: Path):
     ms.device_context.cpu.op_tuning.threads_num(THREADS)
     ms.set_context(mode=ms.PYNATIVE_MODE)  # graph mode through ms.jit, as bench/clip.py
     import taichu.api
-    from export.runtime import speech_network
+    from export.runtime_encoders import speech_network
 
     model = taichu.api.load_model(folder / "model", "mindspore")
     check = type(model)._check  # the host-side check its __call__ runs in PyNative
@@ -394,7 +394,7 @@ def report(args, rows: list, extras: dict, wall: float) -> str:
         "numpy in, numpy CTC logits [batch, frames, vocab] out: torch_impl's "
         "`model(input_values, attention_mask)` (with its host-side input checks) and HF's "
         "`Wav2Vec2ForCTC(...).logits` under `torch.inference_mode()`; "
-        "`export.runtime.speech_network(EXPORT, 'onnx' | 'mindir')` (input checks included; "
+        "`export.speech_network(EXPORT, 'onnx' | 'mindir')` (input checks included; "
         "the exported encoder also returns last_hidden_state and the utterance embedding, one "
         "graph for transcripts and embeddings); MindSpore: the model's `_check`, then "
         "`model(input_values, attention_mask)` compiled by `mindspore.jit` (int32 mask). "

@@ -13,16 +13,16 @@ framework when called. Names load on first use.
 import importlib
 
 _LAZY = {"OnnxGenerator": "export.runtime", "OnnxDecoder": "export.runtime",
-         "OnnxImageTextEncoder": "export.runtime", "OnnxGraph": "export.runtime",
+         "OnnxImageTextEncoder": "export.runtime_encoders", "OnnxGraph": "export.runtime",
          "export_model": "export.exporter", "ExportValidationError": "export.validate",
          "MindirDecoder": "export.mindir_export", "MindirGraph": "export.mindir_export",
-         "MindirGenerator": "export.runtime", "MindirImageTextEncoder": "export.runtime",
-         "ImageTextEncoder": "export.runtime", "ExportGenerator": "export.runtime",
-         "SpeechNetwork": "export.runtime", "speech_network": "export.runtime",
-         "VisionNetwork": "export.runtime", "vision_network": "export.runtime",
-         "DalleNetwork": "export.runtime", "dalle_network": "export.runtime",
-         "ImageDecoderNetwork": "export.runtime", "image_decoder_network": "export.runtime",
-         "M6Network": "export.runtime", "m6_network": "export.runtime"}
+         "MindirGenerator": "export.runtime", "MindirImageTextEncoder": "export.runtime_encoders",
+         "ImageTextEncoder": "export.runtime_encoders", "export_embedder": "export.runtime_encoders", "ExportGenerator": "export.runtime",
+         "SpeechNetwork": "export.runtime_encoders", "speech_network": "export.runtime_encoders",
+         "VisionNetwork": "export.runtime_encoders", "vision_network": "export.runtime_encoders",
+         "DalleNetwork": "export.runtime_dalle", "dalle_network": "export.runtime_dalle",
+         "ImageDecoderNetwork": "export.runtime_dalle", "image_decoder_network": "export.runtime_dalle",
+         "M6Network": "export.runtime_m6", "m6_network": "export.runtime_m6"}
 __all__ = sorted(_LAZY)
 
 

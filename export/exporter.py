@@ -15,7 +15,7 @@ static cache with an explicit write position); an image tokenizer (vqvae) ``deco
 -> normalised pixels) and ``encoder`` (pixels -> codes); an M6 ``image_encoder`` (pixels ->
 patch embeddings) and one ``decoder`` over a KV cache in ONNX, ``prefill``, ``decode`` and
 ``decode_codes`` over a static cache in MINDIR; all listed under ``graphs`` too
-(export/signature.py has every signature).
+(export/signature.py and its family modules, signature_*.py, have every signature).
 
 An ONNX export folder is self-contained: beside the graphs it holds ``config.yaml`` and
 ``tokenizer.model`` (ours, where the model has one), the Hugging Face ``config.json`` of the
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export import signature
+from export import signature, signature_m6
 from export.runtime import INFO_FILE, INT8_FILE, MODEL_FILE, TOKENIZER_FILE
 from export.validate import ExportValidationError
 
@@ -319,15 +319,15 @@ def _export_towers(model, config, fmt, staging, opset, validate, info, log):
 
 
 def _export_m6(model, config, fmt, staging, opset, validate, info, log):
-    """The graphs of an M6 (export/signature.py, ``m6_graphs``), listed under ``graphs`` and
+    """The graphs of an M6 (export/signature_m6.py, ``m6_graphs``), listed under ``graphs`` and
     each validated against the model's own forward (export.validate.m6_runner): ONNX
     ``image_encoder`` and ``decoder`` (the decoder run on pixels through the exported image
-    encoder, as export.runtime.M6Network runs it); MINDIR ``prefill``, ``decode`` and
+    encoder, as export.runtime_m6.M6Network runs it); MINDIR ``prefill``, ``decode`` and
     ``decode_codes`` over a static cache."""
     from export import validate as checks
 
     m = config.model
-    graphs = signature.m6_graphs(m, static=fmt == "mindir")
+    graphs = signature_m6.m6_graphs(m, static=fmt == "mindir")
     if fmt == "onnx":
         import onnxruntime
         import torch

@@ -2,7 +2,7 @@
 
 MindSpore's own ONNX exporter writes opset 11 without dynamic shapes (design.md §4), so
 ONNX comes from PyTorch and MindSpore exports MINDIR with the same signatures as the ONNX
-graphs (export/signature.py) except that token ids, masks and positions are int32:
+graphs (export/signature*.py) except that token ids, masks and positions are int32:
 
 - GPT: ``model.mindir``, the decoder, every batch, sequence and past axis dynamic, and an
   empty past for prefill; and the two graphs of generation over a static cache,
@@ -15,8 +15,8 @@ graphs (export/signature.py) except that token ids, masks and positions are int3
 - speech (wav2vec2): ``encoder.mindir`` (dynamic batch and samples; the attention mask int32);
 - vision: ``model.mindir``, the ViT backbone (dynamic batch; fixed channels and image size);
 - DALL-E: ``prefill.mindir`` (the ONNX prefill's signature, int32 ids) and ``decode.mindir``
-  over a static cache (signature.dalle_graphs(static=True): one code, an explicit int32
-  ``write_position``, a cache whose length is dynamic; export.runtime.dalle_network uses
+  over a static cache (signature_dalle.dalle_graphs(static=True): one code, an explicit int32
+  ``write_position``, a cache whose length is dynamic; export.runtime_dalle.dalle_network uses
   text_length + grid^2 - 1 slots, all generation needs). Not the ONNX decode's growing cache:
   its positions come from the past's length, a shape MindSpore would have to turn into a
   value inside a dynamic-shape graph, and a cache that grows changes the shapes every step
@@ -29,8 +29,8 @@ graphs (export/signature.py) except that token ids, masks and positions are int3
   (one text token) and, with a codebook, ``decode_codes.mindir`` (one image code), both over a
   static cache (batch and cache length dynamic) with an explicit ``write_position`` and the
   segments of every slot (mindspore_impl.m6's StaticCachePrefill and StaticCacheDecoder;
-  signature.m6_graphs(static=True)). export.runtime.m6_network uses
-  signature.m6_cache_capacity slots (the prefill's, then every text and code slot the model
+  signature_m6.m6_graphs(static=True)). export.runtime_m6.m6_network uses
+  signature_m6.m6_cache_capacity slots (the prefill's, then every text and code slot the model
   has); the start code of text to image is a decode_codes step after the caption's prefill.
   The prompt axis is fixed because M6.construct branches on the lengths of its inputs, which
   MindSpore cannot compile over a dynamic axis ("the inputs should be constant").
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export import signature
+from export import signature, signature_dalle, signature_encoders, signature_m6
 from export.signature import BATCH, SEQUENCE, GraphSignature, TensorInfo, input_names, output_names
 
 MODEL_FILE = "model.mindir"
@@ -154,7 +154,7 @@ def export_mindir_towers(model, directory: Path) -> dict[str, list[Path]]:
 
     from export.towers_mindspore import ImageEncoder, TextEncoder, input_checks_off
 
-    image, text = signature.image_text_graphs(model.config.model)
+    image, text = signature_encoders.image_text_graphs(model.config.model)
     model.set_train(False)
     cells = {image.name: ImageEncoder(model), text.name: TextEncoder(model)}
     with input_checks_off(model):
@@ -167,7 +167,7 @@ def export_mindir_trimodal(model, directory: Path) -> dict[str, list[Path]]:
     written, by graph name."""
     from export.towers_mindspore import TriModalImageTower, TriModalSpeechTower, TriModalTextTower
 
-    graphs = signature.trimodal_graphs(model.config.model)
+    graphs = signature_encoders.trimodal_graphs(model.config.model)
     model.set_train(False)
     cells = {signature.IMAGE_ENCODER: TriModalImageTower(model), signature.TEXT_ENCODER: TriModalTextTower(model),
              signature.SPEECH_TOWER: TriModalSpeechTower(model)}
@@ -179,17 +179,17 @@ def export_mindir_speech(model, directory: Path) -> dict[str, list[Path]]:
     and samples dynamic); the files written, by graph name."""
     from export.towers_mindspore import SpeechEncoder
 
-    graph = signature.speech_graph(model.config.model)
+    graph = signature_encoders.speech_graph(model.config.model)
     model.set_train(False)
     return _export_cells({graph.name: SpeechEncoder(model)}, (graph,), directory)
 
 
 def export_mindir_vision(model, directory: Path) -> dict[str, list[Path]]:
-    """Write the MindSpore vision ``model``'s backbone (signature.vision_backbone) as
+    """Write the MindSpore vision ``model``'s backbone (signature_encoders.vision_backbone) as
     ``model.mindir`` in ``directory`` (batch dynamic); the files written, by graph name."""
     from export.towers_mindspore import VisionEncoder
 
-    graph = signature.vision_graph(model.config.model)
+    graph = signature_encoders.vision_graph(model.config.model)
     model.set_train(False)
     return _export_cells({graph.name: VisionEncoder(model)}, (graph,), directory)
 
@@ -200,7 +200,7 @@ def export_mindir_dalle(model, directory: Path) -> dict[str, list[Path]]:
     from mindspore_impl.dalle import StaticCacheDecoder, StaticCachePrefill
 
     model.set_train(False)
-    graphs = signature.dalle_graphs(model.config.model, static=True)
+    graphs = signature_dalle.dalle_graphs(model.config.model, static=True)
     return _export_cells({signature.PREFILL: StaticCachePrefill(model), signature.DECODE: StaticCacheDecoder(model)},
                          graphs, directory)
 
@@ -209,13 +209,13 @@ def export_mindir_m6(model, directory: Path) -> dict[str, list[Path]]:
     """Write the MindSpore M6 ``model`` as ``prefill.mindir`` (batch dynamic, the prompt
     left-padded to text_length), ``decode.mindir`` and, with a codebook,
     ``decode_codes.mindir`` (static cache; batch and cache length dynamic), the signatures of
-    signature.m6_graphs(static=True), in ``directory``; the files written, by graph name."""
+    signature_m6.m6_graphs(static=True), in ``directory``; the files written, by graph name."""
     from mindspore_impl.m6 import StaticCacheDecoder, StaticCachePrefill
 
     model.set_train(False)
-    graphs = signature.m6_graphs(model.config.model, static=True)
+    graphs = signature_m6.m6_graphs(model.config.model, static=True)
     cells = {signature.PREFILL: StaticCachePrefill(model), signature.DECODE: StaticCacheDecoder(model),
-             signature.DECODE_CODES: StaticCacheDecoder(model, codes=True)}
+             signature_m6.DECODE_CODES: StaticCacheDecoder(model, codes=True)}
     return _export_cells(cells, graphs, directory)
 
 
@@ -225,7 +225,7 @@ def export_mindir_image_tokenizer(model, directory: Path) -> dict[str, list[Path
     from export.towers_mindspore import CodeDecoder, CodeEncoder
 
     model.set_train(False)
-    graphs = signature.image_tokenizer_graphs(model.config.model)
+    graphs = signature_dalle.image_tokenizer_graphs(model.config.model)
     return _export_cells({signature.CODE_DECODER: CodeDecoder(model), signature.CODE_ENCODER: CodeEncoder(model)},
                          graphs, directory)
 

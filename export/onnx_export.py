@@ -1,7 +1,7 @@
 """ONNX from the PyTorch model: one decoder graph with a KV cache (GPT), optional int8, an
 image encoder and a text encoder graph (image-text families; a tri-modal model adds a speech
 encoder graph), a speech encoder graph (wav2vec2), or a ViT backbone graph (vision); an M6
-as an image encoder and one decoder graph with a KV cache (export/signature.py).
+as an image encoder and one decoder graph with a KV cache (export/signature*.py).
 
 The exporter is torch.onnx's dynamo exporter (``torch.onnx.export(..., dynamo=True)``, which
 needs onnxscript), the one PyTorch supports; the TorchScript exporter (``dynamo=False``) is
@@ -44,7 +44,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from export import signature
+from export import signature, signature_dalle, signature_encoders, signature_m6
 from export.validate import ExportValidationError
 
 # Protocol buffers cannot exceed 2 GiB; above this many bytes of weights the tensors go to
@@ -77,12 +77,12 @@ def export_onnx_towers(model, directory: Path, opset: int = MIN_OPSET,
     from export.towers_torch import ImageEncoder, TextEncoder
 
     m = model.config.model
-    image, text = signature.image_text_graphs(m)
+    image, text = signature_encoders.image_text_graphs(m)
     # Traced at sizes distinct from each other and from the model's widths, so that no
     # dynamic axis can be mistaken for a constant; the text example has padding.
-    examples = {image.name: (ImageEncoder(model).eval(), signature.image_inputs(m, batch=2, seed=0)),
+    examples = {image.name: (ImageEncoder(model).eval(), signature_encoders.image_inputs(m, batch=2, seed=0)),
                 text.name: (TextEncoder(model).eval(),
-                            signature.text_inputs(m, batch=2, length=min(5, m.text.max_position_embeddings),
+                            signature_encoders.text_inputs(m, batch=2, length=min(5, m.text.max_position_embeddings),
                                                   seed=0))}
     return {graph.name: export_graph(examples[graph.name][0], graph, examples[graph.name][1],
                                      directory / f"{graph.name}.onnx", opset, external_data_threshold)
@@ -96,16 +96,17 @@ def export_onnx_trimodal(model, directory: Path, opset: int = MIN_OPSET,
     from export.towers_torch import ImageEncoder, SpeechTower, TextEncoder
 
     m = model.config.model
-    image, text, speech = signature.trimodal_graphs(m)
+    image, text, speech = signature_encoders.trimodal_graphs(m)
     # The image-text towers' examples (export_onnx_towers); the speech tower's as the speech
     # encoder's (export_onnx_speech): batch 2 of padded rows, at least 4000 samples.
-    shortest = signature.audio_sizes(m.speech)["receptive_field"]
-    examples = {image.name: (ImageEncoder(model).eval(), signature.image_inputs(m, batch=2, seed=0)),
+    shortest = signature_encoders.audio_sizes(m.speech)["receptive_field"]
+    examples = {image.name: (ImageEncoder(model).eval(), signature_encoders.image_inputs(m, batch=2, seed=0)),
                 text.name: (TextEncoder(model).eval(),
-                            signature.text_inputs(m, batch=2, length=min(5, m.text.max_position_embeddings),
-                                                  seed=0)),
+                            signature_encoders.text_inputs(m, batch=2, length=min(5, m.text.max_position_embeddings),
+                                                           seed=0)),
                 speech.name: (SpeechTower(model).eval(),
-                              signature.speech_inputs(m.speech, batch=2, samples=max(4000, 4 * shortest), seed=0))}
+                              signature_encoders.speech_inputs(m.speech, batch=2, samples=max(4000, 4 * shortest),
+                                                               seed=0))}
     return {graph.name: export_graph(examples[graph.name][0], graph, examples[graph.name][1],
                                      directory / f"{graph.name}.onnx", opset, external_data_threshold)
             for graph in (image, text, speech)}
@@ -118,41 +119,44 @@ def export_onnx_speech(model, directory: Path, opset: int = MIN_OPSET,
     from export.towers_torch import SpeechEncoder
 
     m = model.config.model
-    graph = signature.speech_graph(m)
+    graph = signature_encoders.speech_graph(m)
     # Batch 2 of padded rows, at least 4000 samples (distinct from every fixed width) and
     # several frames for every conv stack.
-    shortest = signature.speech_sizes(m)["receptive_field"]
-    example = signature.speech_inputs(m, batch=2, samples=max(4000, 4 * shortest), seed=0)
+    shortest = signature_encoders.speech_sizes(m)["receptive_field"]
+    example = signature_encoders.speech_inputs(m, batch=2, samples=max(4000, 4 * shortest), seed=0)
     return {graph.name: export_graph(SpeechEncoder(model).eval(), graph, example,
                                      directory / f"{graph.name}.onnx", opset, external_data_threshold)}
 
 
 def export_onnx_vision(model, directory: Path, opset: int = MIN_OPSET,
                        external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict[str, list[Path]]:
-    """Write the torch vision ``model``'s backbone (signature.vision_backbone) as
+    """Write the torch vision ``model``'s backbone (signature_encoders.vision_backbone) as
     ``model.onnx`` in ``directory``; the files written, by graph name."""
     from export.towers_torch import VisionEncoder
 
     m = model.config.model
-    graph = signature.vision_graph(m)
-    return {graph.name: export_graph(VisionEncoder(model).eval(), graph, signature.vision_inputs(m, batch=2, seed=0),
+    graph = signature_encoders.vision_graph(m)
+    return {graph.name: export_graph(VisionEncoder(model).eval(), graph,
+                                     signature_encoders.vision_inputs(m, batch=2, seed=0),
                                      directory / f"{graph.name}.onnx", opset, external_data_threshold)}
 
 
 def export_onnx_dalle(model, directory: Path, opset: int = MIN_OPSET,
                       external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict[str, list[Path]]:
     """Write the torch DALL-E ``model`` as ``prefill.onnx`` and ``decode.onnx`` in
-    ``directory`` (signature.dalle_graphs); the files written, by graph name."""
+    ``directory`` (signature_dalle.dalle_graphs); the files written, by graph name."""
     from export.towers_torch import DalleDecoder, DallePrefill
 
     m = model.config.model
-    prefill, decode = signature.dalle_graphs(m)
+    prefill, decode = signature_dalle.dalle_graphs(m)
     # Distinct sizes >= 2: batch 2; decode 3 codes after the text and 4 codes (a past of
     # text_length + 4, a total of text_length + 7), or fewer on a grid too small for that.
     codes = max(2, min(3, m.image_tokens - 3))
     done = max(2, min(4, m.image_tokens - 1 - codes))
-    examples = {prefill.name: (DallePrefill(model).eval(), signature.dalle_inputs(m, prefill, 2, 0, 0, seed=0)),
-                decode.name: (DalleDecoder(model).eval(), signature.dalle_inputs(m, decode, 2, codes, done, seed=0))}
+    examples = {prefill.name: (DallePrefill(model).eval(),
+                               signature_dalle.dalle_inputs(m, prefill, 2, 0, 0, seed=0)),
+                decode.name: (DalleDecoder(model).eval(),
+                              signature_dalle.dalle_inputs(m, decode, 2, codes, done, seed=0))}
     return {graph.name: export_graph(examples[graph.name][0], graph, examples[graph.name][1],
                                      directory / f"{graph.name}.onnx", opset, external_data_threshold)
             for graph in (prefill, decode)}
@@ -162,27 +166,27 @@ def export_onnx_m6(model, directory: Path, opset: int = MIN_OPSET,
                    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict[str, list[Path]]:
     """Write the torch M6 ``model`` as ``image_encoder.onnx`` (pixels -> patch embeddings) and
     ``decoder.onnx`` (prefill and steps over a KV cache) in ``directory``
-    (signature.m6_graphs); the files written, by graph name."""
+    (signature_m6.m6_graphs); the files written, by graph name."""
     import numpy as np
 
     from export.towers_torch import M6Decoder, M6ImageEncoder, M6TextDecoder
 
     m = model.config.model
-    image, decoder = signature.m6_graphs(m)
+    image, decoder = signature_m6.m6_graphs(m)
     # Distinct sizes >= 2 on every dynamic axis: batch 2, 6 patch embeddings (the decoder
     # takes any number: their positions are the image encoder's), 5 tokens, 3 code slots
     # after a past of 7 (a total of 21). The values only need to be in range.
     rng = np.random.default_rng(0)
     batch, patches, length, codes, past = 2, 6, 5, 3, 7
-    segments = [rng.integers(1, 5, (batch, past)), np.full((batch, patches), signature.IMAGE_SEGMENT),
-                np.full((batch, length), signature.PREFIX_SEGMENT)]
+    segments = [rng.integers(1, 5, (batch, past)), np.full((batch, patches), signature_m6.IMAGE_SEGMENT),
+                np.full((batch, length), signature_m6.PREFIX_SEGMENT)]
     feeds = {"patch_embeds": rng.standard_normal((batch, patches, m.hidden_size)).astype(np.float32),
              "input_ids": rng.integers(0, m.vocab_size, (batch, length)).astype(np.int64)}
     if m.codebook_size:
         feeds["image_codes"] = rng.integers(0, m.codebook_size + 1, (batch, codes)).astype(np.int64)
-        segments.append(np.full((batch, codes), signature.CODE_SEGMENT))
+        segments.append(np.full((batch, codes), signature_m6.CODE_SEGMENT))
     feeds["segment_ids"] = np.concatenate(segments, axis=1).astype(np.int64)
-    for name in signature.m6_cache_names(m.num_layers)[0]:
+    for name in signature_m6.m6_cache_names(m.num_layers)[0]:
         feeds[name] = rng.standard_normal((batch, m.num_heads, past, m.head_dim)).astype(np.float32)
     examples = {image.name: (M6ImageEncoder(model).eval(), signature._pixels(2, m.num_channels, m.image_size, 0)),
                 decoder.name: ((M6Decoder if m.codebook_size else M6TextDecoder)(model).eval(), feeds)}
@@ -198,9 +202,10 @@ def export_onnx_image_tokenizer(model, directory: Path, opset: int = MIN_OPSET,
     from export.towers_torch import CodeDecoder, CodeEncoder
 
     m = model.config.model
-    graphs = signature.image_tokenizer_graphs(m)
+    graphs = signature_dalle.image_tokenizer_graphs(m)
     modules = {signature.CODE_DECODER: CodeDecoder(model).eval(), signature.CODE_ENCODER: CodeEncoder(model).eval()}
-    return {graph.name: export_graph(modules[graph.name], graph, signature.image_tokenizer_inputs(m, graph, 2, seed=0),
+    return {graph.name: export_graph(modules[graph.name], graph,
+                                     signature_dalle.image_tokenizer_inputs(m, graph, 2, seed=0),
                                      directory / f"{graph.name}.onnx", opset, external_data_threshold)
             for graph in graphs}
 

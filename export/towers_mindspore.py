@@ -10,7 +10,7 @@ Those methods first run the model's host-side input checks (``_check``: numpy co
 the ids, Python exceptions). Compiled into a graph they become a ``raise`` primitive
 whose shape MindSpore cannot infer when the MINDIR is loaded ("Get infer shape function
 failed, primitive name:raise"), so ``input_checks_off`` hides them while the graph is
-compiled; the MINDIR's caller checks its inputs (as export.runtime does for ONNX).
+compiled; the MINDIR's caller checks its inputs (as export.runtime_encoders does for ONNX).
 
 A tri-modal model's ``get_*_features`` run their host-side checks as module functions
 (taichu.families.clip.check_inputs, taichu.families.wav2vec2.check_inputs on the model's
@@ -22,16 +22,16 @@ holds each graph to the model's ``get_*_features`` (export.validate.tower_runner
 
 A wav2vec2 model checks its inputs in ``__call__`` and ``embed`` (not in ``construct`` or
 ``encode``). ``SpeechEncoder`` compiles ``encode`` once and what ``embed`` and ``construct``
-compute from its hidden states, so no check is compiled in and none needs hiding; export.runtime
+compute from its hidden states, so no check is compiled in and none needs hiding; export.runtime_encoders
 checks a speech graph's inputs (SpeechNetwork.check).
 
 A vision model's backbone (``ViT.construct``) has no checks either; ``VisionEncoder`` compiles
-the exported one (signature.vision_backbone: an MST model's teacher) and pools as the model's
-``construct`` does; export.runtime checks the pixels (VisionNetwork.check).
+the exported one (signature_encoders.vision_backbone: an MST model's teacher) and pools as the model's
+``construct`` does; export.runtime_encoders checks the pixels (VisionNetwork.check).
 
 A DALL-E's MINDIR generates over a static cache, as the GPT's does: the model's own
 ``StaticCachePrefill`` / ``StaticCacheDecoder`` (mindspore_impl/dalle.py, also what
-``taichu imagine --backend mindspore`` compiles). The caller (export.runtime.dalle_network)
+``taichu imagine --backend mindspore`` compiles). The caller (export.runtime_dalle.dalle_network)
 checks codes and positions.
 
 An image tokenizer (vqvae) compiles ``decode`` (``CodeDecoder``) and ``encode`` (``CodeEncoder``),
@@ -43,7 +43,7 @@ import contextlib
 
 from mindspore import nn
 
-from export.signature import vision_backbone
+from export.signature_encoders import vision_backbone
 from mindspore_impl.wav2vec2 import mean_over_frames
 
 
@@ -112,7 +112,7 @@ class TriModalSpeechTower(nn.Cell):
 class SpeechEncoder(nn.Cell):
     """input_values float32, attention_mask int32 [batch, samples] (right-padded) ->
     last_hidden_state [batch, frames, hidden], embedding [batch, hidden] and, with the CTC
-    head, logits [batch, frames, vocab] (export/signature.py, ``speech_graph``)."""
+    head, logits [batch, frames, vocab] (export/signature_encoders.py, ``speech_graph``)."""
 
     def __init__(self, model):
         super().__init__()

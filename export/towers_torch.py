@@ -6,7 +6,7 @@ both modalities and returns logits, while a retrieval index embeds images and te
 These wrappers trace ``get_image_features`` and ``get_text_features`` instead, the methods
 every image-text family has (torch_impl/clip.py; BriVL likewise). The models skip their
 numpy input checks while exported (torch.onnx.is_in_onnx_export), so the graphs hold no host round
-trip; export.runtime checks its inputs before running a graph.
+trip; export.runtime_encoders checks its inputs before running a graph.
 
 A tri-modal model's speech tower is traced the same way, through ``get_speech_features``
 (``SpeechTower``), whose host-side checks are skipped while exported too.
@@ -14,18 +14,18 @@ A tri-modal model's speech tower is traced the same way, through ``get_speech_fe
 A wav2vec2 model's ``forward`` gives the CTC logits (or, without a CTC head, the hidden states)
 and ``embed`` the utterance embedding, each running the encoder. ``SpeechEncoder`` runs it
 once (``encode``, which has no host-side checks: nothing in the graph copies to numpy) and
-returns what both give (export/signature.py, ``speech_graph``).
+returns what both give (export/signature_encoders.py, ``speech_graph``).
 
 A vision model's ``forward`` runs the student's backbone after a host-side shape check
 (skipped while exported); DINO/MST evaluate the teacher's. ``VisionEncoder`` calls the exported
-backbone (signature.vision_backbone) itself, which has no host-side check, and pools as
+backbone (signature_encoders.vision_backbone) itself, which has no host-side check, and pools as
 ``forward`` does.
 
 A DALL-E generates over its KV cache: ``DallePrefill`` runs the caption (``forward(input_ids,
 None, None, True)``) and returns the first code's logits and the cache; ``DalleDecoder`` runs
 codes after a past (``forward(None, image_codes, past, True)``), the codes' grid positions
 taken from the past's length, symbolic in the exported graph. The model's numpy input checks
-are skipped while exported (torch.onnx.is_in_onnx_export); export.runtime.dalle_network checks.
+are skipped while exported (torch.onnx.is_in_onnx_export); export.runtime_dalle.dalle_network checks.
 
 An image tokenizer (vqvae) exports ``VQVAE.decode`` (``CodeDecoder``) and ``VQVAE.encode``
 (``CodeEncoder``); neither has host-side checks.
@@ -36,8 +36,8 @@ positions, the image's term of ``M6.embeddings``) and one decoder over a KV cach
 text and the code slots, the patch embeddings in front with their segments', the blocks under
 ``prefix_lm_bias`` with the past, ``ln_f``, and each head at the last position of its kind in
 the call (zeros where the call has none: a one-hot row sum, so the graph holds no branch on
-a size), export/signature.py's ``decoder``. The layer loop is ``M6.forward``'s without its
-host-side checks (export.runtime.m6_network checks).
+a size), export/signature_m6.py's ``decoder``. The layer loop is ``M6.forward``'s without its
+host-side checks (export.runtime_m6.m6_network checks).
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from export.signature import vision_backbone
+from export.signature_encoders import vision_backbone
 from torch_impl.m6 import prefix_lm_bias
 from torch_impl.wav2vec2 import mean_over_frames
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export import signature
+from export import signature, signature_dalle, signature_encoders, signature_m6
 
 TOLERANCE = 1e-4
 # (batch, sequence, past) of the GPT decoder's check.
@@ -133,11 +133,11 @@ def speech_runner(model, graph: signature.GraphSignature):
 
 def vision_runner(model, graph: signature.GraphSignature):
     """``run(feeds) -> outputs`` of a vision model of either backend: the exported backbone
-    (signature.vision_backbone) run as the model runs it, its final hidden states and their
+    (signature_encoders.vision_backbone) run as the model runs it, its final hidden states and their
     pooling as the model's ``forward`` pools (the pooler's output, else the CLS state)."""
     from taichu.api import backend_of
 
-    backbone = signature.vision_backbone(model)
+    backbone = signature_encoders.vision_backbone(model)
 
     def outputs(hidden):
         return hidden, backbone.pooler(hidden) if backbone.pooler is not None else hidden[:, 0]
@@ -169,7 +169,7 @@ def dalle_runner(model, graph: signature.GraphSignature):
     from taichu.api import backend_of
 
     torch_backend = backend_of(model) == "torch"
-    past_names, present_names = signature.dalle_cache_names(model.config.model.num_layers)
+    past_names, present_names = signature_dalle.dalle_cache_names(model.config.model.num_layers)
     if torch_backend:
         import torch
 
@@ -215,7 +215,7 @@ def dalle_runner(model, graph: signature.GraphSignature):
 
 def m6_runner(model, graph: signature.GraphSignature):
     """``run(feeds) -> outputs`` of an M6 of either backend, the reference of its exported
-    graphs (feeds: signature.m6_validation_cases'):
+    graphs (feeds: signature_m6.m6_validation_cases'):
 
     - ``image_encoder``: ``patch_encoder(pixels) + embed_patch_positions`` (the image's term
       of M6.embeddings);
@@ -233,7 +233,7 @@ def m6_runner(model, graph: signature.GraphSignature):
 
     torch_backend = backend_of(model) == "torch"
     m = model.config.model
-    past_names, present_names = signature.m6_cache_names(m.num_layers)
+    past_names, present_names = signature_m6.m6_cache_names(m.num_layers)
     if torch_backend:
         import torch
 
@@ -305,13 +305,13 @@ def _patch_positions(model):
 
 
 def m6_exported_runner(image_encoder, decoder, model_config):
-    """``run(feeds) -> outputs`` of an ONNX M6 ``decoder`` on signature.m6_validation_cases'
+    """``run(feeds) -> outputs`` of an ONNX M6 ``decoder`` on signature_m6.m6_validation_cases'
     feeds: ``pixel_values`` (when the call has an image) through ``image_encoder`` into
     ``patch_embeds``, the inputs the call lacks as empty arrays (no patches, no text, no codes,
-    an empty past), as export.runtime.M6Network feeds the graphs. ``image_encoder`` and
+    an empty past), as export.runtime_m6.M6Network feeds the graphs. ``image_encoder`` and
     ``decoder``: ``run(feeds) -> outputs`` by name."""
     m = model_config
-    past_names = signature.m6_cache_names(m.num_layers)[0]
+    past_names = signature_m6.m6_cache_names(m.num_layers)[0]
 
     def run(feeds):
         batch = feeds["segment_ids"].shape[0]

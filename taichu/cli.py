@@ -320,7 +320,7 @@ def _embedder(args, batch_size: int = 64):
     from taichu.retrieval import EXPORT_BACKENDS, Embedder
 
     if args.backend in EXPORT_BACKENDS:
-        from export.runtime import export_embedder
+        from export.runtime_encoders import export_embedder
 
         return export_embedder(args.model, args.backend, batch_size)
     return Embedder(args.model, args.backend, batch_size)
@@ -386,7 +386,7 @@ def _speech_runner(args, batch_size: int = 8):
 
     network = None
     if args.backend in ("onnx", "mindir"):
-        from export.runtime import speech_network
+        from export.runtime_encoders import speech_network
 
         network = speech_network(args.model, args.backend)
     return SpeechRunner(args.model, args.backend, batch_size, network=network)
@@ -514,12 +514,15 @@ def cmd_search(args) -> int:
 
 def cmd_eval(args) -> int:
     """Recall@1/5 both ways (and zero-shot digit accuracy) on the model's held-out split; all
-    six directions for a tri-modal model."""
+    six directions for a tri-modal model; an m6 model: taichu.cli_m6.cmd_eval."""
     import json
 
+    from taichu.cli_m6 import cmd_eval as eval_m6, is_m6
     from taichu.fileio import atomic_write_bytes
     from taichu.retrieval import evaluate
 
+    if is_m6(args.model):       # captions and answers (taichu.cli_m6), a directory or an export
+        return eval_m6(args, _export_runtime)
     family = load_config(args.model).family
     if family == "wav2vec2":
         return _eval_speech(args)
@@ -688,9 +691,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser("eval", help="Recall@1/5 text->image and image->text (and "
                                                   "zero-shot digits) on the held-out split; all six "
-                                                  "directions of a tri-modal model")
+                                                  "directions of a tri-modal model; an m6 model's "
+                                                  "captions and answers on held-out scenes")
     evaluation.add_argument("model", help=image_text_model + "; or a CTC speech (wav2vec2) model: "
-                                                            "syllable and character error rates")
+                                                            "syllable and character error rates; or an "
+                                                            "m6 model (or its export): captions, answers "
+                                                            "and drawn images of its held-out scenes")
     evaluation.add_argument("--backend", choices=embed_backends, default="torch")
     evaluation.add_argument("--data", help="digits, scenes or a .jsonl (default: the model "
                                            "config's data.source; speech: its held-out sentences "
@@ -701,7 +707,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="test = the held-out split training did not see")
     evaluation.add_argument("--out", help="also write the metrics as JSON")
     evaluation.add_argument("--batch-size", type=int, default=64)
-    evaluation.set_defaults(func=cmd_eval)
+    evaluation.set_defaults(func=cmd_eval)     # and the m6 options: taichu.cli_m6.add_eval_arguments
 
     transcribe = commands.add_parser("transcribe", help="transcribe audio files to tone-numbered "
                                                         "pinyin with a CTC speech model")
@@ -723,12 +729,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _export_runtime():
-    """export.runtime, imported when a command runs an export: the command modules split out
-    of this file (taichu/cli_*.py) get it from here, so the CLI stays the one part of taichu/
-    that imports export/."""
-    from export import runtime
+    """The export package (its runtimes by name, loaded on first use: export.m6_network,
+    export.vision_network, ...), imported when a command runs an export: the command modules
+    split out of this file (taichu/cli_*.py) get it from here, so the CLI stays the one part
+    of taichu/ that imports export/."""
+    import export
 
-    return runtime
+    return export
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -129,7 +129,7 @@ def cmd_imagine(args) -> int:
 
 
 def add_commands(commands, export_runtime) -> None:
-    """Register the commands; ``export_runtime()`` returns export.runtime (taichu.cli hands it
+    """Register the commands; ``export_runtime()`` returns the export package (taichu.cli hands it
     in: the CLI is the one part of taichu/ that imports export/)."""
     tokenize = commands.add_parser("tokenize-images", help="images -> discrete codes with an image tokenizer (vqvae)")
     tokenize.add_argument("model", help="vqvae model directory")

@@ -113,7 +113,7 @@ def cmd_segment(args) -> int:
 
 
 def add_commands(commands, export_runtime) -> None:
-    """Register the commands; ``export_runtime()`` returns export.runtime (taichu.cli hands it
+    """Register the commands; ``export_runtime()`` returns the export package (taichu.cli hands it
     in: the CLI is the one part of taichu/ that imports export/)."""
     backends = ("torch", "mindspore")
     probe = commands.add_parser("probe", help="linear probe and k-NN accuracy of a vision model's frozen "

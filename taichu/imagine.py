@@ -71,7 +71,7 @@ def dalle_step(model):
 def static_cache_step(prefill, decode, capacity: int):
     """``step`` over two MindSpore callables with the signatures of mindspore_impl.dalle's
     StaticCachePrefill and StaticCacheDecoder: the jit-compiled cells, or the same graphs
-    loaded from MINDIR (nn.GraphCell, export.runtime.dalle_network). The prefill's keys and
+    loaded from MINDIR (nn.GraphCell, export.dalle_network). The prefill's keys and
     values are padded once to ``capacity`` slots (every position the model can take), then
     each code is written at its slot; ``past`` is (the cache tensors, positions so far). No
     input checks here (the callers check)."""

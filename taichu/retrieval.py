@@ -120,7 +120,7 @@ class Embedder:
     with a model directory; "onnx" or "mindir" with an export directory (``taichu export
     MODEL --format onnx|mindir --out DIR``) and ``encoder``, the object that runs its
     graphs (``image_features``, ``text_features``, ``tokenizer``; ``speech_features`` for
-    a tri-modal export): ``export.runtime.export_embedder(DIR, "onnx")`` builds both.
+    a tri-modal export): ``export.export_embedder(DIR, "onnx")`` builds both.
     taichu/ does not import export/ (the layers run one way), so the encoder comes from
     the caller.
     Outputs are float32 ``[n, dim]`` with unit rows whatever the family returns (CLIP's
@@ -168,7 +168,7 @@ class Embedder:
         check_export_directory(self.model_dir, self.backend)
         if encoder is None:
             raise ValueError(f"backend {self.backend} runs the graphs of {self.model_dir} through an "
-                             "encoder from export.runtime: use export.runtime.export_embedder("
+                             "encoder from export: use export.export_embedder("
                              f"DIR, {self.backend!r}) (what `taichu embed --backend {self.backend}` "
                              "does)")
         self.model = encoder

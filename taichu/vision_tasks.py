@@ -26,7 +26,7 @@ class VisionRunner:
     ``backbone`` model; ``encoder="student"`` picks the student's of an MST model.
 
     An export's graph comes as ``network`` (``network(pixel_values) -> {"last_hidden_state",
-    ...}``, numpy): ``export.runtime.vision_network(DIR, backend)`` builds it, since taichu/
+    ...}``, numpy): ``export.vision_network(DIR, backend)`` builds it, since taichu/
     does not import export/ (as taichu.recognition.SpeechRunner). The export holds the
     encoder's final hidden states only (the teacher's, for MST): ``run`` gives the same CLS
     features and no attention, and ``masks`` (which needs attention) is refused."""
@@ -46,7 +46,7 @@ class VisionRunner:
         if backend in EXPORT_BACKENDS:
             if network is None:
                 raise ValueError(f"backend {backend} runs an export directory's graph; build it with "
-                                 f"export.runtime.vision_network(DIR, {backend!r}) (the taichu CLI does)")
+                                 f"export.vision_network(DIR, {backend!r}) (the taichu CLI does)")
             self.network, self.config = network, load_config(self.model_dir)
         elif exported:
             raise ValueError(f"{self.model_dir} is an export directory: use backend onnx or mindir (its format)")

@@ -13,8 +13,8 @@ import pytest
 
 import taichu
 from export.mindir_export import MindirGraph
-from export.runtime import OnnxImageTextEncoder
-from export.signature import image_inputs, image_text_graphs, text_inputs
+from export.runtime_encoders import OnnxImageTextEncoder
+from export.signature_encoders import image_inputs, image_text_graphs, text_inputs
 from export.validate import ExportValidationError, tower_runner, validate_against_source
 from taichu.cli import main as cli_main
 from taichu.config import load_config
@@ -379,7 +379,7 @@ def test_mindir_embeddings_run_on_mindspore_alone(mindir_dir, clip_dir, tmp_path
         import json, sys
         import numpy as np
         from taichu.imagetext import draw_scene, make_scene
-        from export.runtime import export_embedder
+        from export.runtime_encoders import export_embedder
         embedder = export_embedder({str(mindir_dir)!r}, "mindir")
         out = {{"texts": embedder.embed_texts({TEXTS!r}).tolist(), "images": embedder.embed_images({IMAGES}).tolist()}}
         out["loaded"] = [m for m in sys.modules if m.split(".")[0] in ("mindspore_impl", "torch_impl", "torch")]

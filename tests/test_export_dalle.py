@@ -2,8 +2,8 @@
 cache and an image tokenizer (vqvae) as ``decoder`` + ``encoder`` graphs, ONNX from torch_impl
 and MINDIR from mindspore_impl; checked here against the source models at shapes of the test's
 own (not the exporter's validation shapes), greedy and sampled codes equal to the torch model's
-step by step through export.runtime.dalle_network, images equal to taichu.image_tokens'
-decode_codes through export.runtime.image_decoder_network, refusals."""
+step by step through export.runtime_dalle.dalle_network, images equal to taichu.image_tokens'
+decode_codes through export.runtime_dalle.image_decoder_network, refusals."""
 import json
 import subprocess
 import sys
@@ -14,9 +14,10 @@ import pytest
 
 import taichu
 from export.exporter import export_model
-from export.runtime import (DalleCache, OnnxGenerator, dalle_network, image_decoder_network,
-                            vision_network)
-from export.signature import dalle_graphs, dalle_inputs, image_tokenizer_graphs
+from export.runtime import OnnxGenerator
+from export.runtime_dalle import DalleCache, dalle_network, image_decoder_network
+from export.runtime_encoders import vision_network
+from export.signature_dalle import dalle_graphs, dalle_inputs, image_tokenizer_graphs
 from taichu.config import load_config
 from taichu.generate import SamplingConfig
 from taichu.image_tokens import decode_codes, tokenize_images
@@ -299,7 +300,7 @@ def test_onnx_runtimes_need_no_framework(exports, models):
                 if name.split(".")[0] in BLOCKED:
                     raise ImportError(f"blocked: {{name}}")
         sys.meta_path.insert(0, Block())
-        from export.runtime import dalle_network, image_decoder_network
+        from export.runtime_dalle import dalle_network, image_decoder_network
         from taichu.generate import SamplingConfig
         from taichu.imagine import sample_codes
         step = dalle_network({str(exports["dalle", "onnx"][0])!r}).step

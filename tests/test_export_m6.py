@@ -1,7 +1,7 @@
 """M6 export (issue 20): ONNX from torch_impl (``image_encoder`` + one ``decoder`` over a KV
 cache) and MINDIR from mindspore_impl (``prefill`` + ``decode`` / ``decode_codes`` over a
 static cache), each validated by the exporter against its source model at two shapes per kind
-of call; greedy generation through export.runtime.m6_network equal to the torch model's token
+of call; greedy generation through export.runtime_m6.m6_network equal to the torch model's token
 for token and logits within tolerance (a caption of images, text alone from left-padded
 prompts, the image codes of captions), the ONNX runtime without torch or the model code, the
 step's checks and refusals."""
@@ -15,7 +15,8 @@ import pytest
 
 import taichu
 from export.exporter import export_model
-from export.runtime import M6Cache, OnnxGenerator, m6_network
+from export.runtime import OnnxGenerator
+from export.runtime_m6 import M6Cache, m6_network
 from taichu.config import load_config
 from taichu.generate import SamplingConfig, choose_tokens, process_logits
 
@@ -243,7 +244,7 @@ def test_onnx_runtime_needs_no_framework(exports, expected):
                 if name.split(".")[0] in BLOCKED:
                     raise ImportError(f"blocked: {{name}}")
         sys.meta_path.insert(0, Block())
-        from export.runtime import m6_network
+        from export.runtime_m6 import m6_network
         step = m6_network({str(exports["onnx"][0])!r}).step
         out = {{}}
         for name, s in json.loads({json.dumps(scenarios)!r}).items():

@@ -2,7 +2,7 @@
 dynamo exporter) and MINDIR (from mindspore_impl), checked here against the source models at
 shapes of the test's own, padding-invariant, with Hugging Face's config.json and CTC tokenizer
 files in the ONNX folder, and run by taichu.recognition.SpeechRunner through
-export.runtime.speech_network with no model code loaded."""
+export.runtime_encoders.speech_network with no model code loaded."""
 import json
 import re
 import subprocess
@@ -14,8 +14,8 @@ import pytest
 
 import taichu
 from export.exporter import export_model
-from export.runtime import speech_network
-from export.signature import speech_inputs
+from export.runtime_encoders import speech_network
+from export.signature_encoders import speech_inputs
 from taichu.config import ConfigError, load_config
 from taichu.families.wav2vec2 import frame_count, receptive_field
 
@@ -251,7 +251,7 @@ def test_mindir_export_matches_mindspore_and_onnx(mindir_ctc, onnx_exports, mode
     import mindspore as ms
 
     from export.mindir_export import MindirGraph
-    from export.signature import speech_graph
+    from export.signature_encoders import speech_graph
 
     directory, info, lines = mindir_ctc
     assert any(line.startswith("validated encoder.mindir against mindspore_impl") for line in lines)
@@ -309,7 +309,7 @@ def test_speech_runner_on_an_export_transcribes_like_torch(backend, torch_transc
                     raise ImportError(f"blocked: {{name}}")
         sys.meta_path.insert(0, Block())
         import numpy as np
-        from export.runtime import speech_network
+        from export.runtime_encoders import speech_network
         from taichu.recognition import SpeechRunner
         data = np.load({str(clips_file)!r})
         clips = [data[f"arr_{{i}}"] for i in range(len(data.files))]

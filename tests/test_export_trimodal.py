@@ -1,7 +1,7 @@
 """Tri-modal export: the image, text and speech towers as ONNX (from torch_impl, torch.onnx's
 dynamo exporter) and MINDIR (from mindspore_impl) graphs, each checked against its source
 model at shapes of the test's own (two batch sizes, two audio lengths, right-padded audio
-rows), the folder's config and tokenizer files, and the towers run by export.runtime's
+rows), the folder's config and tokenizer files, and the towers run by export.runtime_encoders'
 encoder with the runtime alone (no torch, no model code)."""
 import importlib.util
 import json
@@ -15,8 +15,8 @@ import pytest
 
 import taichu
 from export.exporter import export_model
-from export.runtime import OnnxImageTextEncoder
-from export.signature import image_inputs, speech_inputs, text_inputs, trimodal_graphs
+from export.runtime_encoders import OnnxImageTextEncoder
+from export.signature_encoders import image_inputs, speech_inputs, text_inputs, trimodal_graphs
 from export.validate import tower_runner
 from taichu.config import load_config
 from taichu.imagetext import caption_texts, digit_texts, scene_texts
@@ -245,7 +245,7 @@ def _blocked_run(directory, backend, blocked, feeds_file, clips_file=None):
                     raise ImportError(f"blocked: {{name}}")
         sys.meta_path.insert(0, Block())
         import numpy as np
-        from export.runtime import {cls}
+        from export.runtime_encoders import {cls}
         feeds = np.load({str(feeds_file)!r})
         encoder = {cls}({str(directory)!r})
         out = {{"speech": encoder.speech_features(feeds["input_values"], feeds["audio_mask"]).tolist(),
@@ -253,7 +253,7 @@ def _blocked_run(directory, backend, blocked, feeds_file, clips_file=None):
                 "image": encoder.image_features(feeds["pixel_values"]).tolist(),
                 "loaded": []}}
         if {str(clips_file) if clips_file else ""!r}:
-            from export.runtime import export_embedder
+            from export.runtime_encoders import export_embedder
             data = np.load({str(clips_file)!r})
             embedder = export_embedder({str(directory)!r}, {backend!r}, batch_size=2)
             out["texts"] = embedder.embed_texts({TEXTS!r}).tolist()
@@ -296,7 +296,7 @@ def test_export_embedder_serves_a_trimodal_export(exports, reference):
     """export_embedder(DIR, "onnx"): taichu.retrieval.Embedder over the export, its encoder
     the runtime's (speech_features included): the torch Embedder's unit vectors for
     captions and clips."""
-    from export.runtime import export_embedder
+    from export.runtime_encoders import export_embedder
 
     embedder = export_embedder(exports["onnx"][0], "onnx", batch_size=2)
     assert embedder.dim == DIM and embedder.model.has_speech

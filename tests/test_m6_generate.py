@@ -311,3 +311,69 @@ def test_evaluation_on_held_out_scenes(m6, steps):
     vqa = evaluate_vqa(steps["torch"], tokenizer, config, GREEDY, limit=3, data=data)
     assert vqa["questions"] == {"all": 6, "seen": 3, "held_out": 3}
     assert {e["template"] for e in vqa["examples"][3:]} <= set(config.data.held_out_templates)
+
+
+def test_eval_command_prints_what_its_json_holds(m6, capsys, tmp_path):
+    """``taichu eval`` on the tiny model: the JSON's fields, and its numbers recomputed from the
+    printed examples (--examples covers every caption and question of --limit 3)."""
+    from taichu.m6_eval import held_out_data
+
+    out = tmp_path / "eval.json"
+    code, text, err = cli(capsys, "eval", m6["dir"], "--limit", 3, "--examples", 20, "--out", out)
+    assert code == 0, err
+    results = json.loads(out.read_text())
+    assert results["backend"] == "torch" and results["held_out_templates"] == ["colour_of_position_2", "count_2"]
+    captions, vqa, drawing = results["captions"], results["vqa"], results["text_to_image"]
+    assert captions["images"] == 3 and set(captions["blind"]) == {"caption", "bleu4", "cider", "attributes"}
+    assert vqa["questions"] == {"all": 6, "seen": 3, "held_out": 3}
+    assert set(vqa["by_kind"]) == set(vqa["blind"]["by_kind"]) and vqa["blind"]["all"] is not None
+    # Text to image (codebook + data.image_tokenizer): one image per distinct held-out caption.
+    data = held_out_data(m6["config"])
+    assert [e["caption"] for e in drawing["examples"]] == sorted({e.target for e in data.held_out_pools["caption"]})[:3]
+    whole = [all(all(v) for v in e["checks"].values()) for e in drawing["examples"]]
+    assert drawing["images"] == 3 and drawing["all"] == pytest.approx(np.mean(whole))
+    assert drawing["sampling"] == {"temperature": 1.0, "top_k": 32, "seed": 0} and "other_image" in drawing
+
+    lines = text.splitlines()
+    assert lines[-1] == f"wrote {out}"
+    start = lines.index("held-out captions (model | truth; ✓ every claim of the truth stated):")
+    middle = lines.index("held-out scenes' questions (model | truth; ✓ exact match):")
+    said, truths, marks = [], [], []
+    for line in lines[start + 1:middle]:
+        generated, truth = line[4:].rsplit(" | truth: ", 1)
+        said.append(generated)
+        truths.append(truth)
+        marks.append(line[2])
+    assert said == [one_line(e["generated"]) for e in captions["examples"]] and truths == [e["truth"] for e in
+                                                                                           captions["examples"]]
+    assert caption_bleu(said, truths) == pytest.approx(captions["bleu4"])
+    assert caption_cider(said, truths) == pytest.approx(captions["cider"])
+    recomputed = attribute_accuracy(said, truths)
+    for kind, value in captions["attributes"].items():
+        assert (recomputed[kind] if value is not None else None) == pytest.approx(value), kind
+    assert marks.count("✓") / len(marks) == pytest.approx(captions["attributes"]["all"])
+    blind = attribute_accuracy([captions["blind"]["caption"]] * 3, truths)
+    assert blind["colour"] == pytest.approx(captions["blind"]["attributes"]["colour"])
+
+    rows = []
+    for line in lines[middle + 1:-1]:
+        tag, _, rest = line[4:].partition("] ")
+        question, _, rest = rest.partition(" -> ")
+        predicted, answer = rest.rsplit(" | truth: ", 1)
+        rows.append((tag[1:], question, predicted, answer, line[2]))
+    assert len(rows) == 6
+    assert sorted(r[:4] for r in rows) == sorted((e["template"] + (", held out" if e["template"] in
+                                                  results["held_out_templates"] else ""), e["question"],
+                                                 one_line(e["predicted"]), e["answer"]) for e in vqa["examples"])
+    held = [r for r in rows if r[0].endswith(", held out")]
+    seen = [r for r in rows if not r[0].endswith(", held out")]
+    assert [r[0] for r in rows[:2]] == [seen[0][0], held[0][0]]     # seen and held-out templates in turn
+    for group, name in ((rows, "all"), (seen, "seen"), (held, "held_out")):
+        assert np.mean([p == a for _, _, p, a, _ in group]) == pytest.approx(vqa[name]), name
+        assert np.mean([m == "✓" for *_, m in group]) == pytest.approx(vqa[name]), name
+    assert any(line.startswith("captions of 3 held-out images: BLEU-4 ") for line in lines)
+    assert any(line.startswith("answers, exact match: seen templates ") for line in lines)
+    assert any(line.startswith("text to image, one image per distinct held-out caption (3, ") for line in lines)
+
+    code, _, err = cli(capsys, "eval", m6["dir"], "--data", "digits")
+    assert code == 2 and "evaluated on its own held-out scenes" in err

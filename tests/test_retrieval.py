@@ -314,7 +314,7 @@ def test_embedder_refuses_models_and_backends_it_cannot_use(tmp_path, model_dir,
     (tmp_path / "fake_export").mkdir()
     shutil.copy(model_dir / "config.yaml", tmp_path / "fake_export" / "config.yaml")
     (tmp_path / "fake_export" / "export_info.json").write_text("{}")
-    with pytest.raises(ValueError, match=r"export\.runtime\.export_embedder"):
+    with pytest.raises(ValueError, match=r"export\.export_embedder"):
         Embedder(tmp_path / "fake_export", "onnx")
     with pytest.raises(ValueError, match="unknown backend"):
         Embedder(model_dir, "tensorflow")
@@ -401,9 +401,7 @@ def test_embed_refuses_an_empty_caption_line_naming_it(tmp_path, capsys, embedde
 
 def test_onnx_export_gives_the_same_embeddings(tmp_path, capsys, embedder, digit_images):
     pytest.importorskip("onnxruntime")
-    runtime = pytest.importorskip("export.runtime")
-    if not hasattr(runtime, "OnnxImageTextEncoder"):
-        pytest.skip("export.runtime has no image-text encoder")
+    runtime = pytest.importorskip("export.runtime_encoders")
     code, out, err = run_cli(capsys, "export", embedder.model_dir, "--format", "onnx",
                              "--out", tmp_path / "export", "--no-validate")
     assert code == 0, err

@@ -3,7 +3,7 @@ pixel_values -> last_hidden_state, pooler_output), ONNX from torch_impl and MIND
 mindspore_impl, checked against the source backbone at batch sizes of the test's own; an MST
 model exports its teacher (here made to differ from the student), a ``backbone`` model its
 pooler; Hugging Face's ViTConfig and ViTModel read the folder; VisionRunner gives the same
-features through export.runtime.vision_network, with no framework loaded for ONNX."""
+features through export.runtime_encoders.vision_network, with no framework loaded for ONNX."""
 import json
 import subprocess
 import sys
@@ -15,8 +15,10 @@ from PIL import Image
 
 import taichu
 from export.exporter import export_model
-from export.runtime import OnnxGenerator, speech_network, vision_network
-from export.signature import decoder_graph, validation_cases, vision_graph, vision_inputs
+from export.runtime import OnnxGenerator
+from export.runtime_encoders import speech_network, vision_network
+from export.signature import decoder_graph, validation_cases
+from export.signature_encoders import vision_graph, vision_inputs
 from taichu.config import load_config, validate_config
 from taichu.imagetext import draw_scene, make_scene
 from taichu.vision_tasks import VisionRunner
@@ -199,7 +201,7 @@ def test_vision_runner_on_an_export_gives_the_torch_features(exports, models, ba
         runner.masks(attention)
     with pytest.raises(ValueError, match="holds the teacher's backbone only"):
         VisionRunner(directory, backend, network=vision_network(directory, backend), encoder="student")
-    with pytest.raises(ValueError, match=rf"build it with export.runtime.vision_network\(DIR, '{backend}'\)"):
+    with pytest.raises(ValueError, match=rf"build it with export.vision_network\(DIR, '{backend}'\)"):
         VisionRunner(directory, backend)
     with pytest.raises(ValueError, match="is an export directory: use backend onnx or mindir"):
         VisionRunner(directory, "torch")
@@ -223,7 +225,7 @@ def test_onnx_features_need_no_framework(exports, models, tmp_path):
                 if name.split(".")[0] in BLOCKED:
                     raise ImportError(f"blocked: {{name}}")
         sys.meta_path.insert(0, Block())
-        from export.runtime import vision_network
+        from export.runtime_encoders import vision_network
         from taichu.vision_tasks import VisionRunner
         runner = VisionRunner({str(directory)!r}, "onnx", network=vision_network({str(directory)!r}, "onnx"))
         print(json.dumps(runner.run({paths!r})[0].tolist()))
