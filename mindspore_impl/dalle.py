@@ -129,7 +129,7 @@ class StaticCachePrefill(nn.Cell):
     PyTorch model generates eagerly over its growing cache and needs neither. Compiles
     ``construct`` (the model's ``__call__``, which holds its numpy checks, is not what graph
     mode compiles for a sub-cell): the caller checks ids (taichu.imagine.dalle_step,
-    export.runtime.dalle_network)."""
+    export.dalle_network)."""
 
     def __init__(self, model):
         super().__init__()
