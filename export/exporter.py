@@ -306,16 +306,23 @@ def _export_towers(model, config, fmt, staging, opset, validate, info, log):
     info.update(platform=platform.platform(), graphs=[])
     for graph in signature.graphs(config, fmt):
         file = files[graph.name][0].name
-        entry = {"name": graph.name, "file": file, **graph.describe()}
-        for spec in entry["inputs"] + entry["outputs"]:
-            if spec["dtype"] == "int64":
-                spec["dtype"] = int_dtype
-        info["graphs"].append(entry)          # listed before validation, so a rejection shows it
+        entry = _list_graph(info, graph, file, int_dtype)
         if validate:
             entry["validation"] = checks.validate_against_source(
                 load(staging / file, graph), runner(model, graph), config.model,
                 f"{file} in {runtime}", graph=graph)
             log(f"validated {file} against {source}: {_summary(entry['validation'])}")
+
+
+def _list_graph(info: dict, graph, file: str, int_dtype: str) -> dict:
+    """The export_info.json entry of one graph (ids in the runtime's integer type), appended to
+    info["graphs"] before validation, so a rejection shows it."""
+    entry = {"name": graph.name, "file": file, **graph.describe()}
+    for spec in entry["inputs"] + entry["outputs"]:
+        if spec["dtype"] == "int64":
+            spec["dtype"] = int_dtype
+    info["graphs"].append(entry)
+    return entry
 
 
 def _export_m6(model, config, fmt, staging, opset, validate, info, log):
@@ -359,11 +366,7 @@ def _export_m6(model, config, fmt, staging, opset, validate, info, log):
     info.update(platform=platform.platform(), graphs=[])
     for graph in graphs:
         file = files[graph.name][0].name
-        entry = {"name": graph.name, "file": file, **graph.describe()}
-        for spec in entry["inputs"] + entry["outputs"]:
-            if spec["dtype"] == "int64":
-                spec["dtype"] = int_dtype
-        info["graphs"].append(entry)          # listed before validation, so a rejection shows it
+        entry = _list_graph(info, graph, file, int_dtype)
         if validate:
             entry["validation"] = checks.validate_cases(
                 runs[graph.name], checks.m6_runner(model, graph), signature.validation_cases(m, graph),
