@@ -239,8 +239,9 @@ def static_cache_step(model) -> StaticCacheStep:
 def mindspore_graph_step(config, cells: dict) -> StaticCacheStep:
     """StaticCacheStep over MindSpore callables with the signatures of mindspore_impl.m6's
     StaticCachePrefill and StaticCacheDecoder: ``cells[("prefill" | "decode", codes)]`` for
-    codes False (text) and True (image codes), the jit-compiled cells or the same graphs
-    loaded from MINDIR (nn.GraphCell; an export without codes may leave the True ones out).
+    codes False (text) and True (image codes), the jit-compiled cells. (An M6's MINDIR export
+    runs through export.runtime_m6 instead: its prefill graph takes the prompt padded to
+    text_length, since MindSpore cannot export M6.construct over a dynamic prompt length.)
     Ids, segments and the write position go in as int32, pixels as float32; the cache stays
     in MindSpore tensors from step to step."""
     import mindspore as ms
