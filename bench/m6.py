@@ -197,24 +197,24 @@ def report(args, results: dict) -> str:
     seeds = sorted({r["seed"] for r in rows})
     by_arm = {arm: [r for r in rows if r["arm"] == arm] for arm in ARMS}
     lines = [f"Machine: {machine()}. Backend {results['backend']}; m6-small, {results['steps']} steps of 32, "
-             f"seeds {seeds} (mean ± std over seeds); held-out scenes only; greedy decoding. "
+             f"seeds {seeds} (mean ± std over the seeds each arm ran); held-out scenes only; greedy decoding. "
              "Percentages except BLEU-4 (0-100) and CIDEr-D (0-10).", "",
              "| arm | caption BLEU-4 | CIDEr-D | attributes: colour / shape / position / count | caption all right "
-             "| VQA seen templates | VQA held-out templates | text to image: checker all | minutes |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+             "| VQA seen templates | VQA held-out templates | text to image: checker all | seeds | minutes |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for arm, arm_rows in by_arm.items():
         attributes = " / ".join(_mean(arm_rows, "captions", "attributes", k) for k in KINDS[:4])
         minutes = [r["minutes"] for r in arm_rows if r["minutes"] is not None]
         lines.append(f"| {arm} | {_mean(arm_rows, 'captions', 'bleu4')} | {_mean(arm_rows, 'captions', 'cider')} "
                      f"| {attributes} | {_mean(arm_rows, 'captions', 'attributes', 'all')} "
                      f"| {_mean(arm_rows, 'vqa', 'seen')} | {_mean(arm_rows, 'vqa', 'held_out')} "
-                     f"| {_mean(arm_rows, 'text_to_image', 'all')} | {np.mean(minutes):.1f} |"
+                     f"| {_mean(arm_rows, 'text_to_image', 'all')} | {len(arm_rows)} | {np.mean(minutes):.1f} |"
                      if minutes else f"| {arm} | ... |")
     attributes = " / ".join(_mean([base], "captions", "attributes", k) for k in KINDS[:4])
     lines.append(f"| blind (most common caption / answer of its kind) | {_mean([base], 'captions', 'bleu4')} "
                  f"| {_mean([base], 'captions', 'cider')} | {attributes} "
                  f"| {_mean([base], 'captions', 'attributes', 'all')} | {_mean([base], 'vqa', 'seen')} "
-                 f"| {_mean([base], 'vqa', 'held_out')} | - | - |")
+                 f"| {_mean([base], 'vqa', 'held_out')} | - | - | - |")
     example = next((r for r in rows if r["arm"] == "multi-task"), None)
     if example:
         lines += ["", f"Held-out examples, multi-task seed {example['seed']}:", ""]
