@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -122,26 +121,20 @@ def measures(args, model_dir: Path, arm: str) -> dict:
 
 
 def baselines(args) -> dict:
-    """What a model blind to the image scores: every held-out image captioned with the most
-    common training caption; every question answered with the most common training answer of
-    its kind (the template id without its wording number)."""
+    """What a model blind to the image scores (taichu.m6_eval.blind_guesses, as taichu eval
+    shows beside its numbers): every held-out image captioned with the most common training
+    caption; every question answered with the most common training answer of its kind."""
     from taichu.config import load_config
-    from taichu.m6_eval import attribute_accuracy, caption_bleu, caption_cider, held_out_data, vqa_accuracy
-    from taichu.m6_data import load_m6
+    from taichu.m6_data import QUESTION_TEMPLATES
+    from taichu.m6_eval import (attribute_accuracy, blind_guesses, caption_bleu, caption_cider, held_out_data,
+                                vqa_accuracy)
 
-    config = load_config(ROOT / CONFIG, arm_overrides(args, "multi-task", 0))
-    data = held_out_data(config)
-    train = load_m6(config.model_copy(update={"data": config.data.model_copy(
-        update={"tasks": {"caption": 1.0, "vqa": 1.0}})})).pools
-    common = Counter(e.target for e in train["caption"]).most_common(1)[0][0]
+    data = held_out_data(load_config(ROOT / CONFIG, arm_overrides(args, "multi-task", 0)))
+    common, answers = blind_guesses(data)
     truths = [e.target for e in data.held_out_pools["caption"][:args.images]]
     guesses = [common] * len(truths)
-    kind = lambda template: template.rsplit("_", 1)[0]
-    answers: dict[str, Counter] = {}
-    for e in train["vqa"]:
-        answers.setdefault(kind(e.template), Counter())[e.target] += 1
     questions = data.questions("seen")[:args.questions] + data.questions("held_out")[:args.questions]
-    predicted = [answers[kind(e.template)].most_common(1)[0][0] for e in questions]
+    predicted = [answers[QUESTION_TEMPLATES[e.template].kind] for e in questions]
     vqa = vqa_accuracy(predicted, [e.target for e in questions], [e.template for e in questions],
                        data.held_out_templates)
     return {"caption": common, "captions": {"bleu4": caption_bleu(guesses, truths), "cider": caption_cider(guesses, truths),

@@ -182,22 +182,6 @@ def cmd_generate(args, export_runtime) -> int:
 EVAL_DRAWING = {"temperature": 1.0, "top_k": 32, "seed": 0}
 
 
-def _blind(data) -> tuple[str, dict]:
-    """What a model blind to the image says: the commonest training caption, and per question
-    kind (taichu.m6_data.QUESTION_KINDS) the commonest training answer (as bench/m6.py)."""
-    from collections import Counter
-
-    from taichu.m6_data import QUESTION_TEMPLATES
-
-    captions = Counter(e.target for e in data.pools.get("caption", []))
-    answers: dict[str, Counter] = {}
-    for e in data.pools.get("vqa", []):
-        if e.template is not None:
-            answers.setdefault(QUESTION_TEMPLATES[e.template].kind, Counter())[e.target] += 1
-    common = captions.most_common(1)[0][0] if captions else ""
-    return common, {kind: counts.most_common(1)[0][0] for kind, counts in answers.items()}
-
-
 def _by_kind(right: list[bool], templates: list[str]) -> dict[str, float]:
     from taichu.m6_data import QUESTION_KINDS, QUESTION_TEMPLATES
 
@@ -369,7 +353,7 @@ def cmd_eval(args, export_runtime) -> int:
     out), N captions drawn; ``--examples K``: K captions and K answers printed beside the
     truth (seen and held-out templates in turn)."""
     from taichu.fileio import atomic_write_bytes
-    from taichu.m6_eval import held_out_data
+    from taichu.m6_eval import blind_guesses, held_out_data
 
     if args.data or args.split != "test":
         raise ValueError("an m6 model is evaluated on its own held-out scenes (its config's split and held-out "
@@ -384,7 +368,7 @@ def cmd_eval(args, export_runtime) -> int:
         decode = _image_decoder(config, args.backend)      # refused before anything runs
     step, config, tokenizer = load_step(args.model, args.backend, export_runtime)
     data = held_out_data(config)
-    common, answers = _blind(data)
+    common, answers = blind_guesses(data)
     results = {"model": str(args.model), "backend": args.backend, "data": data.name,
                "held_out_templates": list(data.held_out_templates), "limit": args.limit,
                "captions": _eval_captions(step, tokenizer, config, data, args, common), "vqa": None,

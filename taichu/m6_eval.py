@@ -179,6 +179,23 @@ def vqa_accuracy(predictions: Sequence[str], answers: Sequence[str], templates: 
             "questions": {"all": len(right), "seen": unseen.count(False), "held_out": unseen.count(True)}}
 
 
+def blind_guesses(data) -> tuple[str, dict]:
+    """What a model blind to the image says, from ``data``'s training pools (taichu.m6_data
+    M6Data): the commonest training caption, and per question kind (QUESTION_KINDS) the
+    commonest training answer: the baselines of ``taichu eval`` and bench/m6.py."""
+    from collections import Counter
+
+    from taichu.m6_data import QUESTION_TEMPLATES
+
+    captions = Counter(e.target for e in data.pools.get("caption", []))
+    answers: dict[str, Counter] = {}
+    for e in data.pools.get("vqa", []):
+        if e.template is not None:
+            answers.setdefault(QUESTION_TEMPLATES[e.template].kind, Counter())[e.target] += 1
+    common = captions.most_common(1)[0][0] if captions else ""
+    return common, {kind: counts.most_common(1)[0][0] for kind, counts in answers.items()}
+
+
 # ----------------------------------------------------------------------------- running a model
 
 def held_out_data(config):
