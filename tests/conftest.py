@@ -172,3 +172,15 @@ def pytest_sessionstart(session):
     if reporter is not None:
         for line in _machine_lines():
             reporter.write_line(line)
+
+
+def perturbed_state(model, seed=0, scale=0.3):
+    """A model's canonical arrays, every float tensor moved by noise: the init's zero biases
+    and unit norms would hide a swapped or dropped tensor in a parity test. Integer tensors
+    (BriVL's queue_ptr, num_updates) are kept."""
+    from taichu.api import state_dict
+
+    rng = np.random.default_rng(seed)
+    return {name: (np.asarray(array + scale * rng.standard_normal(array.shape)).astype(array.dtype)
+                   if array.dtype.kind == "f" else array)
+            for name, array in state_dict(model).items()}

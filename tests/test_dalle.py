@@ -14,19 +14,12 @@ import taichu
 from taichu.api import load_state_dict, state_dict
 from taichu.config import ConfigError, load_config
 from taichu.train import TASK_DATA, read_metrics, run_training
-from conftest import CONFIGS
+from conftest import CONFIGS, perturbed_state
 
 TINY = CONFIGS / "dalle" / "dalle-tiny.yaml"
 VQVAE_TINY = CONFIGS / "vqvae" / "vqvae-tiny.yaml"
 TOL = 1e-5   # the design's parity bound (fp32), relative to the logits' scale
 
-
-def perturbed_state(model, seed=0, scale=0.3):
-    """Every tensor moved by noise: the init's zero biases and unit norms would hide a
-    swapped or dropped tensor."""
-    rng = np.random.default_rng(seed)
-    return {name: (array + scale * rng.standard_normal(array.shape)).astype(array.dtype)
-            for name, array in state_dict(model).items()}
 
 
 def inputs(config, seed=1, batch=3):

@@ -11,10 +11,10 @@ import torch
 
 import taichu
 from taichu import convert
-from taichu.api import load_state_dict, state_dict
+from taichu.api import load_state_dict
 from taichu.config import load_config
 from taichu.families import get_family
-from conftest import CONFIGS
+from conftest import CONFIGS, perturbed_state
 from tolerance import float32_tolerance, scaled_differences
 
 TOL = 1e-5   # the design's parity bound (fp32), relative to each output's own magnitude
@@ -22,14 +22,6 @@ PAD_ID, EOS_ID = 0, 3
 FAMILIES = ("gpt", "clip", "dalle", "brivl")
 IMAGE_TEXT = ("clip", "brivl")   # training_loss(model, pixel_values, input_ids, attention_mask)
 
-
-def perturbed_state(model, seed=0, scale=0.1):
-    """Every tensor moved by noise: the init's zero biases and unit norms would hide a
-    swapped or dropped tensor."""
-    rng = np.random.default_rng(seed)
-    return {name: (np.asarray(array + scale * rng.standard_normal(array.shape)).astype(array.dtype)
-                   if array.dtype.kind == "f" else array)   # BriVL's queue_ptr, num_updates kept
-            for name, array in state_dict(model).items()}
 
 
 def caption_batch(rng, vocab_size, lengths, width):
@@ -90,7 +82,7 @@ def models():
         config = load_config(CONFIGS / name / f"{name}-tiny.yaml")
         torch.manual_seed(0)
         torch_model = taichu.build_model(config, "torch").eval()
-        arrays = perturbed_state(torch_model)
+        arrays = perturbed_state(torch_model, scale=0.1)
         load_state_dict(torch_model, arrays)
         ms_model = taichu.build_model(config, "mindspore")
         load_state_dict(ms_model, arrays)

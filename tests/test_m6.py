@@ -13,7 +13,7 @@ import taichu
 from taichu.api import load_state_dict, state_dict
 from taichu.config import load_config
 from taichu.families.m6 import CODE, IMAGE, PAD, PREFIX, TARGET
-from conftest import CONFIGS
+from conftest import CONFIGS, perturbed_state
 from tolerance import encoder_chain_terms, float32_tolerance, scaled_differences
 
 TINY = CONFIGS / "m6" / "m6-tiny.yaml"
@@ -34,13 +34,6 @@ NO_CODE_ROWS = [TASK_ROWS[t] for t in ("caption", "image_text", "vqa", "text_con
 NO_TARGET_ROWS = [(False, 0, 9, 0, True), (False, 0, 4, 0, True), (True, 0, 12, 0, False),
                   (False, 0, 20, 0, True), (False, 0, 2, 0, True), (False, 0, 24, 0, True)]
 
-
-def perturbed_state(model, seed=0, scale=0.3):
-    """Every tensor moved by noise: the init's zero biases and unit norms would hide a
-    swapped or dropped tensor (as tests/test_dalle.py)."""
-    rng = np.random.default_rng(seed)
-    return {name: (array + scale * rng.standard_normal(array.shape)).astype(array.dtype)
-            for name, array in state_dict(model).items()}
 
 
 def build_batch(config, rows, seed=1, text_slots=None):

@@ -16,7 +16,7 @@ from taichu.config import load_config, validate_config
 from taichu.families import get_family
 from taichu.families.vision import bicubic_matrix, lateral_layers, teacher_momentum
 from taichu.convert.hf_vit import hf_state_dict
-from conftest import CONFIGS
+from conftest import CONFIGS, perturbed_state
 
 TOL = 1e-5   # the design's parity bound (fp32) on values of order 1
 TINY = CONFIGS / "vision" / "vision-tiny.yaml"
@@ -28,17 +28,6 @@ def tiny_config(**model):
     raw["model"] = {**raw["model"], **model}
     return validate_config(raw, "vision-tiny")
 
-
-def perturbed_state(model, seed=0, scale=0.3):
-    """Every tensor of a freshly built model moved by noise (the init's zero biases, unit
-    norms and equal teacher/student would hide a swapped or dropped tensor)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, array in state_dict(model).items():
-        if np.issubdtype(array.dtype, np.floating):
-            array = (array + scale * rng.standard_normal(array.shape)).astype(array.dtype)
-        out[name] = array
-    return out
 
 
 # ----------------------------------------------------------------------------- HF oracle
