@@ -16,7 +16,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from taichu.families.dalle import DalleConfig, check_inputs, loss_weights
-from mindspore_impl.gpt import GPT, IGNORE_INDEX, Block, Dense, causal_attention_bias, cross_entropy
+from mindspore_impl.gpt import IGNORE_INDEX, Block, Dense, causal_attention_bias, cross_entropy, init_gpt_weights
 
 
 class DALLE(nn.Cell):
@@ -40,11 +40,7 @@ class DALLE(nn.Cell):
         # MindSpore idiom: the project's Dense (bias by Add, 2-D MatMul), as in the GPT.
         self.text_head = Dense(m.hidden_size, m.vocab_size, has_bias=False)
         self.image_head = Dense(m.hidden_size, m.codebook_size, has_bias=False)
-        self._init_weights()
-
-    # The GPT's initialisation (N(0, initializer_range), residual projections scaled by
-    # 1/sqrt(2 layers), zero biases) over this cell's Dense and Embedding layers.
-    _init_weights = GPT._init_weights
+        init_gpt_weights(self, m)
 
     def text_embeddings(self, input_ids):
         """[B, text_length, hidden]: token + position embeddings of the whole text."""

@@ -145,20 +145,7 @@ class GPT(nn.Cell):
         self.dropout = nn.Dropout(p=m.dropout)
         self.layers = nn.CellList([Block(config) for _ in range(m.num_layers)])
         self.ln_f = nn.LayerNorm((m.hidden_size,), epsilon=m.layer_norm_eps)
-        self._init_weights()
-
-    def _init_weights(self):
-        m = self.config.model
-        # GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers)
-        # so the residual stream's variance does not grow with depth.
-        residual_std = m.initializer_range / math.sqrt(2 * m.num_layers)
-        for name, cell in self.cells_and_names():
-            if isinstance(cell, (nn.Dense, nn.Embedding)):
-                std = residual_std if name.endswith(("out_proj", "fc_out")) else m.initializer_range
-                weight = cell.weight if isinstance(cell, nn.Dense) else cell.embedding_table
-                weight.set_data(initializer(Normal(sigma=std), weight.shape, weight.dtype))
-            if isinstance(cell, nn.Dense) and cell.bias is not None:
-                cell.bias.set_data(initializer("zeros", cell.bias.shape, cell.bias.dtype))
+        init_gpt_weights(self, m)
 
     def __call__(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                  use_cache=False, logits_to_keep=0, output_intermediates=False):
@@ -218,18 +205,7 @@ class GPT(nn.Cell):
 
     def output_logits(self, x):
         """Final LayerNorm and the tied output projection: [batch, length, vocab]."""
-        hidden = self.ln_f(x)
-        batch, length, width = hidden.shape
-        table = self.embed_tokens.embedding_table
-        if table.dtype != hidden.dtype:
-            # Mixed precision keeps LayerNorm in fp32 while the table may be fp16/bf16. Only
-            # then: an astype to the same dtype still copies the whole table in graph mode.
-            table = table.astype(hidden.dtype)
-        # MindSpore idiom: a 2-D MatMul with transpose_b reads the table as stored; a 3-D x
-        # 2-D ops.matmul broadcasts the table once per batch row (BroadcastTo + BatchMatMul)
-        # and .T copies it, 32 MB each at gpt-small, on every decoding step.
-        logits = _MATMUL_TRANSPOSE_B(hidden.reshape(batch * length, width), table)
-        return logits.reshape(batch, length, -1)
+        return tied_logits(self.ln_f(x), self.embed_tokens.embedding_table)
 
 
 
@@ -310,6 +286,35 @@ class StaticCacheDecoder(nn.Cell):
                                                 cache_slot)
             outputs = outputs + key_value
         return (self.model.output_logits(x)[:, -1],) + outputs
+
+
+def init_gpt_weights(model: nn.Cell, m) -> None:
+    """GPT-2 init of every Dense and Embedding of ``model``: N(0, m.initializer_range),
+    residual output projections (out_proj, fc_out) scaled by 1/sqrt(2 * layers) so the
+    residual stream's variance does not grow with depth; biases zero. Also GPT-XL's."""
+    residual_std = m.initializer_range / math.sqrt(2 * m.num_layers)
+    for name, cell in model.cells_and_names():
+        if isinstance(cell, (nn.Dense, nn.Embedding)):
+            std = residual_std if name.endswith(("out_proj", "fc_out")) else m.initializer_range
+            weight = cell.weight if isinstance(cell, nn.Dense) else cell.embedding_table
+            weight.set_data(initializer(Normal(sigma=std), weight.shape, weight.dtype))
+        if isinstance(cell, nn.Dense) and cell.bias is not None:
+            cell.bias.set_data(initializer("zeros", cell.bias.shape, cell.bias.dtype))
+
+
+def tied_logits(hidden, table):
+    """hidden [batch, length, width] x the token table [vocab, width] -> logits [batch,
+    length, vocab]: the output projection tied to the embedding (GPT, GPT-XL)."""
+    batch, length, width = hidden.shape
+    if table.dtype != hidden.dtype:
+        # Mixed precision keeps LayerNorm in fp32 while the table may be fp16/bf16. Only
+        # then: an astype to the same dtype still copies the whole table in graph mode.
+        table = table.astype(hidden.dtype)
+    # MindSpore idiom: a 2-D MatMul with transpose_b reads the table as stored; a 3-D x
+    # 2-D ops.matmul broadcasts the table once per batch row (BroadcastTo + BatchMatMul)
+    # and .T copies it, 32 MB each at gpt-small, on every decoding step.
+    logits = _MATMUL_TRANSPOSE_B(hidden.reshape(batch * length, width), table)
+    return logits.reshape(batch, length, -1)
 
 
 def training_loss(model, input_ids):

@@ -24,7 +24,7 @@ from taichu.families.m6 import CODE, IMAGE, PAD, PREFIX, TARGET, M6Config, check
 from taichu.families.vqvae import init_bound
 # IGNORE_INDEX: targets left out of a cross-entropy's mean (the GPT's, = F.cross_entropy's
 # default); _NLL_LOSS the cross-entropy's per-row NLLLoss primitive (mindspore_impl.gpt).
-from mindspore_impl.gpt import _MATMUL_TRANSPOSE_B, _NLL_LOSS, GPT, IGNORE_INDEX, Block, Dense, _dtype_min
+from mindspore_impl.gpt import _NLL_LOSS, IGNORE_INDEX, Block, Dense, _dtype_min, init_gpt_weights, tied_logits
 from mindspore_impl.vqvae import Downsample, ResBlock, _activation, _conv
 
 
@@ -97,7 +97,7 @@ class M6(nn.Cell):
         """The GPT's initialisation over the Dense and Embedding layers (N(0,
         initializer_range), residual projections scaled by 1/sqrt(2 layers), zero biases);
         torch's default for the convolutions, written out (uniform +-1/sqrt(fan_in))."""
-        GPT._init_weights(self)
+        init_gpt_weights(self, self.config.model)
         for _, cell in self.patch_encoder.cells_and_names():
             if isinstance(cell, nn.Conv2d):
                 bound = init_bound(int(np.prod(cell.weight.shape[1:])))
@@ -171,11 +171,9 @@ class M6(nn.Cell):
         """The tied LM head: hidden [B, L, width] -> [B, L, vocab] (torch's F.linear with
         embed_text.weight).
 
-        MindSpore idiom: a 2-D MatMul with transpose_b reads the table as stored (the GPT's
-        output_logits); a 3-D x 2-D matmul broadcasts it per row and .T copies it."""
-        batch, length, width = hidden.shape
-        logits = _MATMUL_TRANSPOSE_B(hidden.reshape(batch * length, width), self.embed_text.embedding_table)
-        return logits.reshape(batch, length, -1)
+        MindSpore idiom: the GPT's tied_logits, a 2-D MatMul with transpose_b that reads the
+        table as stored."""
+        return tied_logits(hidden, self.embed_text.embedding_table)
 
 
 def training_loss(model, pixel_values, input_ids, segment_ids, image_codes=None):

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from taichu.families.dalle import DalleConfig, check_inputs, loss_weights
-from torch_impl.gpt import GPT, Block, causal_attention_bias
+from torch_impl.gpt import Block, causal_attention_bias, init_gpt_weights
 
 # Targets equal to this are left out of a cross-entropy's mean (F.cross_entropy's default).
 IGNORE_INDEX = -100
@@ -39,11 +39,7 @@ class DALLE(nn.Module):
         self.ln_f = nn.LayerNorm(m.hidden_size, eps=m.layer_norm_eps)
         self.text_head = nn.Linear(m.hidden_size, m.vocab_size, bias=False)
         self.image_head = nn.Linear(m.hidden_size, m.codebook_size, bias=False)
-        self._init_weights()
-
-    # The GPT's initialisation (N(0, initializer_range), residual projections scaled by
-    # 1/sqrt(2 layers), zero biases) over this module's Linear and Embedding layers.
-    _init_weights = GPT._init_weights
+        init_gpt_weights(self, m)
 
     def text_embeddings(self, input_ids):
         """[B, text_length, hidden]: token + position embeddings of the whole text."""

@@ -106,19 +106,7 @@ class GPT(nn.Module):
         self.dropout = nn.Dropout(m.dropout)
         self.layers = nn.ModuleList([Block(config) for _ in range(m.num_layers)])
         self.ln_f = nn.LayerNorm(m.hidden_size, eps=m.layer_norm_eps)
-        self._init_weights()
-
-    def _init_weights(self):
-        m = self.config.model
-        # GPT-2 init: N(0, 0.02), residual output projections scaled by 1/sqrt(2 * layers)
-        # so the residual stream's variance does not grow with depth.
-        residual_std = m.initializer_range / math.sqrt(2 * m.num_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                std = residual_std if name.endswith(("out_proj", "fc_out")) else m.initializer_range
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
+        init_gpt_weights(self, m)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
                 use_cache=False, logits_to_keep=0, output_intermediates=False):
@@ -253,6 +241,19 @@ class StaticCacheDecoder(nn.Module):
                                                 cache_slot)
             outputs = outputs + key_value
         return (self.model.output_logits(x)[:, -1],) + outputs
+
+
+def init_gpt_weights(model: nn.Module, m) -> None:
+    """GPT-2 init of every Linear and Embedding of ``model``: N(0, m.initializer_range),
+    residual output projections (out_proj, fc_out) scaled by 1/sqrt(2 * layers) so the
+    residual stream's variance does not grow with depth; biases zero. Also GPT-XL's."""
+    residual_std = m.initializer_range / math.sqrt(2 * m.num_layers)
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            std = residual_std if name.endswith(("out_proj", "fc_out")) else m.initializer_range
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def training_loss(model, input_ids):

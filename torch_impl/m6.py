@@ -14,7 +14,7 @@ from torch.nn import functional as F
 
 from taichu.families.m6 import CODE, IMAGE, PAD, PREFIX, TARGET, M6Config, check_inputs, loss_weights
 from taichu.families.vqvae import init_bound
-from torch_impl.gpt import GPT, Block
+from torch_impl.gpt import Block, init_gpt_weights
 from torch_impl.vqvae import Downsample, ResBlock, _activation
 
 # Targets equal to this are left out of a cross-entropy's mean (F.cross_entropy's default).
@@ -83,7 +83,7 @@ class M6(nn.Module):
         """The GPT's initialisation over the Linear and Embedding layers (N(0,
         initializer_range), residual projections scaled by 1/sqrt(2 layers), zero biases);
         torch's default for the convolutions, written out (uniform +-1/sqrt(fan_in))."""
-        GPT._init_weights(self)
+        init_gpt_weights(self, self.config.model)
         for module in self.patch_encoder.modules():
             if isinstance(module, nn.Conv2d):
                 bound = init_bound(module.weight[0].numel())

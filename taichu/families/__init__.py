@@ -73,7 +73,8 @@ class Family:
     distill_shared_keys: tuple[str, ...] = ()
 
 
-_FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt", "clip": "taichu.families.clip",
+_FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt", "gpt_xl": "taichu.families.gpt_xl",
+                             "clip": "taichu.families.clip",
                              "brivl": "taichu.families.brivl",
                              "wav2vec2": "taichu.families.wav2vec2",
                              "vision": "taichu.families.vision",
