@@ -142,14 +142,17 @@ class GPTXL(nn.Module):
         position_encodings = sinusoid_encodings(memory_length + length, x.shape[-1], x.dtype, x.device)
         new_memories = ()
         for i, layer in enumerate(self.layers):
-            memory = memories[i] if memories else None
+            # A memory of length 0 (mem_len 0 given as initial_memories) is no memory.
+            memory = memories[i] if memory_length else None
             if memories:
-                new_memories = new_memories + (torch.cat((memory, x), dim=1)[:, -memory_length:].detach(),)
+                # The last memory_length positions of [memory ; segment] (empty at length 0).
+                history = x if memory is None else torch.cat((memory, x), dim=1)
+                new_memories = new_memories + (history[:, length:].detach(),)
             x = layer(x, memory, position_encodings, attention_bias)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.output_logits(x)
-        new_documents = key_documents[:, -memory_length:] if memories else None
+        new_documents = key_documents[:, length:] if memories else None
         return logits, new_memories, new_documents
 
     def output_logits(self, x):
@@ -170,12 +173,13 @@ class GPTXL(nn.Module):
 
 def memory_attention_bias(query_documents, key_documents, dtype):
     """[batch, 1, length, total]: 0 where query i (at position total - length + i) may see
-    key j (j not after it, same document), dtype-min elsewhere (finite: a padding query with
-    no visible key gets a uniform row, not NaN)."""
+    key j (j not after it, same document, not padding), dtype-min elsewhere (finite: a
+    padding query, which sees no key, gets a uniform row, not NaN)."""
     length, total = query_documents.shape[1], key_documents.shape[1]
     query_pos = torch.arange(total - length, total, device=key_documents.device).unsqueeze(1)
     key_pos = torch.arange(total, device=key_documents.device).unsqueeze(0)
-    allowed = (key_pos <= query_pos).unsqueeze(0) & (query_documents.unsqueeze(2) == key_documents.unsqueeze(1))
+    allowed = ((key_pos <= query_pos).unsqueeze(0) & (query_documents.unsqueeze(2) == key_documents.unsqueeze(1))
+               & (query_documents != NO_DOCUMENT).unsqueeze(2))
     zero = torch.zeros((), dtype=dtype, device=key_documents.device)
     return torch.where(allowed.unsqueeze(1), zero, torch.finfo(dtype).min)
 

@@ -62,6 +62,9 @@ class GPTXLConfig(Section):
     @model_validator(mode="after")
     def _consistent(self) -> "GPTXLConfig":
         self.tokenizer.check_vocab(self.model.vocab_size, "model.vocab_size")
+        if self.model.hidden_size % 2:
+            raise ValueError(f"model.hidden_size {self.model.hidden_size} must be even: the relative "
+                             "encodings are hidden_size / 2 sines and as many cosines")
         return self
 
 
@@ -72,12 +75,14 @@ def tensor_specs(config: GPTXLConfig) -> dict[str, TensorSpec]:
     for i in range(m.num_layers):
         p = f"layers.{i}"
         specs.update(layer_norm_specs(f"{p}.ln_1", hidden))
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        # In torch's state_dict order: the attention's own tensors before its layers'.
+        specs[f"{p}.attn.content_bias"] = TensorSpec((m.num_heads, m.head_dim), "parameter")   # u
+        specs[f"{p}.attn.position_bias"] = TensorSpec((m.num_heads, m.head_dim), "parameter")  # v
+        for proj in ("q_proj", "k_proj", "v_proj"):
             specs.update(linear_specs(f"{p}.attn.{proj}", hidden, hidden, m.bias))
         # W_{k,R} of the paper: the relative encodings' keys, no bias.
         specs.update(linear_specs(f"{p}.attn.r_proj", hidden, hidden, bias=False))
-        specs[f"{p}.attn.content_bias"] = TensorSpec((m.num_heads, m.head_dim), "parameter")   # u
-        specs[f"{p}.attn.position_bias"] = TensorSpec((m.num_heads, m.head_dim), "parameter")  # v
+        specs.update(linear_specs(f"{p}.attn.out_proj", hidden, hidden, m.bias))
         specs.update(layer_norm_specs(f"{p}.ln_2", hidden))
         specs.update(linear_specs(f"{p}.mlp.fc_in", hidden, m.ffn_size, m.bias))
         specs.update(linear_specs(f"{p}.mlp.fc_out", m.ffn_size, hidden, m.bias))
@@ -102,6 +107,20 @@ def memory_names(config: GPTXLConfig) -> tuple[str, ...]:
     if config.model.mem_len == 0:
         return ()
     return ("memory_document_ids",) + tuple(f"memory.{i}" for i in range(config.model.num_layers))
+
+
+def initial_memory_arrays(config: GPTXLConfig, rows: int) -> dict:
+    """The memory before a stream's first segment, as numpy under ``memory_names``: every
+    slot empty (zeros, document NO_DOCUMENT); {} at mem_len 0."""
+    import numpy as np
+
+    m = config.model
+    names = memory_names(config)
+    if not names:
+        return {}
+    arrays = {names[0]: np.full((rows, m.mem_len), NO_DOCUMENT, np.int64)}
+    arrays.update({name: np.zeros((rows, m.mem_len, m.hidden_size), np.float32) for name in names[1:]})
+    return arrays
 
 
 def check_inputs(config: GPTXLConfig, shape: tuple[int, ...], min_id: int, max_id: int,
