@@ -197,9 +197,13 @@ class Trainer:
         self._apply_sums = jit(self._apply_sums_impl)
         self._fused_step = jit(self._fused_step_impl)
         self._eval = jit(self._loss)
+        self._eval_outputs = None
 
     def _loss(self, *inputs):
         return self.training_loss(self.model, *inputs)[0]
+
+    def _outputs(self, *inputs):
+        return self.training_loss(self.model, *inputs)
 
     def _scaled_loss(self, scale, *inputs):
         # (scaled loss, loss, *outputs): value_and_grad differentiates the first and
@@ -287,6 +291,7 @@ class Trainer:
             loss = sum(losses) / count
         if self.after_step is not None:
             self.after_step(self.model, *self._gather(extras))
+        self.step_outputs = extras
         if self.all_reduce is not None:
             loss = float(self.all_reduce(ms.Tensor(np.array([loss], np.float32)))[0]) / self.world
         self._update_loss_scale(np.isfinite(grad_norm))
@@ -309,6 +314,30 @@ class Trainer:
             return float(self._eval(*self._tensors(batch)))
         finally:
             self.model.set_train(True)
+
+    def eval_outputs(self, batch: dict[str, np.ndarray]) -> tuple[float, tuple[np.ndarray, ...]]:
+        """(loss, the loss's other outputs as numpy) in evaluation mode."""
+        if self._eval_outputs is None:   # a graph of its own, compiled when first needed
+            self._eval_outputs = (ms.jit if self.train.graph_mode else (lambda fn: fn))(self._outputs)
+        self.model.set_train(False)
+        try:
+            loss, *outputs = self._eval_outputs(*self._tensors(batch))
+            return float(loss), tuple(x.asnumpy().copy() for x in outputs)   # as last_outputs
+        finally:
+            self.model.set_train(True)
+
+    def last_outputs(self) -> list[tuple[np.ndarray, ...]]:
+        """The last train_step's outputs after the loss, per micro-batch, as numpy (the
+        state a model carries to the next step: taichu.train's TrainingData.carry)."""
+        # Copies: on CPU asnumpy may share the output's buffer with MindSpore, and the loop
+        # keeps these arrays a whole step (and writes them into checkpoints).
+        return [tuple(x.asnumpy().copy() for x in outputs) for outputs in self.step_outputs]
+
+    def gather_rows(self, parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...] | None:
+        """Per-micro-batch arrays -> each concatenated over the micro-batches and the ranks,
+        in the global batch's row order, on rank 0 (None elsewhere). Every rank calls it."""
+        gathered = self._gather([tuple(ms.Tensor(np.ascontiguousarray(x)) for x in part) for part in parts])
+        return tuple(x.asnumpy() for x in gathered) if self.rank == 0 else None
 
     def full_state(self) -> tuple[dict | None, dict | None]:
         """(model arrays, optimizer arrays), canonical, on rank 0 (None elsewhere)."""

@@ -134,6 +134,11 @@ class BlockDataset:
 def load_blocks(config, tokenizer, split: str, corpus=None) -> BlockDataset:
     """The ``split`` ("train" | "validation") of the config's corpus as blocks of data.seq_len
     (``corpus``: the already loaded Corpus, to read and split it only once per run)."""
+    return BlockDataset(load_packed(config, tokenizer, split, corpus), config.data.seq_len)
+
+
+def load_packed(config, tokenizer, split: str, corpus=None) -> PackedTokens:
+    """The ``split`` of the config's corpus packed into one token stream (cached)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     vocab_size = config.model.vocab_size
@@ -142,6 +147,60 @@ def load_blocks(config, tokenizer, split: str, corpus=None) -> BlockDataset:
                          f"model.vocab_size {vocab_size}")
     corpus = load_corpus(config.data) if corpus is None else corpus
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
-    packed = pack_corpus(getattr(corpus, split), tokenizer, cache_dir,
-                         {"corpus": corpus.name, "fingerprint": corpus.fingerprint, "split": split})
-    return BlockDataset(packed, config.data.seq_len)
+    return pack_corpus(getattr(corpus, split), tokenizer, cache_dir,
+                       {"corpus": corpus.name, "fingerprint": corpus.fingerprint, "split": split})
+
+
+class StreamSegments:
+    """Consecutive segments of ``rows`` token streams, for a model with memory (GPT-XL).
+
+    The packed tokens are cut into ``rows`` contiguous streams (Transformer-XL's batchify);
+    sample ``n`` is segment ``n // rows`` of stream ``n % rows``: seq_len + 1 tokens (input
+    and targets, consecutive segments sharing one token) with the document id of each input
+    token. So batch row r of every step continues where row r of the step before stopped,
+    and the memory it carries is real. A stream that runs out starts again from its own
+    beginning (a new document id, so ``reset_memory: document`` hides the seam too).
+
+    Document ids: with ``reset_memory == "document"`` the count of documents begun before a
+    token (a document starts at each bos token: pack_corpus writes [bos] + ids + [eos]);
+    with "never", 0 for every token of a stream and 1 after it wraps.
+    """
+
+    def __init__(self, packed: PackedTokens | np.ndarray, rows: int, seq_len: int, bos_id: int,
+                 reset_memory: str):
+        tokens = packed.tokens if isinstance(packed, PackedTokens) else np.asarray(packed)
+        self.rows, self.seq_len = int(rows), int(seq_len)
+        self.stream_tokens = len(tokens) // self.rows
+        self.segments = (self.stream_tokens - 1) // self.seq_len   # per stream and pass
+        if self.segments < 1:
+            raise ValueError(f"{len(tokens)} tokens make {self.rows} streams of {self.stream_tokens} "
+                             f"tokens, less than one segment of data.seq_len + 1 = {self.seq_len + 1}: "
+                             f"give more text, or lower train.batch_size or data.seq_len")
+        self.tokens = tokens
+        if reset_memory == "document":
+            self.documents = np.cumsum(np.asarray(tokens) == bos_id, dtype=np.int64)
+        elif reset_memory == "never":
+            self.documents = None
+        else:
+            raise ValueError(f"reset_memory must be 'never' or 'document', got {reset_memory!r}")
+
+    def __len__(self) -> int:
+        return self.rows * self.segments
+
+    def batch(self, indices) -> dict[str, np.ndarray]:
+        """{"input_ids" [n, seq_len + 1] int64, "document_ids" [n, seq_len] int64}."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        row, segment = idx % self.rows, idx // self.rows
+        passes, segment = np.divmod(segment, self.segments)
+        starts = row * self.stream_tokens + segment * self.seq_len
+        positions = starts[:, None] + np.arange(self.seq_len + 1)
+        ids = np.asarray(self.tokens[positions], dtype=np.int64)
+        if self.documents is None:
+            documents = np.broadcast_to(passes[:, None], (len(idx), self.seq_len))
+        else:
+            # Ids grow along the stream; each pass over it adds the stream's document count,
+            # so a wrapped stream never repeats an id its memory still holds.
+            stream_start = row * self.stream_tokens
+            per_pass = self.documents[stream_start + self.stream_tokens - 1] - self.documents[stream_start] + 1
+            documents = self.documents[positions[:, :-1]] + (passes * per_pass)[:, None]
+        return {"input_ids": ids, "document_ids": np.ascontiguousarray(documents, dtype=np.int64)}

@@ -1,6 +1,7 @@
 """``taichu train``: the loop both backends share.
 
-Schedule, data order, evaluation, logging, checkpoints and resume live here, in numpy;
+Schedule, evaluation, logging, checkpoints and resume live here, in numpy (what each
+family's task feeds the loop, and which samples make each step: taichu/task_data.py);
 a backend contributes only a ``Trainer`` (``torch_impl/train.py``,
 ``mindspore_impl/train.py``) that runs one optimizer step on numpy batches and exposes
 its optimizer state under canonical names. Because the data order and the schedule are
@@ -8,7 +9,6 @@ computed here, the two backends see the same batches and learning rates step for
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -22,12 +22,14 @@ import numpy as np
 
 from taichu.config import dump_config
 from taichu.fileio import sha256_file
+from taichu.task_data import TASK_DATA, BucketOrder, SampleOrder, StreamOrder, TrainingData  # noqa: F401 (taichu.train exports the orders)
 from taichu.weights import contiguous
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
+CARRY_FILE = "memory.safetensors"      # TrainingData.carry's state (GPT-XL's memory)
 
 
 class TrainingDiverged(RuntimeError):
@@ -54,72 +56,6 @@ def decay_names(config) -> set[str]:
     specs = get_family(config.family).tensor_specs(config)
     return {name for name, spec in specs.items()
             if spec.kind in ("linear", "conv1d", "conv2d") and name.endswith(".weight")}
-
-
-class SampleOrder:
-    """Which blocks make up global step ``s``: a fresh permutation per epoch, from the seed.
-
-    A pure function of (seed, step), so resuming needs only the step, and every
-    data-parallel rank computes the same global batch and takes its own slice.
-    """
-
-    def __init__(self, num_blocks: int, seed: int):
-        self.num_blocks, self.seed = num_blocks, seed
-        self._epoch, self._perm = -1, None
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
-        return self._perm
-
-    def global_batch(self, step: int, batch_size: int) -> np.ndarray:
-        positions = step * batch_size + np.arange(batch_size)
-        out = np.empty(batch_size, np.int64)
-        for i, position in enumerate(positions):
-            epoch, offset = divmod(int(position), self.num_blocks)
-            out[i] = self._permutation(epoch)[offset]
-        return out
-
-
-class BucketOrder:
-    """Global batches of samples of similar length (speech: less padding), from the seed.
-
-    Per epoch: a seeded permutation is cut into pools of ``pool_batches`` batches, each pool
-    sorted by length and cut into batches, and the batches of the epoch shuffled. Like
-    SampleOrder a pure function of (seed, step): resume needs only the step, every rank
-    computes the same global batch. Each epoch holds len // batch_size full batches (the
-    remainder, different each epoch, waits for the next).
-    """
-
-    def __init__(self, lengths: np.ndarray, seed: int, pool_batches: int = 32):
-        self.lengths = np.asarray(lengths)
-        self.seed, self.pool_batches = seed, pool_batches
-        self._key, self._batches = None, None
-
-    def _epoch_batches(self, epoch: int, batch_size: int) -> np.ndarray:
-        if self._key != (epoch, batch_size):
-            rng = np.random.default_rng([self.seed, epoch])
-            perm = rng.permutation(len(self.lengths))
-            usable = len(perm) // batch_size * batch_size
-            if usable == 0:
-                raise ValueError(f"batch_size {batch_size} exceeds the {len(perm)} training samples")
-            pool = batch_size * self.pool_batches
-            rows = []
-            for start in range(0, usable, pool):
-                part = perm[start:min(start + pool, usable)]
-                part = part[np.argsort(self.lengths[part], kind="stable")]
-                rows.extend(part.reshape(-1, batch_size))
-            batches = np.stack(rows)
-            self._key, self._batches = (epoch, batch_size), batches[rng.permutation(len(batches))]
-        return self._batches
-
-    def global_batch(self, step: int, batch_size: int) -> np.ndarray:
-        per_epoch = len(self.lengths) // batch_size
-        if per_epoch == 0:
-            raise ValueError(f"batch_size {batch_size} exceeds the {len(self.lengths)} training samples")
-        epoch, offset = divmod(step, per_epoch)
-        return self._epoch_batches(epoch, batch_size)[offset]
 
 
 def micro_batches(indices: np.ndarray, rank: int, world: int, accum: int) -> list[np.ndarray]:
@@ -260,220 +196,6 @@ class TrainResult:
     unit: str = "tokens"                 # what ``tokens`` counts: "tokens", "pairs", "clips", "images", "items"
 
 
-def text_vocab_size(config) -> int:
-    """The vocabulary the tokenizer must fill: the GPT's, or an image-text text tower's."""
-    model = config.model
-    return model.vocab_size if hasattr(model, "vocab_size") else model.text.vocab_size
-
-
-def _tokenizer_for(config, texts, fingerprint: str, name: str, init_dir: Path | None, rank: int):
-    """The init model's tokenizer, else the config's, trained once on ``texts`` and cached
-    by content (``fingerprint`` names the texts)."""
-    from taichu.data import default_cache_dir
-    from taichu.tokenizer import TRAINING_VERSION, Tokenizer, check_tokenizer, train_tokenizer
-
-    vocab_size = text_vocab_size(config)
-    if init_dir is not None and (init_dir / "tokenizer.model").is_file():
-        tokenizer = Tokenizer(init_dir / "tokenizer.model")
-        check_tokenizer(tokenizer, config.tokenizer, vocab_size)
-        return tokenizer
-    key = hashlib.sha256(json.dumps([fingerprint, config.tokenizer.model_dump(mode="json"),
-                                     vocab_size, TRAINING_VERSION]).encode()).hexdigest()[:16]
-    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else default_cache_dir()
-    path = cache_dir.parent / "tokenizers" / f"{name}-{vocab_size}-{key}.model"
-    if rank != 0:
-        # Rank 0 trains it; the file appears whole (atomic rename) when it is done.
-        deadline = time.time() + 3600
-        while not path.exists() and time.time() < deadline:
-            time.sleep(1)
-    if path.exists():
-        tokenizer = Tokenizer(path)
-        check_tokenizer(tokenizer, config.tokenizer, vocab_size)
-        return tokenizer
-    return train_tokenizer(texts, config.tokenizer, vocab_size, path)
-
-
-@dataclass
-class TrainingData:
-    """What the loop needs from a task: the tokenizer, and train/validation sets whose
-    ``batch(indices)`` gives the numpy inputs of the family's ``training_loss`` by name."""
-    tokenizer: object
-    train: object
-    validation: object
-    unit: str               # what throughput counts: "tokens", "pairs", "clips", "images" or "items"
-    units_per_sample: int
-    # Which samples make up each step (SampleOrder(len(train), seed) when None). A set
-    # whose batches draw randomness per step (speech masks) has ``stochastic = True`` and
-    # takes ``batch(indices, step)``.
-    order: object = None
-
-
-class _TokenBlocks:
-    def __init__(self, blocks):
-        self.blocks = blocks
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def batch(self, indices) -> dict[str, np.ndarray]:
-        return {"input_ids": self.blocks.batch(indices)}
-
-
-def _language_model_data(config, init_dir, rank) -> TrainingData:
-    from taichu.corpus import load_corpus
-    from taichu.data import load_blocks
-
-    corpus = load_corpus(config.data)  # read and split once, for the tokenizer and both splits
-    tokenizer = _tokenizer_for(config, corpus.train, corpus.fingerprint, corpus.name, init_dir, rank)
-    return TrainingData(tokenizer, _TokenBlocks(load_blocks(config, tokenizer, "train", corpus)),
-                        _TokenBlocks(load_blocks(config, tokenizer, "validation", corpus)),
-                        "tokens", config.data.seq_len)
-
-
-def _image_text_data(config, init_dir, rank) -> TrainingData:
-    """Pairs from config.data, split as taichu eval splits them; the tokenizer learns the
-    tokenizer corpus plus the training captions (never the held-out ones)."""
-    from taichu.config import DataConfig
-    from taichu.corpus import load_corpus
-    from taichu.imagetext import PairBatches, caption_texts, load_data_config
-
-    pairs = load_data_config(config.data)
-    captions = list(caption_texts(pairs.train))
-    corpus = load_corpus(DataConfig(corpus=config.data.tokenizer_corpus))
-    fingerprint = hashlib.sha256(f"{corpus.fingerprint}:{pairs.fingerprint}".encode()).hexdigest()
-    tokenizer = _tokenizer_for(config, corpus.train + captions, fingerprint,
-                               f"{corpus.name}+{pairs.name}", init_dir, rank)
-    image_size = config.model.image.image_size
-    context = config.model.text.max_position_embeddings
-    return TrainingData(tokenizer, PairBatches(pairs.train, tokenizer, image_size, context),
-                        PairBatches(pairs.test, tokenizer, image_size, context), "pairs", 1)
-
-
-def _speech_data(config, init_dir, rank) -> TrainingData:
-    """Clips from config.data (taichu.speech), split by sentence; no tokenizer (the CTC
-    alphabet is in the config). Batches of similar length (BucketOrder)."""
-    from taichu.speech import load_speech_data
-    from taichu.speech_batches import SpeechBatches
-
-    clips = load_speech_data(config.data, rank)
-    train_clips = clips.train
-    if config.data.train_clips is not None:
-        if config.data.train_clips > len(train_clips):
-            raise ValueError(f"data.train_clips {config.data.train_clips} exceeds the "
-                             f"{len(train_clips)} training clips")
-        keep = np.random.default_rng(config.data.split_seed).permutation(len(train_clips))
-        train_clips = [train_clips[i] for i in sorted(keep[:config.data.train_clips])]
-    train = SpeechBatches(train_clips, config, config.train.seed)
-    return TrainingData(None, train, SpeechBatches(clips.validation, config, config.train.seed),
-                        "clips", 1, BucketOrder(train.lengths, config.train.seed))
-
-
-def _vision_data(config, init_dir, rank) -> TrainingData:
-    """Images from config.data (taichu.vision_data), split by image; multi-crop views and
-    masking noise drawn per (seed, step, image) for pretraining, drawn scenes and their
-    per-pixel classes for segmentation; no tokenizer."""
-    from taichu.vision_data import SEGMENT_CLASSES, MultiCrop, SegmentBatches, ViewBatches, load_images
-
-    data, m = config.data, config.model
-    images = load_images(data.source, data.validation_fraction, data.split_seed,
-                         scene_count=data.scene_count, scene_seed=data.scene_seed)
-    if m.objective == "segmentation":
-        if tuple(m.segmentation.classes) != SEGMENT_CLASSES:
-            raise ValueError(f"model.segmentation.classes {m.segmentation.classes}: the drawn scenes' "
-                             f"classes are {list(SEGMENT_CLASSES)}")
-        return TrainingData(None, SegmentBatches(images.train, m.image_size, config.train.seed),
-                            SegmentBatches(images.test, m.image_size, config.train.seed), "images", 1)
-    crop = MultiCrop(m.image_size, m.crops.local_crop_size, m.crops.num_local_crops,
-                     tuple(data.global_crop_scale), tuple(data.local_crop_scale))
-    return TrainingData(None, ViewBatches(images.train, crop, m.num_patches, config.train.seed),
-                        ViewBatches(images.test, crop, m.num_patches, config.train.seed), "images", 1)
-
-
-def _image_tokenizer_data(config, init_dir, rank) -> TrainingData:
-    """Images from config.data drawn or resized to the model's size, split by image; flips
-    and dead-code restart draws per (seed, step, image) (taichu.image_tokens); no tokenizer."""
-    from taichu.image_tokens import ImageBatches, load_split
-
-    data, seed = config.data, config.train.seed
-    images = load_split(config)
-    return TrainingData(None, ImageBatches(images.train, config, seed, data.flip),
-                        ImageBatches(images.test, config, seed, False), "images", 1)
-
-
-def _text_to_image_data(config, init_dir, rank) -> TrainingData:
-    """Captions and their images' codes (taichu.dalle_data: encoded once by the image
-    tokenizer in data.image_tokenizer, cached), split as the image-text families split the
-    pairs; the tokenizer learns the tokenizer corpus plus the training captions."""
-    from taichu.config import DataConfig
-    from taichu.corpus import load_corpus
-    from taichu.dalle_data import CaptionCodeBatches, load_caption_codes
-    from taichu.imagetext import caption_texts
-
-    data = load_caption_codes(config, rank)
-    corpus = load_corpus(DataConfig(corpus=config.data.tokenizer_corpus))
-    fingerprint = hashlib.sha256(f"{corpus.fingerprint}:{data.fingerprint}".encode()).hexdigest()
-    tokenizer = _tokenizer_for(config, corpus.train + list(caption_texts(data.train)), fingerprint,
-                               f"{corpus.name}+{data.name}", init_dir, rank)
-    length = config.model.text_length
-    return TrainingData(tokenizer, CaptionCodeBatches(data.train, data.train_codes, tokenizer, length),
-                        CaptionCodeBatches(data.test, data.test_codes, tokenizer, length), "pairs", 1)
-
-
-def _trimodal_data(config, init_dir, rank) -> TrainingData:
-    """Items with any subset of image, text and audio (taichu.trimodal_data: captions spoken
-    by the synthesiser, cached), split as the image-text families split their pairs; the
-    tokenizer learns the tokenizer corpus plus the training texts. Batches of similar audio
-    length (BucketOrder): padding to a batch's longest clip cost 4x on digits + scenes
-    (clips of 1-10 s), and items without audio make batches whose speech tower runs on a
-    placeholder alone."""
-    from taichu.config import DataConfig
-    from taichu.corpus import load_corpus
-    from taichu.trimodal_data import TriModalBatches, load_trimodal
-
-    data = load_trimodal(config, rank)
-    corpus = load_corpus(DataConfig(corpus=config.data.tokenizer_corpus))
-    texts = [item.text for item in data.train if item.text is not None]
-    fingerprint = hashlib.sha256(f"{corpus.fingerprint}:{data.fingerprint}".encode()).hexdigest()
-    tokenizer = _tokenizer_for(config, corpus.train + texts, fingerprint, f"{corpus.name}+{data.name}",
-                               init_dir, rank)
-    train = TriModalBatches(data.train, tokenizer, config)
-    return TrainingData(tokenizer, train, TriModalBatches(data.validation, tokenizer, config), "items", 1,
-                        BucketOrder(train.lengths, config.train.seed))
-
-
-def _m6_data(config, init_dir, rank) -> TrainingData:
-    """The m6 task mix (taichu.m6_data): images split by key, sentences by document, held-out
-    question templates kept out of training; the tokenizer learns the tokenizer corpus
-    (split as data.corpus is, so no held-out sentence reaches it) plus the training prompts
-    and targets."""
-    from taichu.config import DataConfig
-    from taichu.corpus import load_corpus
-    from taichu.m6_data import M6Batches, load_m6
-
-    data = config.data
-    corpus = load_corpus(DataConfig(corpus=data.tokenizer_corpus, validation_fraction=data.validation_fraction,
-                                    split_seed=data.split_seed))
-    examples = load_m6(config, rank, corpus if data.tokenizer_corpus == data.corpus else None)
-    fingerprint = hashlib.sha256(f"{corpus.fingerprint}:{examples.fingerprint}".encode()).hexdigest()
-    tokenizer = _tokenizer_for(config, corpus.train + examples.training_texts(), fingerprint,
-                               f"{corpus.name}+{examples.name}", init_dir, rank)
-    train = M6Batches(examples.train, tokenizer, config)
-    validation = M6Batches(examples.validation, tokenizer, config)
-    if rank == 0:
-        print(examples.describe(), flush=True)
-        for name, batches in (("training", train), ("validation", validation)):
-            if batches.truncated:
-                print(f"m6 data: {batches.truncated} of {len(batches)} {name} examples are longer than "
-                      f"model.text_length {config.model.text_length} tokens: target cut, eos kept "
-                      f"({batches.prompt_truncated} with the prompt cut too)", flush=True)
-    return TrainingData(tokenizer, train, validation, "items", 1)
-
-
-TASK_DATA = {"language_model": _language_model_data, "image_text": _image_text_data,
-             "speech": _speech_data, "vision": _vision_data, "image_tokenizer": _image_tokenizer_data,
-             "text_to_image": _text_to_image_data, "trimodal": _trimodal_data, "m6": _m6_data}
-
-
 class ModelRecipe:
     """What ``run_training`` trains and writes. This one, ``taichu train``'s: the config's
     model, its family's loss, the model's arrays as the checkpoint. taichu.distill's recipe
@@ -505,17 +227,28 @@ class ModelRecipe:
         return arrays, {}
 
 
-def _evaluate(trainer, dataset, train) -> float:
+def _evaluate(trainer, dataset, train, carry=None) -> float:
     """Mean loss over the first eval_batches * batch_size validation samples (fewer if the
-    split is small), in micro-batches of the training micro-batch size."""
+    split is small), in micro-batches of the training micro-batch size. With ``carry``
+    (TrainingData.carry) the micro-batches are consecutive segments of the same rows,
+    each reading the state the one before returned, from the initial state."""
     count = min(len(dataset), train.eval_batches * train.batch_size)
     size = max(1, train.batch_size // train.grad_accum_steps)
+    state = None
+    if carry is not None:
+        count = max(size, count // size * size)   # whole micro-batches: the state has `size` rows
+        state = carry(size)
     total, samples = 0.0, 0
     for start in range(0, count, size):
         indices = np.arange(start, min(count, start + size))
         batch = dataset.batch(indices)  # fixed draws
         rows = len(indices)
-        total += trainer.eval_loss(batch) * rows
+        if state is None:
+            total += trainer.eval_loss(batch) * rows
+        else:
+            loss, outputs = trainer.eval_outputs({**batch, **state})
+            state = dict(zip(state, outputs))
+            total += loss * rows
         samples += rows
     return total / samples
 
@@ -597,11 +330,15 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
     if start_step == 0:
         # The starting point of the validation curve, before any update. Every rank
         # evaluates (under FSDP a forward pass is collective); rank 0 records.
-        val_loss = start_val_loss = _evaluate(trainer, val_set, train)
+        val_loss = start_val_loss = _evaluate(trainer, val_set, train, data.carry)
         if is_main:
             metrics.write(_eval_record({"step": 0}, val_loss, data.unit))
     order = data.order or SampleOrder(len(train_set), train.seed)
     stochastic = getattr(train_set, "stochastic", False)
+    # Each micro-batch's carried state (its rows' memory), from the checkpoint or initial.
+    carries = None
+    if data.carry is not None:
+        carries = _start_carries(data.carry, resume_from, train, rank, world)
     units_per_step = train.batch_size * data.units_per_sample
     bar = _progress_bar(start_step, train.max_steps, progress and is_main)
     last_good, gathered_final = resume_from, False
@@ -613,7 +350,11 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
         parts = micro_batches(indices, rank, world, train.grad_accum_steps)
         batches = [train_set.batch(part, step) if stochastic else train_set.batch(part)
                    for part in parts]
+        if carries is not None:
+            batches = [{**batch, **state} for batch, state in zip(batches, carries)]
         loss, grad_norm = trainer.train_step(batches, lr)
+        if carries is not None:
+            carries = [dict(zip(state, outputs)) for state, outputs in zip(carries, trainer.last_outputs())]
         done = step + 1
         if not math.isfinite(loss):
             bar.close()
@@ -629,7 +370,7 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
                       f"{data.unit}_per_s": window_units / max(elapsed, 1e-9)}
             window_start, window_units = time.perf_counter(), 0
         if done % train.eval_interval == 0 or done == train.max_steps:
-            val_loss = _evaluate(trainer, val_set, train)
+            val_loss = _evaluate(trainer, val_set, train, data.carry)
             record = record or {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm}
             record = _eval_record(record, val_loss, data.unit)
         if record is not None and is_main:
@@ -639,10 +380,13 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
         if done % train.checkpoint_interval == 0 or done == train.max_steps:
             model_arrays, optimizer_arrays = trainer.full_state()  # collective under FSDP
             gathered_final = done == train.max_steps
+            carried = _gather_carries(trainer, carries)          # collective with several ranks
             if is_main:
                 state = {"step": done, "trainer": trainer.extra_state(), "backend": backend,
                          "world_size": world}
                 saved, extra_files = recipe.split(model_arrays)
+                if carried:
+                    extra_files = {**extra_files, CARRY_FILE: carried}
                 last_good = write_checkpoint(out_dir, done, config, saved, optimizer_arrays, state,
                                              tokenizer_path, train.keep_checkpoints, extra_files)
     bar.close()
@@ -655,6 +399,44 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
     return TrainResult(final_dir, train.max_steps, loss, val_loss, start_val_loss,
                        (train.max_steps - start_step) * units_per_step, time.perf_counter() - run_start,
                        data.unit)
+
+
+def _start_carries(carry, resume_from: Path | None, train, rank: int, world: int) -> list[dict]:
+    """This rank's micro-batches' carried state: from the checkpoint's CARRY_FILE when
+    resuming (refused, naming what differs, if it does not fit this run: another
+    train.batch_size or model.mem_len), else the initial state."""
+    from taichu.weights import CheckpointError, load_safetensors
+
+    expected = carry(train.batch_size)
+    if resume_from is None:
+        state = expected
+    else:
+        path = resume_from / CARRY_FILE
+        if not path.is_file():
+            raise CheckpointError(f"--resume {resume_from}: no {CARRY_FILE} (the checkpoint was written "
+                                  f"by a run that carried no memory: model.mem_len 0?); this run carries "
+                                  f"{', '.join(expected)}")
+        state = load_safetensors(path)
+        differs = [f"{name}: checkpoint {None if name not in state else state[name].shape}, this run "
+                   f"{array.shape}" for name, array in expected.items()
+                   if name not in state or state[name].shape != array.shape]
+        differs += [f"{name}: in the checkpoint only" for name in state if name not in expected]
+        if differs:
+            raise CheckpointError(f"--resume {resume_from}: its {CARRY_FILE} does not fit this run "
+                                  f"(rows = train.batch_size, length = model.mem_len): {'; '.join(differs)}")
+        state = {name: state[name] for name in expected}   # the loss's order, not the file's
+    # The global batch's rows, cut as micro_batches cuts them.
+    return [{name: np.ascontiguousarray(array[part]) for name, array in state.items()}
+            for part in micro_batches(np.arange(train.batch_size), rank, world, train.grad_accum_steps)]
+
+
+def _gather_carries(trainer, carries: list[dict] | None) -> dict | None:
+    """The carried state of the whole global batch (rows in order), on rank 0."""
+    if carries is None:
+        return None
+    names = list(carries[0])
+    gathered = trainer.gather_rows([tuple(state[name] for name in names) for state in carries])
+    return None if gathered is None else dict(zip(names, gathered))
 
 
 def _changed_fields(before: dict, after: dict, prefix: str = "") -> dict:

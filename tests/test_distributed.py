@@ -111,3 +111,33 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_tokenizer,
     # Ranks stepping on their own halves (no gradient exchange) change steps by O(lr):
     # bound 1% of lr per step.
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) < 0.01 * lr * steps
+
+
+@pytest.mark.slow
+def test_gpt_xl_data_parallel_carries_each_ranks_memory(tmp_path, tiny_tokenizer):
+    """GPT-XL under torchrun, 2 ranks x 2 micro-batches: each micro-batch of each rank carries
+    its own rows' memory, so the steps equal one process's, and the memory gathered into the
+    checkpoint is the global batch's, rows in order."""
+    import torch
+
+    from taichu.train import CARRY_FILE
+    from taichu.weights import load_safetensors
+
+    config_path = CONFIGS / "gpt_xl" / "gpt-xl-tiny.yaml"
+    lr, steps = 2e-3, 6
+    torch.manual_seed(0)
+    init = taichu.save_model(taichu.build_model(taichu.load_config(config_path), "torch"), tmp_path / "init",
+                             tokenizer=tiny_tokenizer)
+    overrides = [f"data.cache_dir={tmp_path / 'cache'}", "train.batch_size=8", "train.grad_accum_steps=2",
+                 f"train.max_steps={steps}", "train.warmup_steps=2", f"train.learning_rate={lr}",
+                 "train.log_interval=1", "train.eval_interval=3", "train.eval_batches=1",
+                 "train.checkpoint_interval=3"]
+    single, parallel = tmp_path / "single", tmp_path / "parallel"
+    run_training(taichu.load_config(config_path, overrides), "torch", single, init_dir=init, progress=False)
+    launch_two_workers(config_path, "torch", parallel, init, overrides)
+    assert_same_steps(single, parallel, steps, lr)
+    a = load_safetensors(single / "checkpoints" / f"step-{steps:08d}" / CARRY_FILE)
+    b = load_safetensors(parallel / "checkpoints" / f"step-{steps:08d}" / CARRY_FILE)
+    assert set(a) == set(b) and np.array_equal(a["memory_document_ids"], b["memory_document_ids"])
+    # Hidden states of weights a few rounding-different steps apart (see assert_same_steps).
+    assert all(np.abs(a[k] - b[k]).max() <= 1e-4 * np.abs(a[k]).max() for k in a if k != "memory_document_ids")

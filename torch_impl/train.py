@@ -72,6 +72,11 @@ class TrainingStep(nn.Module):
         return self.training_loss(self.model, *inputs)
 
 
+def _numpy(x: torch.Tensor) -> np.ndarray:
+    x = x.detach().cpu()
+    return (x.float() if x.is_floating_point() else x).numpy()
+
+
 class Trainer:
     def __init__(self, model, config, decay_names: set[str], rank: int, world: int, objective=None):
         """``objective``: the module whose training_loss / after_step the model trains by
@@ -155,6 +160,7 @@ class Trainer:
         self.scaler.update()
         if self.after_step is not None:
             self.after_step(self.model, *self._gather(outputs))
+        self.step_outputs = outputs
         loss = total / count
         if self.world > 1:
             dist.all_reduce(loss)
@@ -163,11 +169,29 @@ class Trainer:
 
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, np.ndarray]) -> float:
+        return self.eval_outputs(batch)[0]
+
+    @torch.no_grad()
+    def eval_outputs(self, batch: dict[str, np.ndarray]) -> tuple[float, tuple[np.ndarray, ...]]:
+        """(loss, the loss's other outputs as numpy) in evaluation mode."""
         self.model.eval()
         try:
-            return float(self._loss(self.step, batch)[0])
+            loss, *outputs = self._loss(self.step, batch)
+            return float(loss), tuple(_numpy(x) for x in outputs)
         finally:
             self.model.train()
+
+    def last_outputs(self) -> list[tuple[np.ndarray, ...]]:
+        """The last train_step's outputs after the loss, per micro-batch, as numpy (the
+        state a model carries to the next step: taichu.train's TrainingData.carry)."""
+        return [tuple(_numpy(x) for x in outputs) for outputs in self.step_outputs]
+
+    def gather_rows(self, parts: list[tuple[np.ndarray, ...]]) -> tuple[np.ndarray, ...] | None:
+        """Per-micro-batch arrays -> each concatenated over the micro-batches and the ranks,
+        in the global batch's row order, on rank 0 (None elsewhere). Every rank calls it."""
+        gathered = self._gather([tuple(torch.from_numpy(np.ascontiguousarray(x)).to(self.device) for x in part)
+                                 for part in parts])
+        return tuple(_numpy(x) for x in gathered) if self.rank == 0 else None
 
     def full_state(self) -> tuple[dict | None, dict | None]:
         """(model arrays, optimizer arrays), canonical, gathered on rank 0 (None elsewhere).
