@@ -14,8 +14,10 @@ logits + cache) and ``decode`` (codes + past -> logits + presents; in MINDIR one
 static cache with an explicit write position); an image tokenizer (vqvae) ``decoder`` (codes
 -> normalised pixels) and ``encoder`` (pixels -> codes); an M6 ``image_encoder`` (pixels ->
 patch embeddings) and one ``decoder`` over a KV cache in ONNX, ``prefill``, ``decode`` and
-``decode_codes`` over a static cache in MINDIR; all listed under ``graphs`` too
-(export/signature.py and its family modules, signature_*.py, have every signature).
+``decode_codes`` over a static cache in MINDIR; a GPT-XL (recurrent_language_model) one
+``decoder`` over its segment memory, ONNX only (it generates in MindSpore from its model
+directory); all listed under ``graphs`` too (export/signature.py and its family modules,
+signature_*.py, have every signature).
 
 An ONNX export folder is self-contained: beside the graphs it holds ``config.yaml`` and
 ``tokenizer.model`` (ours, where the model has one), the Hugging Face ``config.json`` of the
@@ -41,13 +43,14 @@ from pathlib import Path
 
 import numpy as np
 
-from export import signature, signature_m6
+from export import signature, signature_gpt_xl, signature_m6
 from export.runtime import INFO_FILE, INT8_FILE, MODEL_FILE, TOKENIZER_FILE
 from export.validate import ExportValidationError
 
 FORMATS = ("onnx", "mindir")
 TASKS = (signature.LANGUAGE_MODEL, signature.IMAGE_TEXT, signature.SPEECH, signature.VISION,
-         signature.TEXT_TO_IMAGE, signature.IMAGE_TOKENIZER, signature.TRIMODAL, signature.M6)
+         signature.TEXT_TO_IMAGE, signature.IMAGE_TOKENIZER, signature.TRIMODAL, signature.M6,
+         signature.RECURRENT_LANGUAGE_MODEL)
 # Tasks exported as a set of named graphs (export_info.json's ``graphs``): every task but the
 # GPT's, whose decoder keeps its top-level entries (inputs, outputs, validation).
 ENCODER_TASKS = (signature.IMAGE_TEXT, signature.SPEECH, signature.VISION, signature.TEXT_TO_IMAGE,
@@ -73,7 +76,8 @@ NO_INT8 = {signature.IMAGE_TEXT: ("image-text", "their towers export"),
            signature.TEXT_TO_IMAGE: ("text-to-image", "the prefill and decode graphs export"),
            signature.IMAGE_TOKENIZER: ("image tokenizer", "the decoder and encoder export"),
            signature.TRIMODAL: ("tri-modal", "their towers export"),
-           signature.M6: ("M6", "the image encoder and decoder export")}
+           signature.M6: ("M6", "the image encoder and decoder export"),
+           signature.RECURRENT_LANGUAGE_MODEL: ("GPT-XL", "the decoder exports")}
 
 
 def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | None = None,
@@ -104,6 +108,12 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | 
                          f"{graph} in fp32 only; run without --quantize")
     if opset is not None and fmt != "onnx":
         raise ValueError("--opset applies to ONNX exports only")
+    if task == signature.RECURRENT_LANGUAGE_MODEL and fmt != "onnx":
+        raise NotImplementedError(
+            f"{config.family} models export to ONNX only (--format onnx: one decoder graph over the "
+            f"segment memory, run by export.gpt_xl_network); there is no MINDIR export of a "
+            f"{config.family}: in MindSpore it generates from its model directory (taichu generate "
+            f"{model_dir} --backend mindspore, compiled with mindspore.jit)")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -115,6 +125,9 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | 
         if task == signature.M6:
             info["config"] = config.model_dump(mode="json")
             _export_m6(model, config, fmt, staging, opset, validate, info, log)
+        elif task == signature.RECURRENT_LANGUAGE_MODEL:
+            info["config"] = config.model_dump(mode="json")
+            _export_gpt_xl(model, config, staging, opset, validate, info, log)
         elif task in ENCODER_TASKS:
             info["config"] = config.model_dump(mode="json")
             _export_towers(model, config, fmt, staging, opset, validate, info, log)
@@ -372,6 +385,41 @@ def _export_m6(model, config, fmt, staging, opset, validate, info, log):
                 runs[graph.name], checks.m6_runner(model, graph), signature.validation_cases(m, graph),
                 f"{file} in {runtime}")
             log(f"validated {file} against {source}: {_summary(entry['validation'])}")
+
+
+def _export_gpt_xl(model, config, staging, opset, validate, info, log):
+    """The ONNX ``decoder`` of a GPT-XL (export/signature_gpt_xl.py), listed under ``graphs``
+    and validated against the torch model's DecoderForExport (export.validate.gpt_xl_runner)
+    at signature_gpt_xl.GPT_XL_VALIDATION_SHAPES; ``generation`` says how the runtime feeds
+    it (segment length, default memory)."""
+    import onnxruntime
+    import torch
+
+    from export import onnx_export, validate as checks
+    from export.runtime import OnnxGraph
+    from taichu.generate import generation_memory
+
+    m = config.model
+    opset = onnx_export.MIN_OPSET if opset is None else opset
+    files = onnx_export.export_onnx_gpt_xl(model, staging, opset)
+    log(f"exported {', '.join(f.name for fs in files.values() for f in fs)} (opset {opset}; dynamic batch, "
+        f"sequence and memory)")
+    info.update(opset=opset, exporter=_onnx_exporter(onnx_export.EXPORTER, torch),
+                runtime=f"onnxruntime {onnxruntime.__version__}", platform=platform.platform(), graphs=[],
+                generation={"segment_length": config.data.seq_len, "mem_len": m.mem_len,
+                            "memory": generation_memory(m.mem_len, config.data.seq_len),
+                            "rule": "the prompt left-padded to a multiple of segment_length and run in "
+                                    "segments of it, then one token per call; memory: the default "
+                                    "length of the memory (mem_len + segment_length - 1), any length "
+                                    ">= 1 runs"})
+    graph = signature_gpt_xl.gpt_xl_graph(m)
+    file = files[graph.name][0].name
+    entry = _list_graph(info, graph, file, "int64")
+    if validate:
+        entry["validation"] = checks.validate_cases(
+            OnnxGraph(staging / file).run, checks.gpt_xl_runner(model, graph),
+            signature_gpt_xl.gpt_xl_validation_cases(m, graph), f"{file} in onnxruntime")
+        log(f"validated {file} against torch_impl: {_summary(entry['validation'])}")
 
 
 def _onnx_exporter(exporter: str, torch) -> str:

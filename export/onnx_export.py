@@ -31,6 +31,9 @@ An M6's decoder is traced at batch 2 with 6 patch embeddings, 5 tokens and 3 cod
 after a past of 7; validation runs it with no patches, no text, no codes or no past (size 0
 on those axes), as generation does (export/validate.py).
 
+A GPT-XL's decoder is traced at batch 2, 3 tokens after a memory of 5; validation runs
+it with one token, with a left-padded segment and with memories of other lengths.
+
 The vision backbone's only dynamic axis is ``batch``: the image size fixes the patch grid and
 with it the positions (a resize would be a different graph), so the example is batch 2 at
 the model's size.
@@ -44,7 +47,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from export import signature, signature_dalle, signature_encoders, signature_m6
+from export import signature, signature_dalle, signature_encoders, signature_gpt_xl, signature_m6
 from export.validate import ExportValidationError
 
 # Protocol buffers cannot exceed 2 GiB; above this many bytes of weights the tensors go to
@@ -193,6 +196,21 @@ def export_onnx_m6(model, directory: Path, opset: int = MIN_OPSET,
     return {graph.name: export_graph(examples[graph.name][0], graph, examples[graph.name][1],
                                      directory / f"{graph.name}.onnx", opset, external_data_threshold)
             for graph in (image, decoder)}
+
+
+def export_onnx_gpt_xl(model, directory: Path, opset: int = MIN_OPSET,
+                       external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict[str, list[Path]]:
+    """Write the torch GPT-XL ``model`` as ``decoder.onnx`` in ``directory``
+    (signature_gpt_xl.gpt_xl_graph: a segment or a token after a memory of any length); the
+    files written, by graph name."""
+    from torch_impl.gpt_xl import DecoderForExport
+
+    m = model.config.model
+    graph = signature_gpt_xl.gpt_xl_graph(m)
+    # Distinct sizes >= 2, none a width of the model: batch 2, 3 tokens, a memory of 5.
+    example = signature_gpt_xl.gpt_xl_inputs(m, batch=2, length=3, memory=5, seed=0)
+    return {graph.name: export_graph(DecoderForExport(model).eval(), graph, example,
+                                     directory / f"{graph.name}.onnx", opset, external_data_threshold)}
 
 
 def export_onnx_image_tokenizer(model, directory: Path, opset: int = MIN_OPSET,

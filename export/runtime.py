@@ -12,7 +12,9 @@ import this one (never the reverse):
   ``vision_network``);
 - export/runtime_dalle.py: a DALL-E's generation step (``dalle_network``) and an image
   tokenizer's decoder (codes -> uint8 images, ``image_decoder_network``);
-- export/runtime_m6.py: an M6's generation step (``m6_network``).
+- export/runtime_m6.py: an M6's generation step (``m6_network``);
+- export/runtime_gpt_xl.py: a GPT-XL's decoder over its segment memory and text generation
+  without a window (``gpt_xl_network``).
 
 Their classes and entry points are also the export package's names (``export.m6_network``,
 loaded on first use: taichu.cli hands that package to its commands).
@@ -39,6 +41,24 @@ MODEL_FILE = "model.onnx"
 INT8_FILE = "model_int8.onnx"
 INFO_FILE = "export_info.json"
 TOKENIZER_FILE = "tokenizer.model"
+
+
+class ExportTokenizer:
+    """For a runtime class with ``tokenizer_path``: ``tokenizer``, the export's SentencePiece
+    model, read when first needed (ids in, ids out needs none)."""
+
+    _tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from taichu.tokenizer import Tokenizer
+
+            if not self.tokenizer_path.is_file():
+                raise FileNotFoundError(f"{self.tokenizer_path} not found: text needs the model's tokenizer "
+                                        f"(export a model directory that has one)")
+            self._tokenizer = Tokenizer(self.tokenizer_path)
+        return self._tokenizer
 IMAGE_TEXT, TRIMODAL = "image_text", "trimodal"
 IMAGE_ENCODER, TEXT_ENCODER, SPEECH_TOWER = "image_encoder", "text_encoder", "speech_encoder"
 SPEECH, SPEECH_ENCODER, SPEECH_FAMILY = "speech", "encoder", "wav2vec2"
@@ -46,6 +66,7 @@ VISION, VISION_MODEL, VISION_FAMILY = "vision", "model", "vision"
 TEXT_TO_IMAGE, DALLE_FAMILY, PREFILL, DECODE = "text_to_image", "dalle", "prefill", "decode"
 IMAGE_TOKENIZER, VQVAE_FAMILY, CODE_DECODER, CODE_ENCODER = "image_tokenizer", "vqvae", "decoder", "encoder"
 M6_TASK = M6_FAMILY = "m6"
+GPT_XL_TASK = "recurrent_language_model"
 
 
 def resolve_onnx(path: str | Path) -> tuple[Path, Path]:
@@ -62,6 +83,10 @@ def resolve_onnx(path: str | Path) -> tuple[Path, Path]:
         if info.get("task") == M6_TASK:
             raise ValueError(f"{file.parent} is an export of an M6 model: it generates through "
                              f"export.m6_network (taichu.m6_generate), not the GPT's generator")
+        if info.get("task") == GPT_XL_TASK:
+            raise ValueError(f"{file.parent} is an export of a GPT-XL (gpt_xl): it generates through "
+                             f"export.gpt_xl_network (decoder.onnx over its segment memory), not the "
+                             f"GPT's generator")
         if info.get("task", "language_model") != "language_model":
             raise ValueError(f"{file.parent} is an export of a {info.get('family')} model (task {info['task']}): "
                              f"it has no text decoder to generate with")

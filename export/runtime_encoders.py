@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.runtime import (IMAGE_ENCODER, IMAGE_TEXT, SPEECH, SPEECH_ENCODER, SPEECH_FAMILY, SPEECH_TOWER,
+from export.runtime import (IMAGE_ENCODER, ExportTokenizer, IMAGE_TEXT, SPEECH, SPEECH_ENCODER, SPEECH_FAMILY, SPEECH_TOWER,
                             TEXT_ENCODER, TOKENIZER_FILE, TRIMODAL, VISION, VISION_FAMILY, VISION_MODEL, OnnxGraph,
                             mindir_graph, open_single_graph, read_export_info)
 from taichu.retrieval import EXPORT_BACKENDS, Embedder, check_export_directory, l2_normalize
@@ -30,7 +30,7 @@ SPEECH_THREADS = 2
 # ----------------------------------------------------------------------- image-text towers
 
 
-class ImageTextEncoder:
+class ImageTextEncoder(ExportTokenizer):
     """Image and text embeddings from an image-text export (``taichu export CLIP_DIR
     --format FORMAT --out DIR``): ``image_encoder`` and ``text_encoder`` graphs, run by a
     subclass's ``_graph`` (OnnxImageTextEncoder, MindirImageTextEncoder).
@@ -78,23 +78,12 @@ class ImageTextEncoder:
         text = self.info["config"]["model"]["text"]
         self.context_length, self.vocab_size = text["max_position_embeddings"], text["vocab_size"]
         self.tokenizer_path = directory / TOKENIZER_FILE
-        self._tokenizer = None
 
     def _graph(self, path: Path, entry: dict):
         """A graph of this format with ``run(feeds) -> outputs`` by name; ``entry`` is its
         export_info.json entry (name, inputs, outputs)."""
         raise NotImplementedError
 
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from taichu.tokenizer import Tokenizer
-
-            if not self.tokenizer_path.is_file():
-                raise FileNotFoundError(f"{self.tokenizer_path} not found: embedding texts needs the "
-                                        f"model's tokenizer (export a model directory that has one)")
-            self._tokenizer = Tokenizer(self.tokenizer_path)
-        return self._tokenizer
 
     def image_features(self, pixel_values: np.ndarray) -> np.ndarray:
         """float32 [batch, embed_dim] from pixel_values [batch, channels, size, size]

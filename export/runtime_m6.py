@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.runtime import (DECODE, IMAGE_ENCODER, M6_FAMILY, M6_TASK, PREFILL, TOKENIZER_FILE, _in_range, _integers,
+from export.runtime import (DECODE, ExportTokenizer, IMAGE_ENCODER, M6_FAMILY, M6_TASK, PREFILL, TOKENIZER_FILE, _in_range, _integers,
                             open_graphs, read_export_info)
 from taichu.retrieval import EXPORT_BACKENDS, check_export_directory
 
@@ -39,7 +39,7 @@ class M6Cache:
         self.slots, self.next_slot = slots, next_slot
 
 
-class M6Network:
+class M6Network(ExportTokenizer):
     """An M6 export (``taichu export M6_DIR --format onnx|mindir``) as the runtime-neutral step
     of M6 generation (taichu.m6_generate drives it; the same contract as its ``model_step``
     for the torch and MindSpore models, so the same seed gives the same tokens on every
@@ -101,18 +101,7 @@ class M6Network:
         decoder_entry = graphs[M6_DECODER if backend == "onnx" else DECODE][0]
         self.past_names = [t["name"] for t in decoder_entry["inputs"] if t["name"].startswith("past_key_values.")]
         self.tokenizer_path = self.directory / TOKENIZER_FILE
-        self._tokenizer = None
 
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            from taichu.tokenizer import Tokenizer
-
-            if not self.tokenizer_path.is_file():
-                raise FileNotFoundError(f"{self.tokenizer_path} not found: text needs the model's tokenizer "
-                                        f"(export a model directory that has one)")
-            self._tokenizer = Tokenizer(self.tokenizer_path)
-        return self._tokenizer
 
     # ------------------------------------------------------------------ checks
 

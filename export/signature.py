@@ -15,7 +15,9 @@ Every family exports one or more graphs, chosen by its task (``FAMILY.task``):
 - ``text_to_image`` (DALL-E) and ``image_tokenizer`` (vqvae): generation of image codes
   over a KV cache, and codes <-> images (export/signature_dalle.py);
 - ``m6`` (M6): generation over a KV cache from image patches, text and image codes
-  (export/signature_m6.py).
+  (export/signature_m6.py);
+- ``recurrent_language_model`` (GPT-XL): one decoder graph over a segment memory of any
+  length (export/signature_gpt_xl.py).
 
 This module holds what they share: the names of tasks, graphs and axes, ``TensorInfo`` and
 ``GraphSignature``, an export's graphs (``graphs``) and validation inputs
@@ -36,6 +38,7 @@ import numpy as np
 BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequence"
 LANGUAGE_MODEL, IMAGE_TEXT, SPEECH, VISION = "language_model", "image_text", "speech", "vision"
 TEXT_TO_IMAGE, IMAGE_TOKENIZER, TRIMODAL, M6 = "text_to_image", "image_tokenizer", "trimodal", "m6"
+RECURRENT_LANGUAGE_MODEL = "recurrent_language_model"  # GPT-XL
 DECODER, IMAGE_ENCODER, TEXT_ENCODER = "model", "image_encoder", "text_encoder"
 SPEECH_TOWER = "speech_encoder"                        # trimodal
 SPEECH_ENCODER, VISION_MODEL = "encoder", "model"
@@ -103,11 +106,14 @@ def graphs(config, fmt: str = "onnx") -> tuple[GraphSignature, ...]:
     over a static cache)."""
     from export.signature_dalle import dalle_graphs, image_tokenizer_graphs
     from export.signature_encoders import image_text_graphs, speech_graph, trimodal_graphs, vision_graph
+    from export.signature_gpt_xl import gpt_xl_graph
     from export.signature_m6 import m6_graphs
 
     task = task_of(config)
     if task == M6:
         return m6_graphs(config.model, static=fmt == "mindir")
+    if task == RECURRENT_LANGUAGE_MODEL:
+        return (gpt_xl_graph(config.model),)
     if task == TEXT_TO_IMAGE:
         return dalle_graphs(config.model, static=fmt == "mindir")
     if task == IMAGE_TOKENIZER:
@@ -131,11 +137,14 @@ def validation_cases(model_config, graph: GraphSignature) -> list[tuple[dict, di
                                         image_tokenizer_inputs)
     from export.signature_encoders import (TEXT_VALIDATION_SHAPES, VISION_VALIDATION_BATCHES, image_inputs,
                                            speech_validation_cases, text_inputs, vision_inputs)
+    from export.signature_gpt_xl import gpt_xl_validation_cases
     from export.signature_m6 import m6_validation_cases
 
     m = model_config
     if graph.task == M6:
         return m6_validation_cases(m, graph)
+    if graph.task == RECURRENT_LANGUAGE_MODEL:
+        return gpt_xl_validation_cases(m, graph)
     if graph.task == TEXT_TO_IMAGE:
         return dalle_validation_cases(m, graph)
     if graph.task == IMAGE_TOKENIZER:

@@ -10,7 +10,9 @@ prefill batch 1 and 3, for its decode the first code after the text and 4 codes 
 static-cache decode: the first code's slot and a later one); for an image tokenizer's
 decoder and encoder batch 1 and 5; for an M6's image encoder batch 1 and 5, for its ONNX
 decoder a prefill and a one-position step each ending once in text and once in a code, for
-its MINDIR prefill and static-cache decodes two shapes each); every output tensor
+its MINDIR prefill and static-cache decodes two shapes each; for a GPT-XL's decoder a
+left-padded segment and one token after a memory longer than training's, and a segment
+after a memory of 3); every output tensor
 must agree within TOLERANCE, measured as max |exported - source| / max(1, max |source|) so
 that it is an absolute bound for values of order 1 and a relative one for larger logits. A
 failure names the worst tensor, the shape and the difference.
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from export import signature, signature_dalle, signature_encoders, signature_m6
+from export import signature, signature_dalle, signature_encoders, signature_gpt_xl, signature_m6
 
 TOLERANCE = 1e-4
 # (batch, sequence, past) of the GPT decoder's check.
@@ -294,6 +296,42 @@ def m6_runner(model, graph: signature.GraphSignature):
                     value = np.concatenate([value, cache_in[2 * i + j][:, :, value.shape[2]:]], axis=2)
                 outputs[present_names[2 * i + j]] = value
         return outputs
+    return run
+
+
+def gpt_xl_runner(model, graph: signature.GraphSignature | None = None):
+    """``run(feeds) -> outputs`` of a GPT-XL of either backend through its DecoderForExport
+    (the model's forward with the memory, the last position's logits), the reference of the
+    exported ``decoder`` (feeds: signature_gpt_xl.gpt_xl_validation_cases')."""
+    from taichu.api import backend_of
+
+    m = model.config.model
+    inputs, outputs = signature_gpt_xl.gpt_xl_memory_names(m.num_layers)
+    names = ["logits"] + outputs
+    if backend_of(model) == "torch":
+        import torch
+
+        from torch_impl.gpt_xl import DecoderForExport
+
+        decoder = DecoderForExport(model).eval()
+
+        def run(feeds):
+            with torch.no_grad():
+                out = decoder(*(torch.from_numpy(feeds[n]) for n in ["input_ids", "document_ids"] + inputs))
+            return {n: o.numpy() for n, o in zip(names, out)}
+        return run
+
+    import mindspore as ms
+
+    from mindspore_impl.gpt_xl import DecoderForExport
+
+    decoder = DecoderForExport(model)
+    decoder.set_train(False)
+
+    def run(feeds):
+        out = decoder(*(ms.Tensor(v.astype(np.int32) if v.dtype == np.int64 else v)
+                        for v in (feeds[n] for n in ["input_ids", "document_ids"] + inputs)))
+        return {n: o.asnumpy().astype(np.int64 if n == outputs[0] else np.float32) for n, o in zip(names, out)}
     return run
 
 

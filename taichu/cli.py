@@ -252,9 +252,11 @@ def _report_training(args, config, result) -> int:
 
 
 def cmd_generate(args) -> int:
-    from taichu.cli_m6 import cmd_generate as generate_m6, is_m6
+    from taichu.cli_m6 import cmd_generate as generate_m6, family_of, is_m6
 
     if args.image or is_m6(args.model):     # an M6 (taichu.cli_m6), with or without an image
+        if args.memory is not None:
+            raise ValueError("--memory applies to gpt_xl models, not to an m6 model")
         return generate_m6(args, _export_runtime)
     from taichu.generate import SamplingConfig
 
@@ -263,7 +265,12 @@ def cmd_generate(args) -> int:
                               repetition_penalty=args.repetition_penalty, seed=args.seed)
     prompts = [p for p in args.prompt for _ in range(args.num_return)]
     path = Path(args.model)
-    if args.backend in ("onnx", "mindir"):
+    if family_of(path) == "gpt_xl":
+        outputs = _generate_gpt_xl(args, path, prompts, sampling)
+    elif args.memory is not None:
+        raise ValueError(f"--memory applies to gpt_xl models (a segment memory, no window), not to "
+                         f"{family_of(path) or path}")
+    elif args.backend in ("onnx", "mindir"):
         from export.runtime import MindirGenerator, OnnxGenerator
 
         generator = OnnxGenerator(path) if args.backend == "onnx" else MindirGenerator(path)
@@ -284,6 +291,32 @@ def cmd_generate(args) -> int:
     for prompt, output in zip(prompts, outputs):
         print(f"{prompt}{output}")
     return 0
+
+
+def _generate_gpt_xl(args, path: Path, prompts: list[str], sampling) -> list[str]:
+    """A GPT-XL's continuations, without a window: its model directory in torch or mindspore
+    (taichu.generate.generate_text), its ONNX export through export.gpt_xl_network; a memory
+    of --memory positions (default mem_len + seq_len - 1)."""
+    exported = (path / "export_info.json").is_file()
+    if args.backend == "mindir":
+        raise ConfigError(f"{path}: a gpt_xl has no MINDIR export; generate from its model directory with "
+                          f"--backend mindspore (compiled with mindspore.jit), or from its ONNX export "
+                          f"(taichu export MODEL_DIR --format onnx) with --backend onnx")
+    if args.backend == "onnx":
+        if not exported:
+            raise ConfigError(f"{path} is a model directory: --backend onnx runs its ONNX export (taichu "
+                              f"export {path} --format onnx --out DIR); or use --backend torch / mindspore")
+        return _export_runtime().gpt_xl_network(path).generate(prompts, memory=args.memory, **vars(sampling))
+    from taichu.api import load_model
+    from taichu.generate import generate_text
+    from taichu.tokenizer import Tokenizer
+
+    if exported:
+        raise ConfigError(f"{path} is an ONNX export of a gpt_xl: use --backend onnx")
+    if not (path / "tokenizer.model").is_file():
+        raise ConfigError(f"{path}: generate needs a tokenizer.model in the model directory")
+    model = load_model(path, backend=args.backend)
+    return generate_text(model, Tokenizer(path / "tokenizer.model"), prompts, sampling, memory=args.memory)
 
 
 def cmd_export(args) -> int:
@@ -526,6 +559,16 @@ def cmd_eval(args) -> int:
     family = load_config(args.model).family
     if family == "wav2vec2":
         return _eval_speech(args)
+    if family in ("gpt", "gpt_xl"):     # perplexity over long held-out documents (taichu.xl_eval)
+        from taichu.xl_eval import evaluate_model, write_json
+
+        table = evaluate_model(args.model, args.backend, args.context, args.memory, args.document_tokens,
+                               data=args.data, split=args.split, limit=args.documents, log=print)
+        print("\n".join(table.lines()))
+        if args.out:
+            write_json(table, args.out)
+            print(f"wrote {args.out}")
+        return 0
     if family == "trimodal":
         from taichu.trimodal_eval import evaluate_trimodal
 
@@ -604,6 +647,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--num-return", type=int, default=1, help="samples per prompt")
     generate.add_argument("--image", help="an image the prompts are about (m6 models: image-conditioned text)")
+    generate.add_argument("--memory", type=int, metavar="N",
+                          help="gpt_xl models: positions of segment memory each new token sees besides "
+                               "itself (default model.mem_len + data.seq_len - 1, the longest context "
+                               "training showed); a gpt_xl has no window, --max-new-tokens has no limit")
     generate.set_defaults(func=cmd_generate)
 
     export = commands.add_parser("export", help="export a model to ONNX or MINDIR, validated "
@@ -692,21 +739,36 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = commands.add_parser("eval", help="Recall@1/5 text->image and image->text (and "
                                                   "zero-shot digits) on the held-out split; all six "
                                                   "directions of a tri-modal model; an m6 model's "
-                                                  "captions and answers on held-out scenes")
+                                                  "captions and answers on held-out scenes; a gpt / "
+                                                  "gpt_xl model's perplexity on long held-out documents")
     evaluation.add_argument("model", help=image_text_model + "; or a CTC speech (wav2vec2) model: "
                                                             "syllable and character error rates; or an "
                                                             "m6 model (or its export): captions, answers "
-                                                            "and drawn images of its held-out scenes")
+                                                            "and drawn images of its held-out scenes; or a "
+                                                            "gpt_xl / gpt model directory: perplexity per "
+                                                            "context and memory length (taichu.xl_eval)")
     evaluation.add_argument("--backend", choices=embed_backends, default="torch")
     evaluation.add_argument("--data", help="digits, scenes or a .jsonl (default: the model "
                                            "config's data.source; speech: its held-out sentences "
                                            "and held-out voice, or a .jsonl of {audio, text|pinyin}; "
                                            "tri-modal: its test split with the captions spoken by "
-                                           "the held-out voice, or a .jsonl of {image, text, audio})")
+                                           "the held-out voice, or a .jsonl of {image, text, audio}; "
+                                           "gpt / gpt_xl: a .txt or .jsonl of text in place of "
+                                           "data.corpus, split as it (--split all: all of it))")
     evaluation.add_argument("--split", choices=("test", "train", "all"), default="test",
                             help="test = the held-out split training did not see")
     evaluation.add_argument("--out", help="also write the metrics as JSON")
     evaluation.add_argument("--batch-size", type=int, default=64)
+    evaluation.add_argument("--context", type=int, action="append", metavar="L",
+                            help="gpt / gpt_xl: an evaluation context length, repeatable (default: "
+                                 "data.seq_len / 2, seq_len, 2 seq_len; a gpt: at most its window)")
+    evaluation.add_argument("--memory", type=int, action="append", metavar="M",
+                            help="gpt_xl: a memory length, repeatable (default 0, model.mem_len, "
+                                 "2 mem_len); a gpt has none")
+    evaluation.add_argument("--document-tokens", type=int, default=2048, metavar="D",
+                            help="gpt / gpt_xl: predicted tokens per held-out document (default 2048)")
+    evaluation.add_argument("--documents", type=int, metavar="N",
+                            help="gpt / gpt_xl: score the first N documents only (default all)")
     evaluation.set_defaults(func=cmd_eval)     # and the m6 options: taichu.cli_m6.add_eval_arguments
 
     transcribe = commands.add_parser("transcribe", help="transcribe audio files to tone-numbered "

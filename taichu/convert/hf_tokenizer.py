@@ -104,12 +104,18 @@ def _special_pieces(proto) -> dict[str, str]:
     return found
 
 
+NO_LENGTH_LIMIT = int(1e30)
+
+
 def _framing(config) -> tuple[bool, str, int]:
     """(add eos, padding side, longest text) of the family's text input."""
     model = config.model
     text = getattr(model, "text", model)
-    # A DALL-E's captions fill its text_length slots (taichu.imagetext.caption_ids).
-    longest = getattr(text, "max_position_embeddings", None) or text.text_length
+    # A DALL-E's captions fill its text_length slots (taichu.imagetext.caption_ids). A model
+    # without a window (a GPT-XL: segment memory and relative positions) takes any length:
+    # transformers' own value for "no limit" (VERY_LARGE_INTEGER, int(1e30)).
+    longest = (getattr(text, "max_position_embeddings", None) or getattr(text, "text_length", None)
+               or NO_LENGTH_LIMIT)
     if config.family in CAPTION_FAMILIES:
         return True, "right", longest
     return False, "left", longest
