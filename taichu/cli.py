@@ -262,7 +262,8 @@ def cmd_generate(args) -> int:
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_k=args.top_k, top_p=args.top_p,
-                              repetition_penalty=args.repetition_penalty, seed=args.seed)
+                              repetition_penalty=args.repetition_penalty, seed=args.seed,
+                              min_new_tokens=args.min_new_tokens)
     prompts = [p for p in args.prompt for _ in range(args.num_return)]
     path = Path(args.model)
     if family_of(path) == "gpt_xl":
@@ -645,6 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--repetition-penalty", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--min-new-tokens", type=int, default=0,
+                          help="no end of text before this many new tokens (default 0)")
     generate.add_argument("--num-return", type=int, default=1, help="samples per prompt")
     generate.add_argument("--image", help="an image the prompts are about (m6 models: image-conditioned text)")
     generate.add_argument("--memory", type=int, metavar="N",

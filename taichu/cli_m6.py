@@ -98,7 +98,8 @@ def _sampling(args, config):
 
     most = args.max_new_tokens if args.max_new_tokens is not None else config.model.text_length
     return SamplingConfig(max_new_tokens=most, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                          repetition_penalty=getattr(args, "repetition_penalty", 1.0), seed=args.seed)
+                          repetition_penalty=getattr(args, "repetition_penalty", 1.0), seed=args.seed,
+                          min_new_tokens=min(getattr(args, "min_new_tokens", 0), most))
 
 
 def _images(files):

@@ -28,12 +28,16 @@ class SamplingConfig:
     top_p: float = 1.0                # nucleus: smallest set with this much probability
     repetition_penalty: float = 1.0   # >1 discourages tokens already in the sequence (CTRL)
     seed: int = 0
+    min_new_tokens: int = 0           # eos cannot be chosen before this many new tokens (as HF's)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in 0..max_new_tokens ({self.max_new_tokens}), got "
+                             f"{self.min_new_tokens}")
         if self.top_k < 0 or not 0 < self.top_p <= 1 or self.repetition_penalty <= 0:
             raise ValueError(f"need top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0; got "
                              f"{self.top_k}, {self.top_p}, {self.repetition_penalty}")
@@ -101,7 +105,10 @@ def generate_ids(step, prompts: list[list[int]], config: SamplingConfig, eos_id:
     finished = np.zeros(batch, bool)
     logits, past = step(input_ids, mask, None)
     for produced in range(1, config.max_new_tokens + 1):
-        tokens = choose_tokens(process_logits(logits, sequences, config), config, rng)
+        log_probs = process_logits(logits, sequences, config)
+        if produced <= config.min_new_tokens:
+            log_probs[:, eos_id] = -np.inf
+        tokens = choose_tokens(log_probs, config, rng)
         tokens = np.where(finished, pad_id, tokens)
         for row in np.flatnonzero(~finished):
             if tokens[row] == eos_id:

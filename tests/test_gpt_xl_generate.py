@@ -256,3 +256,23 @@ def test_cli_generates_past_the_window_in_torch_and_mindspore(model_dir, torch_m
     assert "a gpt_xl has no MINDIR export" in capsys.readouterr().err
     assert main(arguments + ["--backend", "onnx"]) == 2
     assert "--backend onnx runs its ONNX export" in capsys.readouterr().err
+
+
+def test_min_new_tokens_holds_back_the_end_of_text():
+    """--min-new-tokens (Hugging Face's min_new_tokens): eos cannot be chosen before that many
+    new tokens, then it can; the loop is the shared one, so every runtime has it."""
+    from taichu.generate import SamplingConfig, generate_ids
+
+    eos = 3
+
+    def step(input_ids, attention_mask, past):
+        logits = np.zeros((input_ids.shape[0], 8), np.float32)
+        logits[:, eos] = 10.0          # eos is always the likeliest token
+        return logits, None
+
+    greedy = dict(max_new_tokens=6, temperature=0.0)
+    assert generate_ids(step, [[5]], SamplingConfig(**greedy), eos, 0, None) == [[]]
+    held = generate_ids(step, [[5]], SamplingConfig(**greedy, min_new_tokens=4), eos, 0, None)[0]
+    assert len(held) == 4 and eos not in held       # then eos ends it
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        SamplingConfig(max_new_tokens=3, min_new_tokens=4)
