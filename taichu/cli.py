@@ -114,7 +114,8 @@ def cmd_parity(args) -> int:
     tokenizer = Tokenizer(tokenizer_path)
     # Held-out paragraphs long enough to exercise many positions (headlines are short).
     texts = args.text or [t for t in load_corpus(config.data).validation if len(t) >= 40][: args.batch]
-    length = min(args.max_length, config.model.max_position_embeddings)
+    xl = config.family == "gpt_xl"     # no window; padding is document id -1, not a mask
+    length = args.max_length if xl else min(args.max_length, config.model.max_position_embeddings)
     encoded = [tokenizer.encode(t, add_bos=True)[:length] for t in texts]
     width = max(len(ids) for ids in encoded)
     # Left padding, as in generation: the mask and position ids must make it invisible.
@@ -128,12 +129,15 @@ def cmd_parity(args) -> int:
     import torch
 
     torch_model = load_model(path, backend="torch")
+    second = attention_mask - 1 if xl else attention_mask
     with torch.no_grad():
-        torch_logits = torch_model(torch.from_numpy(input_ids), torch.from_numpy(attention_mask)).numpy()
+        torch_logits = torch_model(torch.from_numpy(input_ids), torch.from_numpy(second))
     ms.set_context(mode=ms.GRAPH_MODE if args.graph else ms.PYNATIVE_MODE)
     ms_model = load_model(path, backend="mindspore")
-    ms_logits = ms_model(ms.Tensor(input_ids.astype(np.int32)),
-                         ms.Tensor(attention_mask.astype(np.int32))).asnumpy()
+    ms_logits = ms_model(ms.Tensor(input_ids.astype(np.int32)), ms.Tensor(second.astype(np.int32)))
+    if xl:      # (logits, memories, memory document ids)
+        torch_logits, ms_logits = torch_logits[0], ms_logits[0]
+    torch_logits, ms_logits = torch_logits.numpy(), ms_logits.asnumpy()
     real = attention_mask.astype(bool)
     diff = float(np.abs(torch_logits - ms_logits)[real].max())
     agree = float((torch_logits.argmax(-1) == ms_logits.argmax(-1))[real].mean())

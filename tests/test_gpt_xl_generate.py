@@ -276,3 +276,37 @@ def test_min_new_tokens_holds_back_the_end_of_text():
     assert len(held) == 4 and eos not in held       # then eos ends it
     with pytest.raises(ValueError, match="min_new_tokens"):
         SamplingConfig(max_new_tokens=3, min_new_tokens=4)
+
+
+def test_parity_command_compares_a_gpt_xl(model_dir, capsys):
+    """`taichu parity` on a gpt_xl: held-out text, left-padded (document id -1), in both backends."""
+    from taichu.cli import main
+
+    import torch
+
+    from taichu.corpus import load_corpus
+    from taichu.tokenizer import Tokenizer
+    from tolerance import encoder_chain_terms, float32_tolerance
+    from torch_impl.gpt_xl import memory_attention_bias, sinusoid_encodings
+
+    # The bound for these texts: the tied projection's terms |ln_f(h)_k E_vk| summed, at its
+    # largest over the texts' positions (unpadded: the same positions), over the whole chain.
+    model = taichu.load_model(model_dir, backend="torch")
+    tokenizer = Tokenizer(model_dir / "tokenizer.model")
+    texts = [t for t in load_corpus(model.config.data).validation if len(t) >= 40][:4]
+    scale = 0.0
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tokenizer.encode(text, add_bos=True)[:40]])
+            x = model.dropout(model.embed_tokens(ids))
+            bias = memory_attention_bias(torch.zeros_like(ids), torch.zeros_like(ids), x.dtype)
+            encodings = sinusoid_encodings(ids.shape[1], x.shape[-1], x.dtype, x.device)
+            for layer in model.layers:
+                x = layer(x, None, encodings, bias)
+            terms = model.ln_f(x)[0].abs() @ model.embed_tokens.weight.abs().T
+            scale = max(scale, float(terms.max()))
+    bound = float32_tolerance(scale, encoder_chain_terms(model.config.model, 40))
+    assert main(["parity", str(model_dir), "--max-length", "40", "--tolerance", str(bound)]) == 0
+    out = capsys.readouterr().out
+    diff = float(out.split("logit = ")[1].split(",")[0])
+    assert diff <= bound and "argmax agreement 100.00%" in out
