@@ -105,14 +105,7 @@ def check_inputs(config: GPTConfig, shape: tuple[int, ...], min_id: int, max_id:
     embedding table (silently on some devices) and a long sequence past the positions.
     """
     m = config.model
-    if len(shape) != 2:
-        raise ValueError(f"input_ids must be [batch, sequence], got shape {tuple(shape)}")
-    if shape[1] == 0:
-        raise ValueError("input_ids has an empty sequence axis")
-    if min_id < 0 or max_id >= m.vocab_size:
-        bad = min_id if min_id < 0 else max_id
-        raise ValueError(f"token id {bad} is out of range for vocab_size {m.vocab_size} "
-                         f"(valid ids: 0..{m.vocab_size - 1})")
+    check_token_ids(m.vocab_size, shape, min_id, max_id)
     total = past_length + shape[1]
     if total > m.max_position_embeddings:
         raise ValueError(f"sequence length {total} (past {past_length} + new {shape[1]}) exceeds "
@@ -120,3 +113,15 @@ def check_inputs(config: GPTConfig, shape: tuple[int, ...], min_id: int, max_id:
     if mask_shape is not None and tuple(mask_shape) != (shape[0], total):
         raise ValueError(f"attention_mask must be [batch, past + sequence] = {(shape[0], total)}, "
                          f"got {tuple(mask_shape)}")
+
+
+def check_token_ids(vocab_size: int, shape: tuple[int, ...], min_id: int, max_id: int) -> None:
+    """input_ids is [batch, sequence > 0] of ids in 0..vocab_size - 1 (GPT, GPT-XL)."""
+    if len(shape) != 2:
+        raise ValueError(f"input_ids must be [batch, sequence], got shape {tuple(shape)}")
+    if shape[1] == 0:
+        raise ValueError("input_ids has an empty sequence axis")
+    if min_id < 0 or max_id >= vocab_size:
+        bad = min_id if min_id < 0 else max_id
+        raise ValueError(f"token id {bad} is out of range for vocab_size {vocab_size} "
+                         f"(valid ids: 0..{vocab_size - 1})")

@@ -24,6 +24,7 @@ from pydantic import Field, StrictBool, StrictInt, model_validator
 
 from taichu.config import DataConfig, Section, TokenizerConfig, TrainConfig, TransformerSize
 from taichu.families import Family, TensorSpec, layer_norm_specs, linear_specs
+from taichu.families.gpt import check_token_ids
 from taichu.parallel import ParallelConfig
 
 # The document id of padding and of memory slots not written yet: seen by no query.
@@ -129,14 +130,7 @@ def check_inputs(config: GPTXLConfig, shape: tuple[int, ...], min_id: int, max_i
     """The checks both backends run before a forward pass, with one wording (outside the
     compiled graph, as the GPT's: an out-of-range id would read past the embedding table)."""
     m = config.model
-    if len(shape) != 2:
-        raise ValueError(f"input_ids must be [batch, sequence], got shape {tuple(shape)}")
-    if shape[1] == 0:
-        raise ValueError("input_ids has an empty sequence axis")
-    if min_id < 0 or max_id >= m.vocab_size:
-        bad = min_id if min_id < 0 else max_id
-        raise ValueError(f"token id {bad} is out of range for vocab_size {m.vocab_size} "
-                         f"(valid ids: 0..{m.vocab_size - 1})")
+    check_token_ids(m.vocab_size, shape, min_id, max_id)
     if document_shape is not None and tuple(document_shape) != tuple(shape):
         raise ValueError(f"document_ids must have input_ids' shape {tuple(shape)}, "
                          f"got {tuple(document_shape)}")
