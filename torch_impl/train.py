@@ -169,15 +169,20 @@ class Trainer:
 
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, np.ndarray]) -> float:
-        return self.eval_outputs(batch)[0]
+        return float(self._eval(batch)[0])
 
     @torch.no_grad()
     def eval_outputs(self, batch: dict[str, np.ndarray]) -> tuple[float, tuple[np.ndarray, ...]]:
         """(loss, the loss's other outputs as numpy) in evaluation mode."""
+        loss, *outputs = self._eval(batch)
+        return float(loss), tuple(_numpy(x) for x in outputs)
+
+    def _eval(self, batch: dict[str, np.ndarray]) -> tuple:
+        """The loss's outputs in evaluation mode, as tensors (eval_loss copies none of the
+        other outputs to numpy: BriVL's features, a GPT-XL's memory)."""
         self.model.eval()
         try:
-            loss, *outputs = self._loss(self.step, batch)
-            return float(loss), tuple(_numpy(x) for x in outputs)
+            return self._loss(self.step, batch)
         finally:
             self.model.train()
 
