@@ -174,6 +174,29 @@ class GPT(nn.Cell):
         position_ids default to the count of real tokens before each one, so a left-padded
         row gets the same positions (and logits) as the unpadded sequence.
         """
+        x, presents, hidden_states, attention_scores = self.decode(
+            input_ids, attention_mask, position_ids, past_key_values, output_intermediates)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.output_logits(x)
+        if not (use_cache or output_intermediates):
+            return logits
+        outputs = (logits,)
+        if use_cache:
+            outputs = outputs + (presents,)
+        if output_intermediates:
+            outputs = outputs + (hidden_states, attention_scores)
+        return outputs
+
+    def output_logits(self, x):
+        """Final LayerNorm and the tied output projection: [batch, length, vocab]."""
+        return tied_logits(self.ln_f(x), self.embed_tokens.embedding_table)
+
+    def decode(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+               output_intermediates=False):
+        """The decoder's last hidden states [batch, length, hidden] (before ln_f), the
+        per-layer (key, value), and with output_intermediates the hidden states and raw
+        attention scores construct describes (else empty tuples)."""
         past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         batch, length = input_ids.shape
         if position_ids is None:
@@ -191,21 +214,7 @@ class GPT(nn.Cell):
             else:
                 x, present = self.layers[i](x, attention_bias, past)
             presents = presents + (present,)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = self.output_logits(x)
-        if not (use_cache or output_intermediates):
-            return logits
-        outputs = (logits,)
-        if use_cache:
-            outputs = outputs + (presents,)
-        if output_intermediates:
-            outputs = outputs + (hidden_states, attention_scores)
-        return outputs
-
-    def output_logits(self, x):
-        """Final LayerNorm and the tied output projection: [batch, length, vocab]."""
-        return tied_logits(self.ln_f(x), self.embed_tokens.embedding_table)
+        return x, presents, hidden_states, attention_scores
 
 
 

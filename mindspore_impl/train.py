@@ -78,6 +78,18 @@ def seed_everything(seed: int) -> None:
 _MAP = ops.HyperMap()
 
 
+def freeze(model, prefixes: tuple[str, ...]) -> list[str]:
+    """Stop training the parameters whose canonical names start with ``prefixes`` (not in
+    ``trainable_params``, so the Trainer leaves them out of the optimizer); returns their
+    canonical names."""
+    names = []
+    for name, (param, _) in canonical_parameters(model).items():
+        if name.startswith(prefixes):
+            param.requires_grad = False
+            names.append(name)
+    return names
+
+
 def _to_float32(x):
     # An astype to the same dtype still copies the tensor in graph mode.
     return x if x.dtype == ms.float32 else x.astype(ms.float32)

@@ -226,7 +226,7 @@ def _report_training(args, config, result) -> int:
         what = {"pairs": "contrastive loss", "items": "contrastive loss (weighted sum over the modality pairs)",
                 "clips": "pretraining loss (contrastive + diversity + feature penalty, per masked frame)",
                 "images": "MST loss (self-distillation + restoring, fixed crops and masks)",
-                "tokens": "validation perplexity"}[result.unit]
+                "tokens": "validation perplexity", "texts": "cross-entropy"}[result.unit]
         if result.unit == "clips" and config.model.head == "ctc":
             what = "CTC loss"
         segmentation = result.unit == "images" and getattr(config.model, "objective", None) == "segmentation"
@@ -236,7 +236,9 @@ def _report_training(args, config, result) -> int:
                  "items": f" (taichu eval {result.final_dir} for Recall@K in all six directions)",
                  "clips": f" (taichu eval {result.final_dir} for error rates of a CTC model)",
                  "images": f" (taichu probe {result.final_dir} for frozen-feature accuracy)",
-                 "tokens": f" (loss {result.val_loss:.4f})"}[result.unit]
+                 "tokens": f" (loss {result.val_loss:.4f})",
+                 "texts": f" (accuracy {(result.val_metrics or {}).get('accuracy', float('nan')):.4f} on the "
+                          f"validation batches; taichu eval {result.final_dir} for all held-out texts)"}[result.unit]
         if segmentation:
             after = f" (taichu segment {result.final_dir} for mIoU)"
         if config.family == "vqvae":

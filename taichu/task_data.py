@@ -130,7 +130,7 @@ class TrainingData:
     tokenizer: object
     train: object
     validation: object
-    unit: str               # what throughput counts: "tokens", "pairs", "clips", "images" or "items"
+    unit: str               # what throughput counts: "tokens", "pairs", "clips", "images", "items", "texts"
     units_per_sample: int
     # Which samples make up each step (SampleOrder(len(train), seed) when None). A set
     # whose batches draw randomness per step (speech masks) has ``stochastic = True`` and
@@ -141,6 +141,10 @@ class TrainingData:
     # the data's inputs, and the loss returns the next state, in the same order, after the
     # loss; it is saved with each checkpoint. None: the model carries nothing.
     carry: object = None
+    # (batch, the loss's other outputs) -> {metric: sum over the batch's rows}: validation
+    # reports each as val_<metric>, its mean over the samples (a classifier's accuracy).
+    # None: validation reports the loss alone.
+    eval_metrics: object = None
 
 
 class _TokenBlocks:
@@ -324,6 +328,38 @@ def _recurrent_language_model_data(config, init_dir, rank) -> TrainingData:
                         StreamOrder(), carry)
 
 
+def _classification_data(config, init_dir, rank) -> TrainingData:
+    """Labelled texts from config.data (taichu.classify), split per text; the init model's
+    tokenizer (a pretrained GPT's), else one trained on the tokenizer corpus plus the
+    training texts. Batches of similar length (BucketOrder): less padding."""
+    from taichu.classify import ClassificationBatches, correct_predictions, load_labelled
+    from taichu.config import DataConfig
+    from taichu.corpus import load_corpus
+
+    data = config.data
+    texts = load_labelled(data, config.model.labels)
+    if init_dir is not None and (init_dir / "tokenizer.model").is_file():
+        corpus_texts, fingerprint, name = [], texts.fingerprint, texts.name
+    else:
+        corpus = load_corpus(DataConfig(corpus=data.tokenizer_corpus))
+        corpus_texts = corpus.train
+        fingerprint = hashlib.sha256(f"{corpus.fingerprint}:{texts.fingerprint}".encode()).hexdigest()
+        name = f"{corpus.name}+{texts.name}"
+    tokenizer = _tokenizer_for(config, corpus_texts + texts.train_texts, fingerprint, name, init_dir, rank)
+    train = ClassificationBatches(texts.train_texts, texts.train_labels, tokenizer, data)
+    validation = ClassificationBatches(texts.test_texts, texts.test_labels, tokenizer, data)
+    if rank == 0:
+        print(texts.describe(), flush=True)
+        for split, batches in (("training", train), ("held-out", validation)):
+            if batches.truncated:
+                print(f"classification data: {batches.truncated} of {len(batches)} {split} texts are "
+                      f"longer than data.seq_len {data.seq_len} tokens: cut on the "
+                      f"{data.truncation} (data.truncation)", flush=True)
+    return TrainingData(tokenizer, train, validation, "texts", 1, BucketOrder(train.lengths, config.train.seed),
+                        eval_metrics=correct_predictions)
+
+
 TASK_DATA = {"language_model": _language_model_data, "recurrent_language_model": _recurrent_language_model_data, "image_text": _image_text_data,
              "speech": _speech_data, "vision": _vision_data, "image_tokenizer": _image_tokenizer_data,
-             "text_to_image": _text_to_image_data, "trimodal": _trimodal_data, "m6": _m6_data}
+             "text_to_image": _text_to_image_data, "trimodal": _trimodal_data, "m6": _m6_data,
+             "classification": _classification_data}

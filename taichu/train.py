@@ -193,7 +193,8 @@ class TrainResult:
     start_val_loss: float | None = None  # at step 0 of a fresh run
     tokens: int = 0                      # tokens (or pairs) trained in this invocation
     seconds: float = 0.0
-    unit: str = "tokens"                 # what ``tokens`` counts: "tokens", "pairs", "clips", "images", "items"
+    val_metrics: dict | None = None      # the last validation's TrainingData.eval_metrics (accuracy)
+    unit: str = "tokens"                 # what ``tokens`` counts: "tokens", "pairs", "clips", "images", "items", "texts"
 
 
 class ModelRecipe:
@@ -227,9 +228,10 @@ class ModelRecipe:
         return arrays, {}
 
 
-def _evaluate(trainer, dataset, train, carry=None) -> float:
-    """Mean loss over the first eval_batches * batch_size validation samples (fewer if the
-    split is small), in micro-batches of the training micro-batch size. With ``carry``
+def _evaluate(trainer, dataset, train, carry=None, eval_metrics=None) -> tuple[float, dict]:
+    """(mean loss, {metric: mean}) over the first eval_batches * batch_size validation
+    samples (fewer if the split is small), in micro-batches of the training micro-batch
+    size; the metrics are TrainingData.eval_metrics' (none without). With ``carry``
     (TrainingData.carry) the micro-batches are consecutive segments of the same rows,
     each reading the state the one before returned, from the initial state."""
     count = min(len(dataset), train.eval_batches * train.batch_size)
@@ -238,19 +240,23 @@ def _evaluate(trainer, dataset, train, carry=None) -> float:
     if carry is not None:
         count = max(size, count // size * size)   # whole micro-batches: the state has `size` rows
         state = carry(size)
-    total, samples = 0.0, 0
+    total, samples, sums = 0.0, 0, {}
     for start in range(0, count, size):
         indices = np.arange(start, min(count, start + size))
         batch = dataset.batch(indices)  # fixed draws
         rows = len(indices)
-        if state is None:
-            total += trainer.eval_loss(batch) * rows
-        else:
+        if state is not None:
             loss, outputs = trainer.eval_outputs({**batch, **state})
             state = dict(zip(state, outputs))
-            total += loss * rows
+        elif eval_metrics is not None:
+            loss, outputs = trainer.eval_outputs(batch)
+            for name, value in eval_metrics(batch, outputs).items():
+                sums[name] = sums.get(name, 0.0) + value
+        else:
+            loss = trainer.eval_loss(batch)
+        total += loss * rows
         samples += rows
-    return total / samples
+    return total / samples, {name: value / samples for name, value in sums.items()}
 
 
 def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = False,
@@ -299,6 +305,12 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
         if changed and is_main:
             print(f"--init {init_dir}: model fields differ from its config.yaml "
                   f"(init -> this run): {changed}")
+    frozen = get_family(config.family).frozen
+    if frozen is not None and frozen(config):
+        names = trainer_module.freeze(model, frozen(config))
+        if is_main:
+            print(f"train.freeze_layers {config.train.freeze_layers}: {len(names)} tensors not trained "
+                  f"({', '.join(frozen(config))})")
     start_step, resume_from = 0, None
     if resume:
         resume_from = latest_good_checkpoint(out_dir)
@@ -330,9 +342,10 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
     if start_step == 0:
         # The starting point of the validation curve, before any update. Every rank
         # evaluates (under FSDP a forward pass is collective); rank 0 records.
-        val_loss = start_val_loss = _evaluate(trainer, val_set, train, data.carry)
+        val_loss, val_metrics = _evaluate(trainer, val_set, train, data.carry, data.eval_metrics)
+        start_val_loss = val_loss
         if is_main:
-            metrics.write(_eval_record({"step": 0}, val_loss, data.unit))
+            metrics.write(_eval_record({"step": 0}, val_loss, data.unit, val_metrics))
     order = data.order or SampleOrder(len(train_set), train.seed)
     stochastic = getattr(train_set, "stochastic", False)
     # Each micro-batch's carried state (its rows' memory), from the checkpoint or initial.
@@ -342,7 +355,7 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
     units_per_step = train.batch_size * data.units_per_sample
     bar = _progress_bar(start_step, train.max_steps, progress and is_main)
     last_good, gathered_final = resume_from, False
-    loss, val_loss = float("nan"), None
+    loss, val_loss, val_metrics = float("nan"), None, None
     window_start, window_units = time.perf_counter(), 0
     for step in range(start_step, train.max_steps):
         lr = learning_rate(step, train)
@@ -370,9 +383,9 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
                       f"{data.unit}_per_s": window_units / max(elapsed, 1e-9)}
             window_start, window_units = time.perf_counter(), 0
         if done % train.eval_interval == 0 or done == train.max_steps:
-            val_loss = _evaluate(trainer, val_set, train, data.carry)
+            val_loss, val_metrics = _evaluate(trainer, val_set, train, data.carry, data.eval_metrics)
             record = record or {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-            record = _eval_record(record, val_loss, data.unit)
+            record = _eval_record(record, val_loss, data.unit, val_metrics)
         if record is not None and is_main:
             metrics.write(record)
             bar.set_postfix_str(_postfix(record), refresh=False)
@@ -398,7 +411,7 @@ def run_training(config, backend: str, out_dir, init_dir=None, resume: bool = Fa
     trainer_module.distributed_barrier(world)
     return TrainResult(final_dir, train.max_steps, loss, val_loss, start_val_loss,
                        (train.max_steps - start_step) * units_per_step, time.perf_counter() - run_start,
-                       data.unit)
+                       val_metrics, data.unit)
 
 
 def _start_carries(carry, resume_from: Path | None, train, rank: int, world: int) -> list[dict]:
@@ -505,9 +518,9 @@ def _load_towers(model, config, init_towers: dict[str, Path], verbose: bool) -> 
     load_state_dict(model, arrays, ", ".join(f"{t}={d}" for t, d in init_towers.items()))
 
 
-def _eval_record(record: dict, val_loss: float, unit: str) -> dict:
+def _eval_record(record: dict, val_loss: float, unit: str, val_metrics: dict | None = None) -> dict:
     # Perplexity means something for next-token losses only, not for contrastive ones.
-    record = dict(record, val_loss=val_loss)
+    record = dict(record, val_loss=val_loss, **{f"val_{k}": v for k, v in (val_metrics or {}).items()})
     if unit == "tokens":
         record["val_ppl"] = math.exp(min(val_loss, 50.0))
     return record
@@ -523,10 +536,14 @@ def _postfix(record: dict) -> str:
         text += f" {record['clips_per_s']:,.1f} clips/s"
     if "images_per_s" in record:
         text += f" {record['images_per_s']:,.1f} images/s"
+    if "texts_per_s" in record:
+        text += f" {record['texts_per_s']:,.1f} texts/s"
     if "val_loss" in record:
         text += f" val {record['val_loss']:.4f}"
     if "val_ppl" in record:
         text += f" ppl {record['val_ppl']:.1f}"
+    if "val_accuracy" in record:
+        text += f" acc {record['val_accuracy']:.3f}"
     return text
 
 

@@ -124,6 +124,29 @@ class GPT(nn.Module):
         position_ids default to the count of real tokens before each one, so a left-padded
         row gets the same positions (and logits) as the unpadded sequence.
         """
+        x, presents, hidden_states, attention_scores = self.decode(
+            input_ids, attention_mask, position_ids, past_key_values, output_intermediates)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        logits = self.output_logits(x)
+        if not (use_cache or output_intermediates):
+            return logits
+        outputs = (logits,)
+        if use_cache:
+            outputs = outputs + (tuple(presents),)
+        if output_intermediates:
+            outputs = outputs + (hidden_states, attention_scores)
+        return outputs
+
+    def output_logits(self, x):
+        """Final LayerNorm and the tied output projection: [batch, length, vocab]."""
+        return F.linear(self.ln_f(x), self.embed_tokens.weight)
+
+    def decode(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None,
+               output_intermediates=False):
+        """The decoder's last hidden states [batch, length, hidden] (before ln_f), the
+        per-layer (key, value), and with output_intermediates the hidden states and raw
+        attention scores forward describes (else empty tuples)."""
         past_length = 0 if past_key_values is None else past_key_values[0][0].shape[2]
         if not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
             check_inputs(self.config, tuple(input_ids.shape), int(input_ids.min()),
@@ -147,21 +170,7 @@ class GPT(nn.Module):
             else:
                 x, present = layer(x, attention_bias, past)
             presents.append(present)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = self.output_logits(x)
-        if not (use_cache or output_intermediates):
-            return logits
-        outputs = (logits,)
-        if use_cache:
-            outputs = outputs + (tuple(presents),)
-        if output_intermediates:
-            outputs = outputs + (hidden_states, attention_scores)
-        return outputs
-
-    def output_logits(self, x):
-        """Final LayerNorm and the tied output projection: [batch, length, vocab]."""
-        return F.linear(self.ln_f(x), self.embed_tokens.weight)
+        return x, presents, hidden_states, attention_scores
 
 
 

@@ -72,6 +72,16 @@ class TrainingStep(nn.Module):
         return self.training_loss(self.model, *inputs)
 
 
+def freeze(model: nn.Module, prefixes: tuple[str, ...]) -> list[str]:
+    """Stop training the parameters whose canonical names start with ``prefixes`` (the
+    Trainer leaves them out of the optimizer); returns their names."""
+    names = [name for name, p in model.named_parameters() if name.startswith(prefixes)]
+    for name, p in model.named_parameters():
+        if name in names:
+            p.requires_grad_(False)
+    return names
+
+
 def _numpy(x: torch.Tensor) -> np.ndarray:
     x = x.detach().cpu()
     return (x.float() if x.is_floating_point() else x).numpy()

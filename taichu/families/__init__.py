@@ -50,8 +50,9 @@ class Family:
     config_class: type
     tensor_specs: Callable[[Any], dict[str, TensorSpec]]   # full config -> canonical specs
     describe: Callable[[Any], dict[str, Any]]               # full config -> sizes for `taichu info`
-    # What ``taichu train`` feeds it: "language_model" (token blocks, next-token loss) or
-    # "image_text" (image-caption pairs, the family's contrastive loss).
+    # What ``taichu train`` feeds it (taichu.task_data.TASK_DATA): "language_model" (token
+    # blocks, next-token loss), "image_text" (image-caption pairs, the family's contrastive
+    # loss), "classification" (labelled texts), ...
     task: str = "language_model"
     # (init config, run config) -> name prefixes that ``taichu train --init`` leaves freshly
     # initialised instead of loading (a head the init model does not have); None: none.
@@ -71,9 +72,13 @@ class Family:
     # Dotted config keys the student and the teacher must share (what the inputs are and
     # how long each stream is: distillation compares position for position).
     distill_shared_keys: tuple[str, ...] = ()
+    # config -> canonical name prefixes ``taichu train`` does not train (no gradient, no
+    # optimizer state: a classifier's lower layers); None: everything trains.
+    frozen: Callable[[Any], tuple[str, ...]] | None = None
 
 
 _FAMILIES: dict[str, str] = {"gpt": "taichu.families.gpt", "gpt_xl": "taichu.families.gpt_xl",
+                             "gpt_classifier": "taichu.families.gpt_classifier",
                              "clip": "taichu.families.clip",
                              "brivl": "taichu.families.brivl",
                              "wav2vec2": "taichu.families.wav2vec2",
