@@ -14,9 +14,13 @@ Formats:
   mindspore  a MindSpore .ckpt, or a MindSpore-written .safetensors (MindSpore leaf names)
   torch      a PyTorch state_dict: .safetensors, or .pt/.bin pickles with allow_pickle
   hf         a Hugging Face directory (config.json + model.safetensors; pytorch_model.bin
-             with allow_pickle): GPT2LMHeadModel for the gpt family, CLIPModel for clip,
-             ViTModel for vision's backbone
-             (HF_FAMILIES: config.json mapping and tensor codec per family)
+             with allow_pickle): GPT2LMHeadModel for the gpt family,
+             GPT2ForSequenceClassification for gpt_classifier, CLIPModel for clip,
+             Wav2Vec2ForPreTraining / Wav2Vec2ForCTC for wav2vec2, ViTModel for vision's
+             backbone (HF_FAMILIES: config.json mapping and tensor codec per family; a
+             config.json names its family by model_type, and by architectures where one
+             model_type is several of ours: gpt2 is gpt_classifier when architectures says
+             GPT2ForSequenceClassification, else gpt)
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ import numpy as np
 from taichu.config import ConfigError, apply_overrides, config_to_dict, dump_config, load_config, validate_config
 from taichu.convert.codec import HF_CONFIG, Codec, HFFamily, refuse
 from taichu.convert.hf_clip import CLIP
-from taichu.convert.hf_gpt2 import GPT2
+from taichu.convert.hf_gpt2 import GPT2, GPT2_CLASSIFIER
 from taichu.convert.hf_vit import VIT
 from taichu.convert.hf_wav2vec2 import WAV2VEC2
 from taichu.convert.hf_tokenizer import (SP_MODEL, SPECIAL_TOKENS_MAP, TOKENIZER_CONFIG, TOKENIZER_JSON,
@@ -48,7 +52,9 @@ TOKENIZER_FILE = SP_MODEL
 HF_TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP, SP_MODEL)
 
 # Which Hugging Face architecture each of our families is (config.json both ways, tensor codec).
-HF_FAMILIES = {"gpt": GPT2, "clip": CLIP, "wav2vec2": WAV2VEC2, "vision": VIT}
+# Where one model_type is several families (gpt2), the first listed is the one a config.json
+# gets when its architectures name none of theirs.
+HF_FAMILIES = {"gpt": GPT2, "gpt_classifier": GPT2_CLASSIFIER, "clip": CLIP, "wav2vec2": WAV2VEC2, "vision": VIT}
 
 
 def _hf_family(config) -> HFFamily:
@@ -66,7 +72,14 @@ CODECS = {"taichu": Codec, "torch": Codec, "mindspore": MindSporeCodec, "hf": hf
 
 
 def _hf_family_of(hf: dict) -> HFFamily | None:
-    return next((f for f in HF_FAMILIES.values() if f.model_type == hf.get("model_type")), None)
+    """The family of a config.json: by model_type, then by architectures among the families
+    of that model_type (GPT2ForSequenceClassification -> gpt_classifier; GPT2LMHeadModel,
+    GPT2Model or none -> gpt, the first listed)."""
+    candidates = [f for f in HF_FAMILIES.values() if f.model_type == hf.get("model_type")]
+    architectures = hf.get("architectures") or []
+    named = [f for f in candidates if isinstance(architectures, list) and f.architecture in architectures]
+    return next(iter(named or candidates), None)
+
 
 
 def _own_vocabulary(config) -> bool:
@@ -77,9 +90,9 @@ def _own_vocabulary(config) -> bool:
 
 
 def hf_to_config(hf: dict, source: str, overrides: Iterable[str] = ()):
-    """Our config from a Hugging Face config.json (GPT2LMHeadModel, CLIPModel,
-    Wav2Vec2ForPreTraining, Wav2Vec2ForCTC or ViTModel); HF features we lack are refused, naming the
-    key and ``source``."""
+    """Our config from a Hugging Face config.json (GPT2LMHeadModel, GPT2ForSequenceClassification,
+    CLIPModel, Wav2Vec2ForPreTraining, Wav2Vec2ForCTC or ViTModel); HF features we lack are
+    refused, naming the key and ``source``."""
     model_type = hf.get("model_type")
     family = _hf_family_of(hf)
     if family is None:
@@ -96,6 +109,20 @@ def config_to_hf(config, dtype: str) -> dict:
     return {**_hf_family(config).to_hf(config), "dtype": dtype,
             # Our full config rides along (HF keeps unknown keys), so ours -> HF -> ours is exact.
             "taichu_config": config_to_dict(config)}
+
+
+def _family_mismatch(source: Path, hf: dict, theirs: str, ours: str) -> str:
+    """Why --config of family ``ours`` cannot read a config.json that is family ``theirs``."""
+    named = hf.get("architectures")
+    what = f"architectures {named}" if named else f"model_type {hf.get('model_type')!r} without architectures"
+    why = ""
+    if (theirs, ours) == ("gpt", "gpt_classifier"):
+        why = (": a GPT-2 language model has no classification head (score.weight). Convert it as a gpt "
+               "and start a classifier from it with `taichu train CONFIG --init DIR` (the head starts fresh)")
+    elif (theirs, ours) == ("gpt_classifier", "gpt"):
+        why = (": its score head has no place in a gpt and its lm_head is not in the file; convert it as a "
+               "gpt_classifier (without --config, or a gpt_classifier --config)")
+    return f"{source}: {what} is our {theirs} family, but --config is a {ours} config{why}"
 
 
 # ----------------------------------------------------------------------------- detection
@@ -234,14 +261,18 @@ def open_source(path: str | Path, config=None, allow_pickle: bool = False,
                 hf = read_files(hf, hf_dir)
             derived = hf_to_config(hf, str(hf_dir / HF_CONFIG), overrides)
             if not isinstance(hf.get("taichu_config"), dict):
-                # CLIP's special token ids do come across: HF pools the text at its eos id.
-                ids = " (special token ids from config.json)" if derived.family == "clip" else ""
+                # Special token ids HF pools by do come across: CLIP's (the text's eos), the
+                # classifier's pad (each row's last token that is not the pad).
+                ids = {"clip": " (special token ids from config.json)",
+                       "gpt_classifier": " (pad_id from config.json's pad_token_id)"}.get(derived.family, "")
                 if not _own_vocabulary(derived):
                     notes.append(f"config.json has no taichu_config: the config's tokenizer section is taichu's "
                                  f"default{ids} unless a tokenizer is carried")
             notes += HF_FAMILIES[derived.family].notes(hf)
         if config is not None:
             given = _resolve_config(config, path, "", overrides)
+            if derived is not None and derived.family != given.family:
+                raise ConfigError(_family_mismatch(hf_dir / HF_CONFIG, hf, derived.family, given.family))
             if derived is not None:
                 theirs, ours = _effective_fields(derived.model), _effective_fields(given.model)
                 diff = {k: (v, ours.get(k)) for k, v in theirs.items() if ours.get(k) != v}

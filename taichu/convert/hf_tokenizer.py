@@ -34,6 +34,9 @@ UNIGRAM, BPE = 1, 2   # TrainerSpec.ModelType
 # (taichu.imagetext.caption_ids); the others as a prompt, [bos] + text (taichu.generate),
 # left-padded for batched generation.
 CAPTION_FAMILIES = ("clip", "brivl", "dalle")
+# Families whose texts end with eos, right-padded: a classifier reads [bos] + text + [eos]
+# (taichu.classify.encode_texts) and HF pools at its last non-pad token, the eos.
+EOS_FAMILIES = CAPTION_FAMILIES + ("gpt_classifier",)
 # Texts every conversion is checked on, besides each learned piece on its own: Chinese,
 # digits, full-width punctuation, rare hanzi and emoji (byte fallback), spaces, ASCII.
 PROBE_TEXTS = (
@@ -116,7 +119,7 @@ def _framing(config) -> tuple[bool, str, int]:
     # transformers' own value for "no limit" (VERY_LARGE_INTEGER, int(1e30)).
     longest = (getattr(text, "max_position_embeddings", None) or getattr(text, "text_length", None)
                or NO_LENGTH_LIMIT)
-    if config.family in CAPTION_FAMILIES:
+    if config.family in EOS_FAMILIES:
         return True, "right", longest
     return False, "left", longest
 
