@@ -3,8 +3,9 @@ source model, ONNX Runtime generation (GPT), embedding (image-text towers), spee
 recognition (wav2vec2: ``export.speech_network``), image features (vision:
 ``export.vision_network``), text-to-image generation steps (DALL-E: ``export.dalle_network``),
 codes -> images (vqvae: ``export.image_decoder_network``), M6 generation steps (captions,
-answers, text, image codes: ``export.m6_network``) and GPT-XL generation without a window
-(``export.gpt_xl_network``).
+answers, text, image codes: ``export.m6_network``), GPT-XL generation without a window
+(``export.gpt_xl_network``) and text classification (gpt_classifier:
+``export.classifier_network``).
 
 ``export.OnnxGenerator`` needs only numpy, onnxruntime and sentencepiece,
 ``export.OnnxImageTextEncoder`` those and pillow; ``export.MindirGenerator`` and
@@ -24,7 +25,8 @@ _LAZY = {"OnnxGenerator": "export.runtime", "OnnxDecoder": "export.runtime",
          "DalleNetwork": "export.runtime_dalle", "dalle_network": "export.runtime_dalle",
          "ImageDecoderNetwork": "export.runtime_dalle", "image_decoder_network": "export.runtime_dalle",
          "M6Network": "export.runtime_m6", "m6_network": "export.runtime_m6",
-         "GPTXLNetwork": "export.runtime_gpt_xl", "gpt_xl_network": "export.runtime_gpt_xl"}
+         "GPTXLNetwork": "export.runtime_gpt_xl", "gpt_xl_network": "export.runtime_gpt_xl",
+         "ClassifierNetwork": "export.runtime_classifier", "classifier_network": "export.runtime_classifier"}
 __all__ = sorted(_LAZY)
 
 

@@ -16,7 +16,9 @@ static cache with an explicit write position); an image tokenizer (vqvae) ``deco
 patch embeddings) and one ``decoder`` over a KV cache in ONNX, ``prefill``, ``decode`` and
 ``decode_codes`` over a static cache in MINDIR; a GPT-XL (recurrent_language_model) one
 ``decoder`` over its segment memory, ONNX only (it generates in MindSpore from its model
-directory); all listed under ``graphs`` too (export/signature.py and its family modules,
+directory); a text classifier (gpt_classifier) one ``classifier`` graph (token ids and mask
+-> logits), ONNX only, with what its runtime needs to read text under ``classifier``; all
+listed under ``graphs`` too (export/signature.py and its family modules,
 signature_*.py, have every signature).
 
 An ONNX export folder is self-contained: beside the graphs it holds ``config.yaml`` and
@@ -43,14 +45,14 @@ from pathlib import Path
 
 import numpy as np
 
-from export import signature, signature_gpt_xl, signature_m6
+from export import signature, signature_classifier, signature_gpt_xl, signature_m6
 from export.runtime import INFO_FILE, INT8_FILE, MODEL_FILE, TOKENIZER_FILE
 from export.validate import ExportValidationError
 
 FORMATS = ("onnx", "mindir")
 TASKS = (signature.LANGUAGE_MODEL, signature.IMAGE_TEXT, signature.SPEECH, signature.VISION,
          signature.TEXT_TO_IMAGE, signature.IMAGE_TOKENIZER, signature.TRIMODAL, signature.M6,
-         signature.RECURRENT_LANGUAGE_MODEL)
+         signature.RECURRENT_LANGUAGE_MODEL, signature.CLASSIFICATION)
 # Tasks exported as a set of named graphs (export_info.json's ``graphs``): every task but the
 # GPT's, whose decoder keeps its top-level entries (inputs, outputs, validation).
 ENCODER_TASKS = (signature.IMAGE_TEXT, signature.SPEECH, signature.VISION, signature.TEXT_TO_IMAGE,
@@ -77,7 +79,8 @@ NO_INT8 = {signature.IMAGE_TEXT: ("image-text", "their towers export"),
            signature.IMAGE_TOKENIZER: ("image tokenizer", "the decoder and encoder export"),
            signature.TRIMODAL: ("tri-modal", "their towers export"),
            signature.M6: ("M6", "the image encoder and decoder export"),
-           signature.RECURRENT_LANGUAGE_MODEL: ("GPT-XL", "the decoder exports")}
+           signature.RECURRENT_LANGUAGE_MODEL: ("GPT-XL", "the decoder exports"),
+           signature.CLASSIFICATION: ("text classifier", "the classifier graph exports")}
 
 
 def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | None = None,
@@ -114,6 +117,12 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | 
             f"segment memory, run by export.gpt_xl_network); there is no MINDIR export of a "
             f"{config.family}: in MindSpore it generates from its model directory (taichu generate "
             f"{model_dir} --backend mindspore, compiled with mindspore.jit)")
+    if task == signature.CLASSIFICATION and fmt != "onnx":
+        raise NotImplementedError(
+            f"{config.family} models export to ONNX only (--format onnx: one classifier graph, run by "
+            f"export.classifier_network and `taichu classify EXPORT_DIR`); there is no MINDIR export of a "
+            f"{config.family}: in MindSpore it classifies from its model directory (taichu classify "
+            f"{model_dir} --backend mindspore)")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
@@ -128,6 +137,9 @@ def export_model(model_dir: str | Path, fmt: str, out: str | Path, opset: int | 
         elif task == signature.RECURRENT_LANGUAGE_MODEL:
             info["config"] = config.model_dump(mode="json")
             _export_gpt_xl(model, config, staging, opset, validate, info, log)
+        elif task == signature.CLASSIFICATION:
+            info["config"] = config.model_dump(mode="json")
+            _export_classifier(model, config, model_dir, staging, opset, validate, info, log)
         elif task in ENCODER_TASKS:
             info["config"] = config.model_dump(mode="json")
             _export_towers(model, config, fmt, staging, opset, validate, info, log)
@@ -419,6 +431,47 @@ def _export_gpt_xl(model, config, staging, opset, validate, info, log):
         entry["validation"] = checks.validate_cases(
             OnnxGraph(staging / file).run, checks.gpt_xl_runner(model, graph),
             signature_gpt_xl.gpt_xl_validation_cases(m, graph), f"{file} in onnxruntime")
+        log(f"validated {file} against torch_impl: {_summary(entry['validation'])}")
+
+
+def _export_classifier(model, config, model_dir, staging, opset, validate, info, log):
+    """The ONNX ``classifier`` of a gpt_classifier (export/signature_classifier.py), listed under
+    ``graphs`` and validated against the torch model's forward (export.validate.classifier_runner)
+    at signature_classifier.CLASSIFIER_VALIDATION_SHAPES; ``classifier`` says how a runtime turns
+    text into its inputs (taichu.classify.TextClassifier's rule) and what the logits are."""
+    import onnxruntime
+    import torch
+
+    from export import onnx_export, validate as checks
+    from export.runtime import OnnxGraph
+
+    m, data = config.model, config.data
+    special = None
+    if (model_dir / TOKENIZER_FILE).is_file():
+        from taichu.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(model_dir / TOKENIZER_FILE)
+        special = {"pad": tokenizer.pad_id, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id}
+    opset = onnx_export.MIN_OPSET if opset is None else opset
+    files = onnx_export.export_onnx_classifier(model, staging, opset)
+    log(f"exported {', '.join(f.name for fs in files.values() for f in fs)} (opset {opset}; dynamic batch and "
+        f"sequence)")
+    info.update(opset=opset, exporter=_onnx_exporter(onnx_export.EXPORTER, torch),
+                runtime=f"onnxruntime {onnxruntime.__version__}", platform=platform.platform(), graphs=[],
+                classifier={"labels": list(m.labels), "seq_len": data.seq_len, "truncation": data.truncation,
+                            "pad_to_multiple_of": data.pad_to_multiple_of, "special_ids": special,
+                            "vocab_size": m.vocab_size, "max_position_embeddings": m.max_position_embeddings,
+                            "rule": "a text is [bos] + its ids + [eos], with more than seq_len - 2 ids cut on "
+                                    "truncation's side (right: its beginning kept; left: its end); rows "
+                                    "right-padded with pad, attention_mask 1 for real tokens; logits [batch, "
+                                    "labels] in the order of labels, probabilities their softmax"})
+    graph = signature_classifier.classifier_graph(m)
+    file = files[graph.name][0].name
+    entry = _list_graph(info, graph, file, "int64")
+    if validate:
+        entry["validation"] = checks.validate_cases(
+            OnnxGraph(staging / file).run, checks.classifier_runner(model, graph),
+            signature_classifier.classifier_validation_cases(m, graph), f"{file} in onnxruntime")
         log(f"validated {file} against torch_impl: {_summary(entry['validation'])}")
 
 

@@ -34,6 +34,10 @@ on those axes), as generation does (export/validate.py).
 A GPT-XL's decoder is traced at batch 2, 3 tokens after a memory of 5; validation runs
 it with one token, with a left-padded segment and with memories of other lengths.
 
+A classifier (gpt_classifier) is its torch model's own forward, traced at batch 3 and 8
+tokens with one row right-padded (other sizes where num_labels is 3 or 8); validation runs
+batch 1, right and left padding.
+
 The vision backbone's only dynamic axis is ``batch``: the image size fixes the patch grid and
 with it the positions (a resize would be a different graph), so the example is batch 2 at
 the model's size.
@@ -47,7 +51,7 @@ import tempfile
 import warnings
 from pathlib import Path
 
-from export import signature, signature_dalle, signature_encoders, signature_gpt_xl, signature_m6
+from export import signature, signature_classifier, signature_dalle, signature_encoders, signature_gpt_xl, signature_m6
 from export.validate import ExportValidationError
 
 # Protocol buffers cannot exceed 2 GiB; above this many bytes of weights the tensors go to
@@ -211,6 +215,19 @@ def export_onnx_gpt_xl(model, directory: Path, opset: int = MIN_OPSET,
     example = signature_gpt_xl.gpt_xl_inputs(m, batch=2, length=3, memory=5, seed=0)
     return {graph.name: export_graph(DecoderForExport(model).eval(), graph, example,
                                      directory / f"{graph.name}.onnx", opset, external_data_threshold)}
+
+
+def export_onnx_classifier(model, directory: Path, opset: int = MIN_OPSET,
+                           external_data_threshold: int = EXTERNAL_DATA_THRESHOLD) -> dict[str, list[Path]]:
+    """Write the torch gpt_classifier ``model`` as ``classifier.onnx`` in ``directory``
+    (signature_classifier.classifier_graph: its forward, token ids and mask -> logits); the
+    files written, by graph name."""
+    m = model.config.model
+    graph = signature_classifier.classifier_graph(m)
+    batch, length = signature_classifier.trace_sizes(m)
+    example = signature_classifier.classifier_inputs(m, batch, length, "right", seed=0)
+    return {graph.name: export_graph(model.eval(), graph, example, directory / f"{graph.name}.onnx", opset,
+                                     external_data_threshold)}
 
 
 def export_onnx_image_tokenizer(model, directory: Path, opset: int = MIN_OPSET,

@@ -14,7 +14,9 @@ import this one (never the reverse):
   tokenizer's decoder (codes -> uint8 images, ``image_decoder_network``);
 - export/runtime_m6.py: an M6's generation step (``m6_network``);
 - export/runtime_gpt_xl.py: a GPT-XL's decoder over its segment memory and text generation
-  without a window (``gpt_xl_network``).
+  without a window (``gpt_xl_network``);
+- export/runtime_classifier.py: a text classifier's logits and label probabilities
+  (``classifier_network``).
 
 Their classes and entry points are also the export package's names (``export.m6_network``,
 loaded on first use: taichu.cli hands that package to its commands).

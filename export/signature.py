@@ -17,7 +17,9 @@ Every family exports one or more graphs, chosen by its task (``FAMILY.task``):
 - ``m6`` (M6): generation over a KV cache from image patches, text and image codes
   (export/signature_m6.py);
 - ``recurrent_language_model`` (GPT-XL): one decoder graph over a segment memory of any
-  length (export/signature_gpt_xl.py).
+  length (export/signature_gpt_xl.py);
+- ``classification`` (gpt_classifier): one ``classifier`` graph, token ids and mask ->
+  one logit per label (export/signature_classifier.py).
 
 This module holds what they share: the names of tasks, graphs and axes, ``TensorInfo`` and
 ``GraphSignature``, an export's graphs (``graphs``) and validation inputs
@@ -39,6 +41,7 @@ BATCH, SEQUENCE, PAST, TOTAL = "batch", "sequence", "past_sequence", "total_sequ
 LANGUAGE_MODEL, IMAGE_TEXT, SPEECH, VISION = "language_model", "image_text", "speech", "vision"
 TEXT_TO_IMAGE, IMAGE_TOKENIZER, TRIMODAL, M6 = "text_to_image", "image_tokenizer", "trimodal", "m6"
 RECURRENT_LANGUAGE_MODEL = "recurrent_language_model"  # GPT-XL
+CLASSIFICATION = "classification"                      # gpt_classifier
 DECODER, IMAGE_ENCODER, TEXT_ENCODER = "model", "image_encoder", "text_encoder"
 SPEECH_TOWER = "speech_encoder"                        # trimodal
 SPEECH_ENCODER, VISION_MODEL = "encoder", "model"
@@ -104,6 +107,7 @@ def graphs(config, fmt: str = "onnx") -> tuple[GraphSignature, ...]:
     """The graphs an export of ``config`` (a full config) in ``fmt`` consists of, by its
     family's task (the format matters only for text_to_image and m6, whose MINDIR decodes
     over a static cache)."""
+    from export.signature_classifier import classifier_graph
     from export.signature_dalle import dalle_graphs, image_tokenizer_graphs
     from export.signature_encoders import image_text_graphs, speech_graph, trimodal_graphs, vision_graph
     from export.signature_gpt_xl import gpt_xl_graph
@@ -114,6 +118,8 @@ def graphs(config, fmt: str = "onnx") -> tuple[GraphSignature, ...]:
         return m6_graphs(config.model, static=fmt == "mindir")
     if task == RECURRENT_LANGUAGE_MODEL:
         return (gpt_xl_graph(config.model),)
+    if task == CLASSIFICATION:
+        return (classifier_graph(config.model),)
     if task == TEXT_TO_IMAGE:
         return dalle_graphs(config.model, static=fmt == "mindir")
     if task == IMAGE_TOKENIZER:
@@ -133,6 +139,7 @@ def graphs(config, fmt: str = "onnx") -> tuple[GraphSignature, ...]:
 
 def validation_cases(model_config, graph: GraphSignature) -> list[tuple[dict, dict[str, np.ndarray]]]:
     """(shape description, random inputs) at the two shapes an export is validated at."""
+    from export.signature_classifier import classifier_validation_cases
     from export.signature_dalle import (IMAGE_TOKENIZER_VALIDATION_BATCHES, dalle_validation_cases,
                                         image_tokenizer_inputs)
     from export.signature_encoders import (TEXT_VALIDATION_SHAPES, VISION_VALIDATION_BATCHES, image_inputs,
@@ -145,6 +152,8 @@ def validation_cases(model_config, graph: GraphSignature) -> list[tuple[dict, di
         return m6_validation_cases(m, graph)
     if graph.task == RECURRENT_LANGUAGE_MODEL:
         return gpt_xl_validation_cases(m, graph)
+    if graph.task == CLASSIFICATION:
+        return classifier_validation_cases(m, graph)
     if graph.task == TEXT_TO_IMAGE:
         return dalle_validation_cases(m, graph)
     if graph.task == IMAGE_TOKENIZER:

@@ -12,7 +12,8 @@ decoder and encoder batch 1 and 5; for an M6's image encoder batch 1 and 5, for 
 decoder a prefill and a one-position step each ending once in text and once in a code, for
 its MINDIR prefill and static-cache decodes two shapes each; for a GPT-XL's decoder a
 left-padded segment and one token after a memory longer than training's, and a segment
-after a memory of 3); every output tensor
+after a memory of 3; for a classifier one text alone, right-padded rows and a left-padded
+row); every output tensor
 must agree within TOLERANCE, measured as max |exported - source| / max(1, max |source|) so
 that it is an absolute bound for values of order 1 and a relative one for larger logits. A
 failure names the worst tensor, the shape and the difference.
@@ -332,6 +333,18 @@ def gpt_xl_runner(model, graph: signature.GraphSignature | None = None):
         out = decoder(*(ms.Tensor(v.astype(np.int32) if v.dtype == np.int64 else v)
                         for v in (feeds[n] for n in ["input_ids", "document_ids"] + inputs)))
         return {n: o.asnumpy().astype(np.int64 if n == outputs[0] else np.float32) for n, o in zip(names, out)}
+    return run
+
+
+def classifier_runner(model, graph: signature.GraphSignature | None = None):
+    """``run(feeds) -> {"logits"}`` of a gpt_classifier of either backend through its own
+    forward (with its input checks), the reference of the exported ``classifier``."""
+    from taichu.classify import model_logits
+
+    logits = model_logits(model)
+
+    def run(feeds):
+        return {"logits": logits(feeds["input_ids"], feeds["attention_mask"])}
     return run
 
 
