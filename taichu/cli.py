@@ -566,6 +566,10 @@ def cmd_eval(args) -> int:
     family = load_config(args.model).family
     if family == "wav2vec2":
         return _eval_speech(args)
+    if family == "gpt_classifier":      # accuracy, macro-F1, confusion (taichu.cli_text)
+        from taichu.cli_text import cmd_eval as eval_classifier
+
+        return eval_classifier(args, _export_runtime)
     if family in ("gpt", "gpt_xl"):     # perplexity over long held-out documents (taichu.xl_eval)
         from taichu.xl_eval import evaluate_model, write_json
 
@@ -749,13 +753,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "zero-shot digits) on the held-out split; all six "
                                                   "directions of a tri-modal model; an m6 model's "
                                                   "captions and answers on held-out scenes; a gpt / "
-                                                  "gpt_xl model's perplexity on long held-out documents")
+                                                  "gpt_xl model's perplexity on long held-out documents; "
+                                                  "a gpt_classifier's accuracy and macro-F1")
     evaluation.add_argument("model", help=image_text_model + "; or a CTC speech (wav2vec2) model: "
                                                             "syllable and character error rates; or an "
                                                             "m6 model (or its export): captions, answers "
                                                             "and drawn images of its held-out scenes; or a "
                                                             "gpt_xl / gpt model directory: perplexity per "
-                                                            "context and memory length (taichu.xl_eval)")
+                                                            "context and memory length (taichu.xl_eval); "
+                                                            "or a gpt_classifier (or its ONNX export): "
+                                                            "accuracy, macro-F1, per-label scores and the "
+                                                            "confusion matrix (taichu.cli_text)")
     evaluation.add_argument("--backend", choices=embed_backends, default="torch")
     evaluation.add_argument("--data", help="digits, scenes or a .jsonl (default: the model "
                                            "config's data.source; speech: its held-out sentences "
@@ -763,7 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "tri-modal: its test split with the captions spoken by "
                                            "the held-out voice, or a .jsonl of {image, text, audio}; "
                                            "gpt / gpt_xl: a .txt or .jsonl of text in place of "
-                                           "data.corpus, split as it (--split all: all of it))")
+                                           "data.corpus, split as it (--split all: all of it); "
+                                           "gpt_classifier: reviews or a .jsonl of {text, label}, all of it)")
     evaluation.add_argument("--split", choices=("test", "train", "all"), default="test",
                             help="test = the held-out split training did not see")
     evaluation.add_argument("--out", help="also write the metrics as JSON")
@@ -791,11 +800,15 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.set_defaults(func=cmd_transcribe)
     from taichu.cli_imagine import add_commands as add_imagine_commands
     from taichu.cli_m6 import add_commands as add_m6_commands
+    from taichu.cli_text import add_commands as add_text_commands
     from taichu.cli_vision import add_commands as add_vision_commands
+    from taichu.fewshot import add_command as add_fewshot_command
 
     add_vision_commands(commands, _export_runtime)
     add_imagine_commands(commands, _export_runtime)
     add_m6_commands(commands, _export_runtime)
+    add_text_commands(commands, _export_runtime)
+    add_fewshot_command(commands)
     return parser
 
 
