@@ -102,6 +102,11 @@ def resolve_label(label, labels: Sequence[str], where: str) -> int:
     if isinstance(label, bool):
         pass
     elif isinstance(label, int) and 0 <= label < len(labels):
+        if str(label) in labels and labels[label] != str(label):
+            # Labels that are numbers ("1".."5" stars): the number 1 would be index 1, "2".
+            raise ValueError(f"{where}: label {label!r} is ambiguous: model.labels {list(labels)} has a label "
+                             f"'{label}', and as an index {label} names '{labels[label]}'; write the label "
+                             f"as a string")
         return label
     elif isinstance(label, str) and label in labels:
         return list(labels).index(label)

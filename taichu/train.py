@@ -488,11 +488,13 @@ def _load_init(model, config, init_config, init_dir: Path, verbose: bool) -> Non
         current = state_dict(model)
         started = sorted(n for n in specs if n.startswith(fresh))
         arrays.update({n: current[n] for n in started})
-        if verbose:
-            print(f"--init {init_dir}: {len(arrays) - len(started)} tensors loaded; "
-                  f"initialised fresh: {', '.join(started) or 'none'}; "
-                  f"not used from the init: {', '.join(dropped) or 'none'}")
+    # Said once the tensors are in: an init that does not fit is refused without a line
+    # claiming it was loaded.
     load_state_dict(model, arrays, str(init_dir))
+    if fresh and verbose:
+        print(f"--init {init_dir}: {len(arrays) - len(started)} tensors loaded; "
+              f"initialised fresh: {', '.join(started) or 'none'}; "
+              f"not used from the init: {', '.join(dropped) or 'none'}")
 
 
 def _load_towers(model, config, init_towers: dict[str, Path], verbose: bool) -> None:
