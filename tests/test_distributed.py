@@ -141,3 +141,31 @@ def test_gpt_xl_data_parallel_carries_each_ranks_memory(tmp_path, tiny_tokenizer
     assert set(a) == set(b) and np.array_equal(a["memory_document_ids"], b["memory_document_ids"])
     # Hidden states of weights a few rounding-different steps apart (see assert_same_steps).
     assert all(np.abs(a[k] - b[k]).max() <= 1e-4 * np.abs(a[k]).max() for k in a if k != "memory_document_ids")
+
+
+@pytest.mark.slow
+def test_classifier_data_parallel_with_frozen_layers_matches_one_process(tmp_path, tiny_tokenizer):
+    """A gpt_classifier under torchrun, 2 ranks, the lowest block frozen: the same steps as one
+    process (its batches drawn by length, its labels split with its texts), the frozen
+    tensors untouched in both."""
+    import torch
+
+    config_path = CONFIGS / "gpt_classifier" / "gpt-tiny-reviews.yaml"
+    lr, steps = 2e-3, 6
+    torch.manual_seed(0)
+    init = taichu.save_model(taichu.build_model(taichu.load_config(config_path), "torch"), tmp_path / "init",
+                             tokenizer=tiny_tokenizer)
+    overrides = [f"data.cache_dir={tmp_path / 'cache'}", "train.batch_size=8", f"train.max_steps={steps}",
+                 "train.warmup_steps=2", f"train.learning_rate={lr}", "train.log_interval=1",
+                 "train.eval_interval=1000", "train.eval_batches=1", "train.freeze_layers=1"]
+    single = tmp_path / "single"
+    run_training(taichu.load_config(config_path, overrides), "torch", single, init_dir=init, progress=False)
+    parallel = tmp_path / "parallel"
+    launch_two_workers(config_path, "torch", parallel, init, overrides)
+    assert_same_steps(single, parallel, steps, lr)
+    start = taichu.state_dict(taichu.load_model(init, backend="torch"))
+    for run in (single, parallel):
+        end = taichu.state_dict(taichu.load_model(run / "final", backend="torch"))
+        frozen = [k for k in start if k.startswith(("embed_tokens.", "embed_positions.", "layers.0."))]
+        assert frozen and all(np.array_equal(start[k], end[k]) for k in frozen)
+        assert not np.array_equal(start["score.weight"], end["score.weight"])
