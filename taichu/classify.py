@@ -116,27 +116,17 @@ def resolve_label(label, labels: Sequence[str], where: str) -> int:
 
 def read_jsonl(path: str | Path, labels: Sequence[str]) -> tuple[list[str], list[int]]:
     """A .jsonl of {"text", "label"}: every line checked, nothing half-read."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"labelled data {path} not found (data.source is '{REVIEWS}' or a .jsonl "
-                                'file of {"text": ..., "label": ...})')
+    from taichu.fileio import jsonl_objects
+
     texts, indices = [], []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except ValueError as err:
-                raise ValueError(f"{where}: not JSON ({err})") from None
-            if not isinstance(record, dict) or "text" not in record or "label" not in record:
-                raise ValueError(f'{where}: expected {{"text": ..., "label": ...}}, got {line.strip()[:80]}')
-            text = record["text"]
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{where}: the text is empty or not a string")
-            texts.append(text.strip())
-            indices.append(resolve_label(record["label"], labels, where))
+    for where, record in jsonl_objects(path, "labelled data", 'with "text" and "label"'):
+        if "text" not in record or "label" not in record:
+            raise ValueError(f'{where}: expected {{"text": ..., "label": ...}}, got the keys {sorted(record)}')
+        text = record["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{where}: the text is empty or not a string")
+        texts.append(text.strip())
+        indices.append(resolve_label(record["label"], labels, where))
     if not texts:
         raise ValueError(f"{path}: no labelled texts")
     return texts, indices

@@ -26,13 +26,10 @@ BACKENDS = ("torch", "mindspore", "onnx")
 def read_texts(path: str | Path) -> list[str]:
     """One text per line of a UTF-8 file (a BOM and CRLF endings are fine); an empty line
     is refused naming the file and line: dropping it would shift the output against the lines."""
+    from taichu.fileio import text_lines
+
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"texts file {path} not found")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").split("\n")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+    lines = text_lines(path, "texts file")
     if lines and lines[-1] == "":
         lines.pop()  # the newline that ends the last line
     texts = []

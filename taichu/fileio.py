@@ -40,6 +40,19 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def text_lines(path, what: str) -> list[str]:
+    """The lines of a UTF-8 text file (a BOM is fine; each line keeps a CR of a CRLF ending,
+    and the last line is "" when the file ends with a newline); FileNotFoundError names
+    ``what``, ValueError says the file is not UTF-8."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found")
+    try:
+        return path.read_text(encoding="utf-8-sig").split("\n")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+
+
 def jsonl_objects(path, what: str, expected: str):
     """(``file:line``, object) for every non-blank line of a UTF-8 ``.jsonl`` file, with one
     wording for every data reader: FileNotFoundError names ``what`` ("image-text file"),
@@ -48,13 +61,7 @@ def jsonl_objects(path, what: str, expected: str):
     import json
 
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} not found")
-    try:
-        lines = path.read_text(encoding="utf-8-sig").split("\n")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(text_lines(path, what), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
