@@ -823,7 +823,16 @@ def _export_runtime():
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Positionals after an option (`taichu classify DIR --backend onnx "text" ...`): the
+        # command's own parser reads its arguments intermixed, as users type them (argparse's
+        # top level cannot, with subcommands). Anything it does not know is still refused.
+        command = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices[args.command]
+        args = command.parse_intermixed_args(argv[argv.index(args.command) + 1:],
+                                             argparse.Namespace(command=args.command))
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, NotImplementedError) as err:

@@ -115,6 +115,11 @@ def test_one_line_per_text_in_input_order_with_the_softmax_of_its_logits(model_d
     np.testing.assert_allclose(result.probabilities.sum(axis=1), 1.0, atol=1e-12)
     np.testing.assert_allclose(result.probabilities, [alone(t) for t in texts], atol=1e-5)
     assert [labels[i] for i in result.predicted] == [pairs[0][0] for pairs, _ in rows]
+    # Texts after an option, as users type them: the same lines; an unknown option still refused.
+    assert classify(capsys, model_dir, "--batch-size", "2", *texts)[:2] == (0, out)
+    assert classify(capsys, model_dir, texts[0], "--batch-size", "2", *texts[1:])[:2] == (0, out)
+    with pytest.raises(SystemExit):
+        classify(capsys, model_dir, texts[0], "--no-such-option", *texts[1:])
 
 
 def test_file_top_k_and_all_labels(model_dir, alone, tmp_path, capsys):
