@@ -831,8 +831,11 @@ def main(argv: list[str] | None = None) -> int:
         # command's own parser reads its arguments intermixed, as users type them (argparse's
         # top level cannot, with subcommands). Anything it does not know is still refused.
         command = next(a for a in parser._subparsers._group_actions if a.dest == "command").choices[args.command]
-        args = command.parse_intermixed_args(argv[argv.index(args.command) + 1:],
-                                             argparse.Namespace(command=args.command))
+        try:
+            args = command.parse_intermixed_args(argv[argv.index(args.command) + 1:],
+                                                 argparse.Namespace(command=args.command))
+        except TypeError:   # a command with subcommands of its own (tokenizer train): not intermixed
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except (ConfigError, ValueError, FileNotFoundError, NotImplementedError) as err:
