@@ -311,10 +311,11 @@ def test_image_tokenizer_checks_and_code_cache(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- training
 
-def test_first_20_losses_agree_across_backends(tmp_path, monkeypatch):
+def test_first_20_losses_agree_across_backends(tmp_path, monkeypatch, tiny_tokenizer, eager_mindspore_eval):
     """A random vqvae-tiny encodes 60 scenes once (torch); from the same saved init both
     backends then train on the cached codes (the encoder is not called again) and take the
-    same 20 steps (<= 1e-4 relative)."""
+    same 20 steps (<= 1e-4 relative). The init carries the session's tiny tokenizer (dalle-tiny's
+    settings and vocabulary size), so the run trains none of its own."""
     from taichu import dalle_data
 
     torch.manual_seed(0)
@@ -323,9 +324,9 @@ def test_first_20_losses_agree_across_backends(tmp_path, monkeypatch):
                  "data.image_tokenizer_backend=torch", "train.log_interval=1", "train.eval_interval=1000",
                  "train.eval_batches=2"]
     config = load_config(TINY, overrides)
-    tokenizer = TASK_DATA["text_to_image"](config, None, 0).tokenizer
     torch.manual_seed(0)
-    init = taichu.save_model(taichu.build_model(config, "torch"), tmp_path / "init", tokenizer=tokenizer.path)
+    init = taichu.save_model(taichu.build_model(config, "torch"), tmp_path / "init", tokenizer=tiny_tokenizer)
+    TASK_DATA["text_to_image"](config, init, 0)     # encodes the scenes into the code cache
 
     def no_encoding(*_):
         raise AssertionError("the codes should come from the cache")

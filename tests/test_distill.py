@@ -162,7 +162,8 @@ def distill_run(cache, *extra):
 
 
 @pytest.mark.slow
-def test_first_20_distillation_steps_agree_across_backends(tmp_path, imagetext_cache, clip_pair):
+def test_first_20_distillation_steps_agree_across_backends(tmp_path, imagetext_cache, clip_pair,
+                                                           eager_mindspore_eval):
     """Same student init, teacher, projections and batches, both stages (10 + 10 steps):
     MindSpore (graph mode) = PyTorch, step for step, and the student really learns."""
     init, teacher = clip_pair

@@ -144,11 +144,16 @@ def test_init_tower_loads_each_tower_and_refuses_a_mismatch(tmp_path, imagetext_
                                w2v_arrays["wav2vec2.encoder.layers.0.attention.q_proj.weight"], atol=1e-8)
     # clip-tiny projects to 32, this model to 24: its projections start fresh.
     assert after["visual_projection.weight"].shape == (24, 48)
+    # The refused runs name the text tower too, after the speech tower: the towers load in
+    # the order given, so the speech tower is refused first, and the run takes the CLIP's
+    # tokenizer instead of training its own (which a run with no text tower does first).
     bigger = tiny(imagetext_cache, "model.speech.hidden_size=48")
     with pytest.raises(ValueError, match=r"model.speech.hidden_size: 40 there, 48 here"):
-        run_training(bigger, "torch", tmp_path / "bad", progress=False, init_towers={"speech": w2v_dir})
+        run_training(bigger, "torch", tmp_path / "bad", progress=False,
+                     init_towers={"speech": w2v_dir, "text": clip_dir})
     with pytest.raises(ValueError, match=r"speech tower initialises from a wav2vec2 or trimodal model, not a clip"):
-        run_training(config, "torch", tmp_path / "bad2", progress=False, init_towers={"speech": clip_dir})
+        run_training(config, "torch", tmp_path / "bad2", progress=False,
+                     init_towers={"speech": clip_dir, "text": clip_dir})
 
 
 def test_frozen_tower_does_not_move(tmp_path, imagetext_cache, tokenizer):
@@ -167,7 +172,7 @@ def test_frozen_tower_does_not_move(tmp_path, imagetext_cache, tokenizer):
 
 
 @pytest.mark.slow
-def test_first_20_losses_agree_across_backends(tmp_path, imagetext_cache, tokenizer):
+def test_first_20_losses_agree_across_backends(tmp_path, imagetext_cache, tokenizer, eager_mindspore_eval):
     """Same initial weights and batches (rows missing images, rows missing speech, the
     sentences with no image): MindSpore's compiled step = PyTorch's, fp32."""
     import torch
