@@ -23,7 +23,7 @@ from mindspore import nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from taichu.families.clip import MAX_LOGIT_SCALE, CLIPConfig, check_inputs, init_std
-from mindspore_impl.gpt import (BATCH_MATMUL, BATCH_MATMUL_TRANSPOSE_B, GELU, Dense,
+from mindspore_impl.gpt import (BATCH_MATMUL, BATCH_MATMUL_TRANSPOSE_B, GELU, SOFTMAX, Dense,
                                 causal_attention_bias, cross_entropy)
 
 
@@ -65,7 +65,7 @@ class Attention(nn.Cell):
         biased = scores
         if attention_bias is not None:
             biased = scores + attention_bias
-        probs = self.attn_dropout(ops.softmax(biased, axis=-1))
+        probs = self.attn_dropout(SOFTMAX(biased))
         out = self.out_proj(BATCH_MATMUL(probs, v).transpose(0, 2, 1, 3).reshape(batch, length, hidden))
         if output_scores:
             return out, scores

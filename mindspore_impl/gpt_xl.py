@@ -19,7 +19,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from taichu.families.gpt_xl import NO_DOCUMENT, GPTXLConfig, check_inputs
-from mindspore_impl.gpt import (BATCH_MATMUL, BATCH_MATMUL_TRANSPOSE_B, MLP, Dense, _dtype_min, cross_entropy,
+from mindspore_impl.gpt import (BATCH_MATMUL, BATCH_MATMUL_TRANSPOSE_B, MLP, SOFTMAX, Dense, _dtype_min, cross_entropy,
                                 init_gpt_weights, tied_logits)
 
 
@@ -70,8 +70,7 @@ class RelativeAttention(nn.Cell):
         position = relative_shift(BATCH_MATMUL_TRANSPOSE_B(position_queries, r).reshape(self.num_heads, batch,
                                                                                         length, total))
         # The bias [batch, 1, length, total] read as [1, batch, length, total] (a reshape, no copy).
-        probs = ops.softmax((content + position) * self.scale + attention_bias.reshape(1, batch, length, total),
-                            axis=-1)
+        probs = SOFTMAX((content + position) * self.scale + attention_bias.reshape(1, batch, length, total))
         out = BATCH_MATMUL(self.attn_dropout(probs), v).transpose(1, 2, 0, 3).reshape(batch, length, hidden)
         return self.resid_dropout(self.out_proj(out))
 

@@ -24,7 +24,8 @@ from taichu.families.m6 import CODE, IMAGE, PAD, PREFIX, TARGET, M6Config, check
 from taichu.families.vqvae import init_bound
 # IGNORE_INDEX: targets left out of a cross-entropy's mean (the GPT's, = F.cross_entropy's
 # default); _NLL_LOSS the cross-entropy's per-row NLLLoss primitive (mindspore_impl.gpt).
-from mindspore_impl.gpt import _NLL_LOSS, IGNORE_INDEX, Block, Dense, _dtype_min, init_gpt_weights, tied_logits
+from mindspore_impl.gpt import (_NLL_LOSS, IGNORE_INDEX, LOG_SOFTMAX, Block, Dense, _dtype_min, init_gpt_weights,
+                                tied_logits)
 from mindspore_impl.vqvae import Downsample, ResBlock, _activation, _conv
 
 
@@ -221,14 +222,14 @@ def _mean_cross_entropy(rows, targets):
     """The mean cross-entropy over the targets that are not IGNORE_INDEX; 0 when none is
     (F.cross_entropy's mean would be 0 / 0).
 
-    MindSpore idiom: mindspore_impl.gpt.cross_entropy's LogSoftmax + NLLLoss (ignored rows
+    MindSpore idiom: mindspore_impl.gpt.cross_entropy's LOG_SOFTMAX + NLLLoss (ignored rows
     given label 0 and their loss multiplied by 0: the CPU kernel leaves ignored rows
     unwritten) and its ReduceMean / share of rows kept; the share is at least one row, so no
     target gives 0 / (1 / rows) = 0 with finite gradients (cross_entropy's 0 / 0 is NaN)."""
     labels = targets.astype(ms.int32)
     weight = ops.ones(rows.shape[-1], rows.dtype)
     keep = labels != IGNORE_INDEX
-    losses = _NLL_LOSS(ops.log_softmax(rows, -1), labels * keep.astype(ms.int32), weight)[0]
+    losses = _NLL_LOSS(LOG_SOFTMAX(rows), labels * keep.astype(ms.int32), weight)[0]
     keep = keep.astype(losses.dtype)
     return (losses * keep).mean() / ops.maximum(keep.mean(), 1.0 / keep.shape[0])
 

@@ -188,3 +188,46 @@ def test_mindspore_exact_gelu_and_its_written_out_gradient_match_torch():
 
     approx = ms.value_and_grad(tanh_total)(ms.Tensor(x))[1]
     assert np.abs(approx.asnumpy() - expected_grad).max() > 100 * float32_tolerance(1.25, 16)
+
+
+@pytest.mark.parametrize("name", ["SOFTMAX", "LOG_SOFTMAX"])
+def test_mindspore_softmax_and_its_written_out_gradient_match_torch(name):
+    """mindspore_impl.gpt.Softmax and LogSoftmax (bprop cells whose row sums are a MatMul)
+    against torch's and autograd in float64, on attention-shaped scores with masked
+    (dtype-min) entries; graph mode and PyNative."""
+    import mindspore as ms
+    import torch
+    import mindspore_impl.gpt as ms_gpt
+    from tolerance import float32_tolerance
+
+    cell = getattr(ms_gpt, name)
+    reference_fn = torch.softmax if name == "SOFTMAX" else torch.log_softmax
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2, 3, 5, 64)) * 4).astype(np.float32)
+    x[..., 40:] += np.float32(np.finfo(np.float32).min)        # a causal-style masked block
+    weights = rng.uniform(-1, 1, x.shape).astype(np.float32)
+    if name == "LOG_SOFTMAX":
+        x, weights = x[..., :40], weights[..., :40]              # -inf-like values would dominate
+    reference = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    expected_value = reference_fn(reference, dim=-1)
+    (expected_value * torch.tensor(weights, dtype=torch.float64)).sum().backward()
+    expected_value, expected_grad = expected_value.detach().numpy(), reference.grad.numpy()
+
+    def total(t, w):
+        return (cell(t) * w).sum()
+
+    grad_fn = ms.value_and_grad(total)
+    for run in (grad_fn, ms.jit(grad_fn)):
+        _, grad = run(ms.Tensor(x), ms.Tensor(weights))
+        # Softmax: values p <= 1 from exp (a few ulps), a row sum of 64 terms and a division;
+        # gradient p (w - sum w p), |.| <= 2: the 64-term row sum, p w and the roundings of p.
+        # Log-softmax: values x - max - log(sum exp) with |x - max| <= ~40 here; gradient
+        # w - p sum w, |.| <= 1 + 40 (|sum w| <= 40 columns): the same chain.
+        # (Seen: values 3.6e-7 / 5.2e-6, gradients 2.5e-7 / 2.1e-5, softmax / log-softmax.)
+        value_scale, grad_scale = (1.0, 2.0) if name == "SOFTMAX" else (40.0, 41.0)
+        np.testing.assert_allclose(cell(ms.Tensor(x)).asnumpy(), expected_value, rtol=0,
+                                   atol=float32_tolerance(value_scale, 64))
+        np.testing.assert_allclose(grad.asnumpy(), expected_grad, rtol=0,
+                                   atol=float32_tolerance(grad_scale, 72))
+        if name == "SOFTMAX":
+            assert np.all(grad.asnumpy()[..., 40:] == 0)             # masked keys get nothing
