@@ -73,7 +73,12 @@ SPEECH_DEMO_DIR ?= runs/demo-speech
 SPEECH_DEMO_PRETRAIN ?= 100
 SPEECH_DEMO_FINETUNE ?= 400
 SPEECH_DEMO_BACKEND ?= mindspore
-SPEECH_DEMO_COMMON = --set train.log_interval=20 --set train.checkpoint_interval=100000
+# Batches padded to a multiple of 1.5 s (the configs' 0.5 s gives 9 batch shapes over these
+# 0.3-4.4 s clips, 1.5 s gives 3): MindSpore compiles each graph (pretraining, CTC with the
+# feature encoder frozen, then unfrozen, validation, eval) once per shape, and on 2 cores
+# the compiles were most of the demo's time.
+SPEECH_DEMO_PAD ?= 1.5
+SPEECH_DEMO_COMMON = --set train.log_interval=20 --set train.checkpoint_interval=100000 --set data.pad_to_seconds=$(SPEECH_DEMO_PAD)
 SPEECH_DEMO_CLIPS = from pathlib import Path; import soundfile; import taichu; \
 	from taichu.speech import load_speech_data; \
 	data = load_speech_data(taichu.load_config("configs/wav2vec2/wav2vec2-small-ctc.yaml").data); \
