@@ -16,6 +16,34 @@ def logged_losses(run_dir) -> dict:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
 
 
+class LoggedProcess:
+    """A command run beside the test, its output to a log file (so no pipe fills up): the
+    test goes on with other work, then ``finish()`` waits for it and asserts that it
+    succeeded (showing the log's end if not). As a context manager it is killed on the way
+    out, so a failing test leaves nothing running."""
+
+    def __init__(self, command: list, log: Path):
+        import subprocess
+
+        self.log = Path(log)
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+    def finish(self, timeout: float = 600) -> str:
+        """Wait for the command; its output, after asserting that it exited with 0."""
+        self.process.wait(timeout=timeout)
+        output = self.log.read_text()
+        assert self.process.returncode == 0, output[-3000:]
+        return output
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.process.kill()
+        self.process.wait()
+
+
 def export_models(model_dirs: dict, root: Path, mindir: tuple = ()) -> dict:
     """{(name, format): (export directory, export_info, log lines)}: every model exported to
     ONNX here while the ``mindir`` ones are exported to MINDIR by `taichu export` in a process
@@ -75,6 +103,7 @@ def eager_mindspore_eval(monkeypatch):
 
     def init(self, *args, **kwargs):
         compiled_init(self, *args, **kwargs)
+        assert callable(self._eval), "the Trainer's compiled validation loss has moved: update this fixture"
         self._eval = self._loss
 
     monkeypatch.setattr(Trainer, "__init__", init)

@@ -13,7 +13,7 @@ import pytest
 import taichu
 from taichu.train import (SampleOrder, learning_rate, latest_good_checkpoint, micro_batches,
                           read_metrics, run_training, verify_checkpoint)
-from conftest import CONFIGS, logged_losses as losses
+from conftest import CONFIGS, LoggedProcess, logged_losses as losses
 
 TINY = CONFIGS / "gpt" / "gpt-tiny.yaml"
 
@@ -92,10 +92,8 @@ def test_sigkill_then_resume_logs_the_same_losses(tmp_path, init_dir, backend, d
     # The uninterrupted run goes on beside the interrupted one (each is one process and
     # mostly one core busy; the two runs share nothing but the token cache, whose files
     # appear whole by rename).
-    with open(tmp_path / "uninterrupted.log", "w") as log:
-        reference_run = subprocess.Popen(_train_cmd(full, backend, *overrides) + ["--init", str(init_dir)],
-                                         stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with LoggedProcess(_train_cmd(full, backend, *overrides) + ["--init", str(init_dir)],
+                       tmp_path / "uninterrupted.log") as reference_run:
         cut = tmp_path / "interrupted"
         process = subprocess.Popen(_train_cmd(cut, backend, *overrides) + ["--init", str(init_dir)],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -110,11 +108,7 @@ def test_sigkill_then_resume_logs_the_same_losses(tmp_path, init_dir, backend, d
         assert killed_at < 60, "the process was killed after it finished"
         subprocess.run(_train_cmd(cut, backend, *overrides, resume=True) + ["--init", str(init_dir)],
                        check=True, capture_output=True)
-        reference_run.wait(timeout=600)
-    finally:
-        reference_run.kill()
-        reference_run.wait()
-    assert reference_run.returncode == 0, (tmp_path / "uninterrupted.log").read_text()[-3000:]
+        reference_run.finish()
     resumed, reference = losses(cut), losses(full)
     assert sorted(resumed) == list(range(1, 61))          # one record per step, none twice
     assert all(resumed[s] == reference[s] for s in range(1, 61)), \

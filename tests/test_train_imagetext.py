@@ -4,7 +4,6 @@ is saved and survives resume; a short run really learns (zero-shot digits, Recal
 scenes, measured by ``taichu eval``)."""
 import json
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import taichu
 from taichu.imagetext import load_data_config
 from taichu.train import TASK_DATA, read_metrics, run_training
-from conftest import CONFIGS, logged_losses as losses
+from conftest import CONFIGS, LoggedProcess, logged_losses as losses
 
 CLIP = CONFIGS / "clip" / "clip-tiny.yaml"
 BRIVL = CONFIGS / "brivl" / "brivl-tiny.yaml"
@@ -151,27 +150,17 @@ def test_brivl_two_process_data_parallel_matches_one_process(tmp_path, imagetext
 
 def _evals(model_dir, sources) -> list[dict]:
     """``taichu eval`` of the model on each data source, the processes side by side (each
-    is mostly one core's work); output to files, so that no pipe fills up."""
-    started = []
-    for data in sources:
-        out, log = model_dir.parent / f"eval-{data}.json", model_dir.parent / f"eval-{data}.log"
-        with open(log, "w") as handle:
-            started.append((out, log, subprocess.Popen(
-                [sys.executable, "-m", "taichu", "eval", str(model_dir), "--data", data, "--out", str(out)],
-                stdout=handle, stderr=subprocess.STDOUT, text=True)))
-    try:
-        for _, _, process in started:
-            process.wait(timeout=600)
-    finally:
-        for _, _, process in started:
-            process.kill()
-            process.wait()
-    results = []
-    for out, log, process in started:
-        assert process.returncode == 0, log.read_text()[-2000:]
-        print(log.read_text())
-        results.append(json.loads(out.read_text()))
-    return results
+    is mostly one core's work)."""
+    from contextlib import ExitStack
+
+    outs = [model_dir.parent / f"eval-{data}.json" for data in sources]
+    with ExitStack() as stack:
+        runs = [stack.enter_context(LoggedProcess(
+            [sys.executable, "-m", "taichu", "eval", str(model_dir), "--data", data, "--out", str(out)],
+            model_dir.parent / f"eval-{data}.log")) for data, out in zip(sources, outs)]
+        for run in runs:
+            print(run.finish())
+    return [json.loads(out.read_text()) for out in outs]
 
 
 @pytest.mark.slow
