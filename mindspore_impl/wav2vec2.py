@@ -24,7 +24,8 @@ the position convolution holds plain Parameters (bias, weight_g, weight_v) of th
 shapes. Uses mindspore.nn/ops rather than mint: mint has no CPU kernels for these layers.
 
 MindSpore idioms (each named where it is used): the feature encoder runs channels-last with
-its convolutions as one matmul over cut-out frames (FrameConv1d), the position convolution
+its convolutions as one matmul over cut-out frames (FrameConv1d, its input cut by the Slice
+primitive) and its LayerNorms' gradient written out (FrameLayerNorm), the position convolution
 as one BatchMatMul per tap (WeightNormConv1d), since MindSpore's CPU Conv2D is 10-30x
 slower than torch's conv here; linear layers are mindspore_impl.gpt's Dense (bias by Add),
 exact GELU its GELU cell (written bprop); attention is mindspore_impl.clip's (BatchMatMul
@@ -51,7 +52,7 @@ from mindspore.common.initializer import HeNormal, Normal, Uniform, initializer
 
 from taichu.families.wav2vec2 import Wav2Vec2Config, check_inputs
 from mindspore_impl import clip
-from mindspore_impl.gpt import BATCH_MATMUL, GELU, Dense, _dtype_min
+from mindspore_impl.gpt import BATCH_MATMUL, GELU, Dense, _dtype_min, _row_sums
 
 ACTIVATIONS = {"gelu": GELU,
                "gelu_new": lambda: nn.GELU(approximate=True),
@@ -68,6 +69,7 @@ MASKED_LOGIT = -1e9
 COSINE_EPS = 1e-8
 # MindSpore idiom: hidden [n, width] x weight [out, width] -> [n, out], the weight read as stored.
 _MATMUL_TRANSPOSE_B = ops.MatMul(transpose_b=True)
+_SLICE = ops.Slice()
 
 
 def _to_float32(x):
@@ -114,7 +116,12 @@ class FrameConv1d(nn.Conv1d):
         pad = shifts * stride - kernel
         if pad > 0:
             x = ops.cat((x, ops.zeros((batch, pad, channels_in), x.dtype)), axis=1)
-        x = x[:, :needed]
+        # MindSpore idiom (speed): the Slice primitive, not x[:, :needed]: the CPU
+        # StridedSlice copies element by element when a slice covers the whole tensor, as
+        # this one does at every length that is a multiple of the first conv's stride (44 ms
+        # for a [16, 48000] batch against under 1 ms). Not ops.narrow: it checks its bounds
+        # in Python, which a MINDIR with a dynamic length cannot compile.
+        x = _SLICE(x, (0, 0, 0), (batch, needed, channels_in))
         width = stride * channels_in
         flat = x.reshape(batch * rows, width)
         count = batch * rows
@@ -135,6 +142,48 @@ class FrameConv1d(nn.Conv1d):
         return y if shifts == 1 else y[:, :frames]
 
 
+class _FrameLayerNormFunction(nn.Cell):
+    """LayerNorm over the last axis as a function of (x, gamma, beta) with its derivative
+    written out: the gradient flows to gamma and beta as inputs, so FrameLayerNorm keeps
+    nn.LayerNorm's parameters."""
+
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x, gamma, beta):
+        return self.norm(x, gamma, beta)   # (normalised, mean, variance): the last two for bprop
+
+    def bprop(self, x, gamma, beta, out, dout):
+        _, mean, variance = out
+        dy = dout[0]
+        width = x.shape[-1]
+        rstd = ops.rsqrt(variance + self.eps)
+        normed = (x - mean) * rstd
+        scaled = dy * gamma
+        dx = (scaled - _row_sums(scaled) / width - normed * (_row_sums(scaled * normed) / width)) * rstd
+        return (dx, (dy * normed).reshape(-1, width).sum(0), dy.reshape(-1, width).sum(0))
+
+
+class FrameLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm over each frame's channels (same gamma and beta), its gradient written out.
+
+    MindSpore idiom (speed): the CPU LayerNormGrad kernel is slow on many short rows, the
+    feature encoder's (a frame's 32-64 channels, ~10^5 frames a batch): forward + backward
+    at [16, 9600, 32], graph mode, 2 cores, 221 ms with it, 80 ms this way (the gradient of
+    the saved mean and variance in element-wise kernels, row sums as a MatMul against a
+    column of ones); no gain at the Transformer's [16, 150, 128], which keeps nn.LayerNorm.
+    """
+
+    def __init__(self, width: int, eps: float):
+        super().__init__((width,), epsilon=eps)
+        self.function = _FrameLayerNormFunction(eps)
+
+    def construct(self, x):
+        return self.function(x, self.gamma, self.beta)[0]
+
+
 class ConvLayer(nn.Cell):
     """One Conv1d of the feature encoder, its norm (if any) and the activation."""
 
@@ -148,7 +197,7 @@ class ConvLayer(nn.Cell):
         if m.feat_extract_norm == "layer":
             # Over the channels of each frame: the channels-last layout as it comes.
             self.norm = "layer"
-            self.layer_norm = nn.LayerNorm((channels,), epsilon=FEATURE_NORM_EPS)
+            self.layer_norm = FrameLayerNorm(channels, FEATURE_NORM_EPS)
         elif index == 0:
             # One group per channel: each channel normalised over time, over the padding
             # too (so group-norm features depend on how much a batch is padded, as in HF).
@@ -186,7 +235,7 @@ class FeatureProjection(nn.Cell):
     def __init__(self, config: Wav2Vec2Config):
         super().__init__()
         m = config.model
-        self.layer_norm = nn.LayerNorm((m.conv_dim[-1],), epsilon=m.layer_norm_eps)
+        self.layer_norm = FrameLayerNorm(m.conv_dim[-1], m.layer_norm_eps)
         self.projection = Dense(m.conv_dim[-1], m.hidden_size)
         self.dropout = nn.Dropout(p=m.feat_proj_dropout)
 

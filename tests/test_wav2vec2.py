@@ -838,6 +838,48 @@ def test_ms_weight_norm_conv_is_grouped_conv1d(kernel, ms_mode):
     assert all(d <= bound for d, bound in zip(diffs, bounds)), (diffs, bounds)
 
 
+def test_ms_frame_layer_norm_is_layer_norm(ms_mode):
+    """FrameLayerNorm (nn.LayerNorm's kernel forward, its gradient written out) in float32
+    against torch's layer_norm and autograd in float64 on the same float32 values, forward
+    and gradients (input, gamma, beta). In float32, not float64: MindSpore's CPU LayerNorm
+    kernel computes a float64 frame's mean and variance to float32 accuracy (1e-7 apart from
+    numpy's here). Bounds: float32 rounding of the sums on each chain (a frame's mean and
+    variance sum its `width` values; the input gradient two row sums of `width` terms on
+    top; gamma's and beta's gradients one term per frame), scaled by the sums of absolute
+    values of those terms."""
+    from mindspore_impl.wav2vec2 import FrameLayerNorm
+    from tolerance import float32_tolerance
+
+    rng = np.random.default_rng(3)
+    batch, frames, width, eps = 3, 41, 12, 1e-5
+    x = (rng.standard_normal((batch, frames, width)) * 3 + 1).astype(np.float32)
+    gamma = rng.uniform(0.5, 1.5, width).astype(np.float32)
+    beta = rng.standard_normal(width).astype(np.float32)
+    cell = FrameLayerNorm(width, eps)
+    for param, value in ((cell.gamma, gamma), (cell.beta, beta)):
+        param.set_data(ms_t(value))
+
+    def norm(xt, gt, bt):
+        return torch.nn.functional.layer_norm(xt, (width,), gt, bt, eps=eps)
+
+    x64, gamma64, beta64 = (a.astype(np.float64) for a in (x, gamma, beta))
+    expected, expected_grads, r = _torch_grads(norm, t(x64), t(gamma64), t(beta64))
+    got, got_grads = _ms_grads(cell, x, r.astype(np.float32), ms_mode == "graph")
+    r = r.astype(np.float32).astype(np.float64)
+    normed = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + eps)
+    rstd = 1 / np.sqrt(x64.var(-1, keepdims=True) + eps)
+    scaled = np.abs(r * gamma64)
+    scales = [float((np.abs(normed) * gamma64 + np.abs(beta64)).max()),
+              float((rstd * (scaled + scaled.mean(-1, keepdims=True)
+                             + np.abs(normed) * (scaled * np.abs(normed)).mean(-1, keepdims=True))).max()),
+              float(np.abs(r * normed).sum((0, 1)).max()), float(np.abs(r).sum((0, 1)).max())]
+    terms = [2 * width + 4, 4 * width + 8, batch * frames + 2 * width, batch * frames]
+    bounds = [float32_tolerance(s, n) for s, n in zip(scales, terms)]
+    diffs = [float(np.abs(a - e).max()) for a, e in zip([got, *got_grads], [expected, *expected_grads])]
+    print(f"[{ms_mode}] output, d input, d gamma, d beta: {diffs} (bounds {bounds})")
+    assert all(d <= bound for d, bound in zip(diffs, bounds)), (diffs, bounds)
+
+
 # ----------------------------------------------------------------------------- (6b) forward
 
 # Graph-mode compiles are the slow part of this file (~10 s a variant here): every variant
