@@ -73,12 +73,13 @@ SPEECH_DEMO_DIR ?= runs/demo-speech
 SPEECH_DEMO_PRETRAIN ?= 100
 SPEECH_DEMO_FINETUNE ?= 400
 SPEECH_DEMO_BACKEND ?= mindspore
-# Batches padded to a multiple of 1.5 s (the configs' 0.5 s gives 9 batch shapes over these
-# 0.3-4.4 s clips, 1.5 s gives 3): MindSpore compiles each graph (pretraining, CTC with the
-# feature encoder frozen, then unfrozen, validation, eval) once per shape: 18.3 -> 14.4 min
-# on 2 cores of an AMD EPYC, the same error rates within run-to-run spread.
+# Batches of 8 padded to a multiple of 1.5 s: MindSpore compiles each graph once per batch
+# shape, and the configs' 0.5 s gives 9 shapes over these 0.3-4.4 s clips, 1.5 s gives 3.
+# Pretraining reads random 1.5 s crops (data.max_seconds, as wav2vec 2.0 crops its clips):
+# one shape. CTC cannot crop a transcribed clip: its 3 shapes. Timings in docs/speech.md.
 SPEECH_DEMO_PAD ?= 1.5
-SPEECH_DEMO_COMMON = --set train.log_interval=20 --set train.checkpoint_interval=100000 --set data.pad_to_seconds=$(SPEECH_DEMO_PAD)
+SPEECH_DEMO_COMMON = --set train.batch_size=8 --set train.log_interval=20 --set train.checkpoint_interval=100000 \
+	--set data.pad_to_seconds=$(SPEECH_DEMO_PAD)
 SPEECH_DEMO_CLIPS = from pathlib import Path; import soundfile; import taichu; \
 	from taichu.speech import load_speech_data; \
 	data = load_speech_data(taichu.load_config("configs/wav2vec2/wav2vec2-small-ctc.yaml").data); \
@@ -89,7 +90,7 @@ demo-speech: $(STAMP)
 	$(BIN)/taichu info configs/wav2vec2/wav2vec2-small.yaml
 	$(BIN)/taichu train configs/wav2vec2/wav2vec2-small.yaml --backend $(SPEECH_DEMO_BACKEND) \
 		--out $(SPEECH_DEMO_DIR)/pretrain $(SPEECH_DEMO_COMMON) --set train.max_steps=$(SPEECH_DEMO_PRETRAIN) \
-		--set train.warmup_steps=20 --set train.eval_interval=100
+		--set data.max_seconds=$(SPEECH_DEMO_PAD) --set train.warmup_steps=20 --set train.eval_interval=100
 	$(BIN)/taichu train configs/wav2vec2/wav2vec2-small-ctc.yaml --backend $(SPEECH_DEMO_BACKEND) \
 		--init $(SPEECH_DEMO_DIR)/pretrain/final --out $(SPEECH_DEMO_DIR)/ctc $(SPEECH_DEMO_COMMON) \
 		--set train.max_steps=$(SPEECH_DEMO_FINETUNE) --set train.warmup_steps=50 \
