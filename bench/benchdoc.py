@@ -96,6 +96,20 @@ def publish(name: str, heading: str, text: str, no_doc: bool) -> None:
         print(f"\nwrote {DOC.relative_to(DOC.parents[1])}", file=sys.stderr)
 
 
+def driver_arguments(parser, workers, wait_when: str) -> None:
+    """The flags of a benchmark run through ``drive``: --wait-idle (``wait_when``: before
+    what it waits), --no-doc, and the two its driver hands each worker process
+    (``run_worker``: --worker KIND --model-dir FOLDER)."""
+    import argparse
+
+    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                        help=f"on a shared machine: {wait_when}, wait up to this long for other "
+                             "processes to leave the cores idle")
+    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
+    parser.add_argument("--worker", choices=workers, help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+
+
 def drive(args, argv, name: str, heading: str, serve, run, report) -> None:
     """The shared end of a benchmark's main(): a ``--worker`` process serves its one
     framework; the driver runs the workers, builds the report and publishes it."""

@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 import benchdoc
-from benchdoc import CORES, WAIT_IDLE, cpu_ticks, drive, machine, others_share, settle
+from benchdoc import CORES, WAIT_IDLE, cpu_ticks, drive, driver_arguments, machine, others_share, settle
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: taichu is the checkout's
@@ -417,12 +417,7 @@ def main(argv=None) -> None:
                         help="where the trained tokenizer is cached")
     parser.add_argument("--quick", action="store_true",
                         help="clip-tiny, 2 repeats, 2,000 paragraphs, doc untouched")
-    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                        help="on a shared machine: before each timed call, wait up to this long "
-                             "for other processes to leave the cores idle")
-    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
-    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    driver_arguments(parser, WORKERS, "before each timed call")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.quick:

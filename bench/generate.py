@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 import benchdoc
-from benchdoc import CORES, WAIT_IDLE, cpu_ticks, drive, machine, others_share, settle
+from benchdoc import CORES, WAIT_IDLE, cpu_ticks, drive, driver_arguments, machine, others_share, settle
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: taichu is the checkout's
@@ -461,12 +461,7 @@ def main(argv=None) -> None:
     parser.add_argument("--mindspore-repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
                         help="gpt-tiny, 16-token prompt, 8 new tokens, 1 repeat, doc untouched")
-    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                        help="on a shared machine: before each timed generation, wait up to "
-                             "this long for other processes to leave the cores idle")
-    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
-    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    driver_arguments(parser, WORKERS, "before each timed generation")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.quick:

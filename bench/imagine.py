@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 import benchdoc
-from benchdoc import WAIT_IDLE, cpu_ticks, drive, machine, others_share, settle
+from benchdoc import WAIT_IDLE, cpu_ticks, drive, driver_arguments, machine, others_share, settle
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: taichu is the checkout's
@@ -317,11 +317,7 @@ def main(argv=None) -> None:
                                                                  "(default 8; 1 with --quick)")
     parser.add_argument("--no-mindir", action="store_true", help="no MINDIR exports or runtime")
     parser.add_argument("--quick", action="store_true", help="tiny configs, batch 1, 1 round, doc untouched")
-    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                        help="before each batch of a round, wait up to this long for idle cores")
-    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
-    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    driver_arguments(parser, WORKERS, "before each batch of a round")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.vqvae and not args.dalle:

@@ -54,7 +54,7 @@ from pathlib import Path
 import numpy as np
 
 import benchdoc
-from benchdoc import WAIT_IDLE, cpu_ticks, drive, machine, others_share, settle
+from benchdoc import WAIT_IDLE, cpu_ticks, drive, driver_arguments, machine, others_share, settle
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: taichu is the checkout's
@@ -455,12 +455,7 @@ def main(argv=None) -> None:
                         help="warm-up calls per runtime and batch, the first reported apart")
     parser.add_argument("--quick", action="store_true",
                         help=f"{TINY}, 3 timed calls, doc untouched")
-    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                        help="on a shared machine: before each batch of a round, wait up to this "
-                             "long for other processes to leave the cores idle")
-    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
-    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    driver_arguments(parser, WORKERS, "before each batch of a round")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.quick and args.base:

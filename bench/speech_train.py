@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchdoc import drive, machine, run_worker, settle
+from benchdoc import drive, driver_arguments, machine, run_worker, settle
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: taichu is the checkout's
@@ -154,11 +154,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8, help="clips per step (make demo-speech's: 8)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps per shape")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up steps per shape, the first reported apart")
-    parser.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                        help="on a shared machine: before each step, wait up to this long for idle cores")
-    parser.add_argument("--no-doc", action="store_true", help="do not rewrite docs/benchmarks.md")
-    parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    driver_arguments(parser, WORKERS, "before each step")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.steps < 1 or args.warmup < 1:
