@@ -78,13 +78,13 @@ def serve(args) -> None:
     config = load_config(args)
     trainer_module = __import__(f"{args.worker}_impl.train", fromlist=["Trainer"])
     if args.worker == "torch":
-        import torch
+        import torch as framework
 
-        torch.set_num_threads(THREADS)
+        framework.set_num_threads(THREADS)
     else:
-        import mindspore as ms
+        import mindspore as framework
 
-        ms.device_context.cpu.op_tuning.threads_num(THREADS)
+        framework.device_context.cpu.op_tuning.threads_num(THREADS)
     trainer_module.seed_everything(0)
     model = taichu.api.load_model(Path(args.model_dir) / "model", args.worker)
     from taichu.train import decay_names
@@ -101,7 +101,7 @@ def serve(args) -> None:
             losses.append(loss)
         rows[seconds] = {"first": times[0], "times": times[args.warmup:], "first_loss": losses[0],
                          "samples": int(batch["input_values"].shape[1])}
-    result.write(json.dumps(rows) + "\n")
+    result.write(json.dumps({"version": framework.__version__, "shapes": rows}) + "\n")
     result.flush()
 
 
@@ -119,19 +119,16 @@ def run(args) -> tuple[dict, dict]:
 
 
 def report(args, results: dict, extras: dict, wall: float) -> str:
-    import mindspore
-    import torch
-
-    lines = [f"{datetime.date.today()}; {machine()}; torch {torch.__version__}, mindspore "
-             f"{mindspore.__version__}, numpy {np.__version__}, Python {platform.python_version()}.", "",
+    lines = [f"{datetime.date.today()}; {machine()}; torch {results['torch']['version']}, mindspore "
+             f"{results['mindspore']['version']}, numpy {np.__version__}, Python {platform.python_version()}.", "",
              f"Command: `.venv/bin/python bench/speech_train.py{' ' if args.passthrough else ''}"
              f"{' '.join(args.passthrough)}` ({wall:.0f} s).", "",
              "| padded length | runtime | first step (s) | median step (s) | best step (s) | clips/s | vs torch_impl (medians) | first loss |",
              "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for seconds in SHAPES:
-        reference = statistics.median(results["torch"][str(seconds)]["times"])
+        reference = statistics.median(results["torch"]["shapes"][str(seconds)]["times"])
         for kind in WORKERS:
-            row = results[kind][str(seconds)]
+            row = results[kind]["shapes"][str(seconds)]
             median = statistics.median(row["times"])
             lines.append(f"| {seconds:g} s | {LABELS[kind]} | {row['first']:.2f} | {median:.3f} | "
                          f"{min(row['times']):.3f} | {args.batch / median:.1f} | {reference / median:.2f}x | "
@@ -143,7 +140,8 @@ def report(args, results: dict, extras: dict, wall: float) -> str:
               "0.5 s below the padded length (the `make demo-speech` batch shapes); timing: "
               f"{args.warmup} warm-up step(s) per shape (the first is \"first step\": MindSpore "
               f"compiles the step there), then the median and best of {args.steps}; lr 1e-4. "
-              "The first losses differ by dropout (each framework draws its own masks).",
+              "First loss: the first step's at that shape (the 3 s steps follow the 1.5 s ones); "
+              "the backends' differ by dropout (each framework draws its own masks).",
               f"- Threads: {THREADS} in each framework (`torch.set_num_threads`, MindSpore "
               "`op_tuning.threads_num`); one worker process per framework, one after the other."]
     return "\n".join(lines)
