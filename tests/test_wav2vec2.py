@@ -862,10 +862,14 @@ def test_ms_frame_layer_norm_is_layer_norm(ms_mode):
     def norm(xt, gt, bt):
         return torch.nn.functional.layer_norm(xt, (width,), gt, bt, eps=eps)
 
-    x64, gamma64, beta64 = (a.astype(np.float64) for a in (x, gamma, beta))
-    expected, expected_grads, r = _torch_grads(norm, t(x64), t(gamma64), t(beta64))
+    # The weights r of sum(y * r) are float32 values, so both sides differentiate one function.
+    r = np.random.default_rng(99).standard_normal(x.shape).astype(np.float32)
+    x64, gamma64, beta64, r = (a.astype(np.float64) for a in (x, gamma, beta, r))
+    inputs = [t(a).requires_grad_(True) for a in (x64, gamma64, beta64)]
+    y = norm(*inputs)
+    (y * t(r)).sum().backward()
+    expected, expected_grads = y.detach().numpy(), [a.grad.numpy() for a in inputs]
     got, got_grads = _ms_grads(cell, x, r.astype(np.float32), ms_mode == "graph")
-    r = r.astype(np.float32).astype(np.float64)
     normed = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + eps)
     rstd = 1 / np.sqrt(x64.var(-1, keepdims=True) + eps)
     scaled = np.abs(r * gamma64)
